@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import os
 import platform
 import re
@@ -604,6 +603,3 @@ def _close_figure(fig: Any) -> None:
         with contextlib.suppress(Exception):
             plt.close(fig)
 
-
-def is_finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -1,0 +1,164 @@
+"""The ``factscope`` command line.
+
+``main`` is the click group (entry point ``factscope.cli:main``). Analysis commands are
+registered lazily (see the block near the end of this file): their modules are imported only
+when the command runs or its own ``--help`` is shown, so ``factscope --help`` stays fast and a
+broken analysis import does not break the other commands.
+
+Errors: a ``FactscopeError`` (bad input, existing output directory, ...) prints
+``error: <message>`` to stderr and exits with status 2, without a traceback. Set
+``FACTSCOPE_DEBUG=1`` to get the traceback anyway.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from factscope import __version__
+from factscope.errors import FactscopeError
+
+# The CLI never shows windows: make sure matplotlib (if an analysis imports pyplot) uses Agg.
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+ERROR_EXIT_CODE = 2
+
+
+def _debug() -> bool:
+    return os.environ.get("FACTSCOPE_DEBUG", "").strip() not in ("", "0", "false", "no")
+
+
+def _fail(ctx: click.Context, message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    ctx.exit(ERROR_EXIT_CODE)
+
+
+class _Unavailable(click.Command):
+    """Stands in for a command whose module failed to import."""
+
+    def __init__(self, name: str, target: str, exc: BaseException):
+        self._message = f"the '{name}' command is unavailable: importing {target} failed: {type(exc).__name__}: {exc}"
+        super().__init__(name, help=self._message, short_help="(unavailable: import failed)",
+                         context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+
+    def invoke(self, ctx: click.Context):
+        raise FactscopeError(self._message)
+
+
+class FactscopeGroup(click.Group):
+    """A click group with lazily imported subcommands and clean error reporting."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._lazy: dict[str, tuple[str, str]] = {}
+
+    # ---- lazy commands -----------------------------------------------------------------------
+
+    def add_lazy_command(self, name: str, target: str, short_help: str = "") -> None:
+        """Register ``target`` ("package.module:attribute", a click command or group) as
+        ``factscope NAME``; it is imported only when used."""
+        if ":" not in target:
+            raise ValueError(f"lazy command target must be 'module:attribute', not {target!r}")
+        self._lazy[name] = (target, short_help)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self._lazy))
+
+    def get_command(self, ctx: click.Context, cmd_name: str):
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None or cmd_name not in self._lazy:
+            return cmd
+        target, _ = self._lazy[cmd_name]
+        module_name, attr = target.split(":", 1)
+        try:
+            cmd = getattr(importlib.import_module(module_name), attr)
+        except Exception as e:  # noqa: BLE001 - any import failure makes just this command unavailable
+            if _debug():
+                raise
+            return _Unavailable(cmd_name, target, e)
+        if not isinstance(cmd, click.Command):
+            return _Unavailable(cmd_name, target, TypeError(f"{target} is not a click command"))
+        return cmd
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Like click's, but lazy commands show their registered help without being imported.
+        rows = []
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max((len(n) for n in names), default=0)
+        for name in names:
+            if name in self._lazy and name not in self.commands:
+                rows.append((name, self._lazy[name][1]))
+                continue
+            cmd = super().get_command(ctx, name)
+            if cmd is None or cmd.hidden:
+                continue
+            rows.append((name, cmd.get_short_help_str(limit=limit)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    # ---- errors ------------------------------------------------------------------------------
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FactscopeError as e:
+            if _debug():
+                raise
+            _fail(ctx, str(e))
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+            # a path the user gave us; name it rather than showing a traceback
+            if _debug():
+                raise
+            what = e.strerror or type(e).__name__
+            _fail(ctx, f"{what}: {e.filename}" if e.filename else str(e))
+        except OSError as e:
+            import errno
+
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) and not _debug():
+                _fail(ctx, f"{e.strerror}: {e.filename}" if e.filename else str(e))
+            raise
+
+
+@click.group(cls=FactscopeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="factscope")
+def main() -> None:
+    """factscope: see how transformer language models recall facts.
+
+    Every analysis command takes --out DIR and writes config.json, summary.json, result
+    tables (CSV), figures (PNG) and a self-contained report.html into DIR.
+    """
+
+
+@main.command("report")
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--title", default=None, help="Report title (default: from the run's config).")
+def report_command(dirs: tuple[Path, ...], title: str | None) -> None:
+    """Re-render DIR/report.html from the result files of each run DIR."""
+    from factscope.runs import Run
+
+    runs = [Run.open(d) for d in dirs]  # check every DIR before writing anything
+    for run in runs:
+        path = run.write_report(title=title)
+        click.echo(str(path))
+
+
+# ============================================================================================
+# Analysis commands. One line per command or group, "module:attribute" imported only when used:
+#
+#   main.add_lazy_command("flow", "factscope.flow.cli:flow", "Information flow (Geva et al. 2023).")
+#
+# Keep the short help here in sync with the command's docstring (it is shown by `factscope --help`
+# without importing the module).
+# --------------------------------------------------------------------------------------------
+# (add lines below)
+
+# ============================================================================================
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

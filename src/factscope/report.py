@@ -1,0 +1,484 @@
+"""Self-contained HTML reports for run directories.
+
+``render_report(run)`` builds one HTML page from the run's files: config.json, summary.json,
+sections.json, the CSV tables and PNG figures it names. Figures are inlined as base64 data
+URIs and all styling is inline CSS, so the file works offline and can be mailed around. The
+page uses no JavaScript and references no external URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:  # pragma: no cover
+    from factscope.runs import Run
+
+MAX_TABLE_ROWS = 30
+MAX_CELL_CHARS = 120
+SIG_DIGITS = 4
+
+# Config keys shown first, in this order, under these labels.
+_CONFIG_HEAD = [
+    ("command", "command"),
+    ("model", "model"),
+    ("data", "data"),
+    ("dataset", "dataset"),
+    ("seed", "seed"),
+]
+
+CSS = """
+:root { --fg:#1f2328; --muted:#656d76; --line:#d0d7de; --bg-soft:#f6f8fa; --accent:#0a5bb5; }
+* { box-sizing: border-box; }
+html { -webkit-text-size-adjust: 100%; }
+body { margin: 0; color: var(--fg); background: #fff;
+  font: 15px/1.55 -apple-system, BlinkMacSystemFont, "Segoe UI", Helvetica, Arial, sans-serif; }
+main { max-width: 1080px; margin: 0 auto; padding: 28px 32px 64px; }
+header.top { border-bottom: 1px solid var(--line); margin-bottom: 20px; padding-bottom: 12px; }
+h1 { font-size: 26px; margin: 0 0 4px; line-height: 1.25; }
+h2 { font-size: 20px; margin: 36px 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
+h3 { font-size: 15px; margin: 18px 0 6px; }
+p { margin: 8px 0; max-width: 78ch; }
+ul { margin: 8px 0; padding-left: 22px; max-width: 78ch; }
+a { color: var(--accent); text-decoration: none; }
+a:hover { text-decoration: underline; }
+code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, "Liberation Mono", monospace;
+  font-size: 13px; }
+code { background: var(--bg-soft); padding: 1px 4px; border-radius: 4px; }
+.muted { color: var(--muted); }
+.subtitle { color: var(--muted); font-size: 13px; }
+nav.toc { background: var(--bg-soft); border: 1px solid var(--line); border-radius: 6px;
+  padding: 10px 16px; margin: 16px 0 8px; font-size: 14px; }
+nav.toc ol { margin: 4px 0; padding-left: 22px; }
+nav.toc ol.long { columns: 2; column-gap: 32px; }
+nav.toc li { break-inside: avoid; }
+.kv { display: grid; grid-template-columns: max-content 1fr; gap: 3px 18px; margin: 8px 0;
+  font-size: 14px; }
+.kv dt { color: var(--muted); font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
+  font-size: 13px; padding-top: 1px; }
+.kv dd { margin: 0; overflow-wrap: anywhere; }
+.kv dd.num { font-variant-numeric: tabular-nums; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(190px, 1fr)); gap: 10px; margin: 10px 0; }
+.card { border: 1px solid var(--line); border-radius: 6px; padding: 8px 12px; }
+.card .k { color: var(--muted); font-size: 12px; overflow-wrap: anywhere;
+  font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+.card .v { font-size: 18px; font-weight: 600; font-variant-numeric: tabular-nums; overflow-wrap: anywhere; }
+figure { margin: 18px 0; }
+figure img { display: block; max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; }
+.table-wrap { display: inline-block; max-width: 100%; overflow-x: auto; margin: 12px 0 4px;
+  border: 1px solid var(--line); border-radius: 6px; vertical-align: top; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { padding: 4px 10px; border-bottom: 1px solid #eaeef2; text-align: left; vertical-align: top; }
+th { background: var(--bg-soft); font-weight: 600; position: sticky; top: 0; white-space: nowrap; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+tbody tr:nth-child(even) td { background: #fbfcfd; }
+tbody tr:last-child td { border-bottom: none; }
+.table-note { color: var(--muted); font-size: 12px; margin: 2px 0 18px; }
+.missing { color: #9a2b00; background: #fff4ec; border: 1px solid #f3c7a8; border-radius: 6px;
+  padding: 6px 10px; font-size: 14px; }
+.versions { font-size: 12px; color: var(--muted); margin-top: 6px; }
+footer { margin-top: 48px; padding-top: 10px; border-top: 1px solid var(--line); color: var(--muted);
+  font-size: 12px; }
+@media print { nav.toc { display: none; } th { position: static; } }
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# formatting helpers
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def format_number(x: Any, digits: int = SIG_DIGITS) -> str:
+    """Numbers for humans: ~4 significant digits, integers as integers, no needless exponent."""
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "∞" if v > 0 else "−∞"
+    if v == 0:
+        return "0"
+    a = abs(v)
+    if v.is_integer() and a < 1e15:
+        return str(int(v))
+    if 1e-3 <= a < 1e6:
+        decimals = max(0, digits - 1 - int(math.floor(math.log10(a))))
+        text = f"{v:.{decimals}f}"
+        if "." in text:
+            text = text.rstrip("0").rstrip(".")
+        return text
+    return f"{v:.{digits - 1}e}"
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def format_value(value: Any, limit: int = 200) -> str:
+    """A JSON value as short text (numbers formatted, lists/dicts compact)."""
+    if _is_number(value):
+        return format_number(value)
+    if value is None:
+        return "—"
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, list) and all(_is_number(v) or isinstance(v, str) for v in value):
+        text = "[" + ", ".join(format_number(v) if _is_number(v) else str(v) for v in value) + "]"
+    else:
+        text = json.dumps(value, ensure_ascii=False)
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            items.extend(_flatten(v, key + "."))
+        else:
+            items.append((key, v))
+    return items
+
+
+def slug(text: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+    return s or "section"
+
+
+_BULLET_RE = re.compile(r"^\s*[-*] ")
+_INLINE_RE = re.compile(r"(\*\*(?P<b>[^*]+?)\*\*|`(?P<c>[^`]+?)`)")
+
+
+def _inline(text: str) -> str:
+    """Escape text, then render **bold** and `code`."""
+    out, pos = [], 0
+    for m in _INLINE_RE.finditer(text):
+        out.append(esc(text[pos : m.start()]))
+        if m.group("b") is not None:
+            out.append(f"<strong>{esc(m.group('b'))}</strong>")
+        else:
+            out.append(f"<code>{esc(m.group('c'))}</code>")
+        pos = m.end()
+    out.append(esc(text[pos:]))
+    return "".join(out)
+
+
+def render_text(text: str) -> str:
+    """Plain text to HTML: blank lines split paragraphs, runs of '- ' lines become lists,
+    **bold** and `code` are rendered, everything else is escaped."""
+    parts = []
+    for block in re.split(r"\n\s*\n", (text or "").strip()):
+        lines = [ln.rstrip() for ln in block.splitlines() if ln.strip()]
+        i = 0
+        while i < len(lines):
+            j = i
+            if _BULLET_RE.match(lines[i]):
+                while j < len(lines) and _BULLET_RE.match(lines[j]):
+                    j += 1
+                items = "".join("<li>" + _inline(_BULLET_RE.sub("", ln)) + "</li>" for ln in lines[i:j])
+                parts.append(f"<ul>{items}</ul>")
+            else:
+                while j < len(lines) and not _BULLET_RE.match(lines[j]):
+                    j += 1
+                parts.append("<p>" + "<br>\n".join(_inline(ln.strip()) for ln in lines[i:j]) + "</p>")
+            i = j
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# blocks
+
+
+def render_table(df: Any, name: str, max_rows: int = MAX_TABLE_ROWS, caption: str = "") -> str:
+    """An HTML table of the first ``max_rows`` rows of ``df`` with numbers formatted."""
+    import pandas as pd
+
+    n = len(df)
+    shown = df.head(max_rows)
+    numeric = [pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]) for c in df.columns]
+    head = "".join(
+        f'<th{" class=num" if isnum else ""} scope="col">{esc(c)}</th>' for c, isnum in zip(df.columns, numeric)
+    )
+    rows = []
+    for values in shown.itertuples(index=False, name=None):
+        cells = []
+        for v, isnum in zip(values, numeric):
+            if isnum or _is_number(v):
+                text = format_number(v)
+                cells.append(f"<td class=num>{esc(text)}</td>")
+            else:
+                if v is None or (isinstance(v, float) and math.isnan(v)):
+                    cells.append('<td class="muted">—</td>')
+                    continue
+                s = str(v)
+                if len(s) > MAX_CELL_CHARS:
+                    cells.append(f'<td title="{esc(s)}">{esc(s[: MAX_CELL_CHARS - 1])}…</td>')
+                else:
+                    cells.append(f"<td>{esc(s)}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    table = (
+        f'<div class="table-wrap"><table id="table-{esc(slug(name))}">'
+        + (f"<caption class=muted>{esc(caption)}</caption>" if caption else "")
+        + f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+    )
+    fname = f"{name}.csv"
+    if n > max_rows:
+        note = f"first {max_rows} of {n} rows; full table in <code>{esc(fname)}</code>"
+    else:
+        note = f"{n} row{'s' if n != 1 else ''}, {len(df.columns)} columns; <code>{esc(fname)}</code>"
+    return table + f'<p class="table-note">{note}</p>'
+
+
+def render_figure(path: Path, alt: str, caption: str = "") -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    cap = caption or path.name
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{esc(alt)}">'
+        f"<figcaption>{esc(cap)}{'' if not caption else f' <span class=muted>({esc(path.name)})</span>'}"
+        "</figcaption></figure>"
+    )
+
+
+def _missing(what: str) -> str:
+    return f'<p class="missing">{esc(what)}</p>'
+
+
+def _summary_block(summary: Mapping[str, Any]) -> str:
+    if not summary:
+        return '<p class="muted">No summary numbers recorded (yet).</p>'
+    flat = _flatten(summary)
+    scalars = [(k, v) for k, v in flat if _is_number(v) or isinstance(v, (bool, str)) or v is None]
+    others = [(k, v) for k, v in flat if (k, v) not in scalars]
+    parts = []
+    short = [(k, v) for k, v in scalars if len(format_value(v)) <= 24]
+    long = [(k, v) for k, v in scalars if len(format_value(v)) > 24] + others
+    if short:
+        parts.append(
+            '<div class="cards">'
+            + "".join(
+                f'<div class="card"><div class="k">{esc(k)}</div><div class="v">{esc(format_value(v))}</div></div>'
+                for k, v in short
+            )
+            + "</div>"
+        )
+    if long:
+        parts.append(
+            '<dl class="kv">'
+            + "".join(f"<dt>{esc(k)}</dt><dd>{esc(format_value(v, 400))}</dd>" for k, v in long)
+            + "</dl>"
+        )
+    return "\n".join(parts)
+
+
+def _config_block(config: Mapping[str, Any]) -> str:
+    from factscope.runs import NON_DEFINING_KEYS
+
+    cfg = dict(config)
+    versions = cfg.pop("versions", None)
+    created = cfg.pop("created_utc", None)
+    resumed = cfg.pop("resumed_utc", None)
+    rows: list[tuple[str, Any]] = []
+    for key, label in _CONFIG_HEAD:
+        if key in cfg:
+            rows.append((label, cfg.pop(key)))
+    for key in list(cfg):
+        if key not in NON_DEFINING_KEYS:
+            rows.append((key, cfg.pop(key)))
+    rows.extend(cfg.items())  # runtime etc. last
+    if created:
+        rows.append(("created", created))
+    if resumed:
+        rows.append(("resumed", ", ".join(map(str, resumed)) if isinstance(resumed, list) else resumed))
+    html_rows = "".join(
+        f"<dt>{esc(k)}</dt><dd{' class=num' if _is_number(v) else ''}>{esc(format_value(v, 400))}</dd>"
+        for k, v in rows
+    )
+    out = f'<dl class="kv">{html_rows}</dl>'
+    if isinstance(versions, Mapping) and versions:
+        out += '<p class="versions">versions: ' + " · ".join(
+            f"{esc(k)} {esc(v if v is not None else 'n/a')}" for k, v in versions.items()
+        ) + "</p>"
+    return out
+
+
+def _default_sections(run: "Run") -> list[dict[str, Any]]:
+    """When a run has no sections.json, show every figure and table it holds."""
+    sections = []
+    figs = run.figures()
+    tabs = run.tables()
+    if figs:
+        sections.append({"key": "figures", "title": "Figures", "text": "",
+                         "figures": [{"name": f, "caption": ""} for f in figs], "tables": []})
+    if tabs:
+        sections.append({"key": "tables", "title": "Tables", "text": "", "figures": [],
+                         "tables": [{"name": t, "caption": ""} for t in tabs]})
+    return sections
+
+
+def _as_item(entry: Any) -> dict[str, str]:
+    if isinstance(entry, Mapping):
+        return {"name": str(entry.get("name", "")), "caption": str(entry.get("caption", "") or "")}
+    return {"name": str(entry), "caption": ""}
+
+
+def _files_block(run: "Run") -> str:
+    from factscope.runs import CHECKPOINT_DIR
+
+    rows = []
+    for p in sorted(run.dir.iterdir()):
+        if p.name.startswith(".") or not p.is_file() or p.suffix not in (".csv", ".png", ".json"):
+            continue
+        rows.append((p.name, _size(p.stat().st_size)))
+    ck_dir = run.dir / CHECKPOINT_DIR
+    if ck_dir.is_dir():
+        for p in sorted(ck_dir.glob("*.jsonl")):
+            try:
+                n = _count_lines(p)
+                rows.append((f"{CHECKPOINT_DIR}/{p.name}", f"{n} finished unit{'s' if n != 1 else ''}"))
+            except OSError:
+                continue
+    if not rows:
+        return ""
+    return '<dl class="kv">' + "".join(f"<dt>{esc(a)}</dt><dd>{esc(b)}</dd>" for a, b in rows) + "</dl>"
+
+
+def _count_lines(path: Path) -> int:
+    # count complete lines only (a truncated last line is not a finished unit)
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.endswith(b"\n") and line.strip())
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def default_title(run: "Run") -> str:
+    cfg = run.config
+    if cfg.get("title"):
+        return str(cfg["title"])
+    what = cfg.get("command") or cfg.get("analysis")
+    model = cfg.get("model")
+    parts = ["factscope"]
+    if what:
+        parts.append(str(what))
+    title = " ".join(parts)
+    if model:
+        title += f" — {model}"
+    return title
+
+
+# --------------------------------------------------------------------------------------------
+# page
+
+
+def render_report(run: "Run", title: str | None = None) -> str:
+    """The whole report page for ``run`` as an HTML string."""
+    title = title or default_title(run)
+    sections = run.sections or _default_sections(run)
+    summary = run.summary
+
+    toc = [("summary", "Summary"), ("config", "Configuration")]
+    body = []
+    used_ids = {"summary", "config", "files"}
+
+    body.append(f'<h2 id="summary">Summary</h2>\n{_summary_block(summary)}')
+    body.append(f'<h2 id="config">Configuration</h2>\n{_config_block(run.config)}')
+
+    for sec in sections:
+        sec_title = str(sec.get("title") or sec.get("key") or "Section")
+        anchor = "sec-" + slug(str(sec.get("key") or sec_title))
+        base, i = anchor, 2
+        while anchor in used_ids:
+            anchor, i = f"{base}-{i}", i + 1
+        used_ids.add(anchor)
+        toc.append((anchor, sec_title))
+        parts = [f'<section id="{esc(anchor)}"><h2>{esc(sec_title)}</h2>']
+        if sec.get("text"):
+            parts.append(render_text(str(sec["text"])))
+        for fig in map(_as_item, sec.get("figures") or []):
+            name = fig["name"]
+            path = run.dir / f"{name}.png"
+            if path.is_file():
+                parts.append(render_figure(path, alt=f"{sec_title}: {fig['caption'] or name}", caption=fig["caption"]))
+            else:
+                parts.append(_missing(f"figure {name}.png is missing from this run (not written yet?)"))
+        for tab in map(_as_item, sec.get("tables") or []):
+            name = tab["name"]
+            try:
+                df = run.load_table(name)
+            except Exception as e:  # a broken table should not break the whole report
+                parts.append(_missing(f"table {name}.csv could not be read: {e}"))
+                continue
+            if df is None:
+                parts.append(_missing(f"table {name}.csv is missing from this run (not written yet?)"))
+                continue
+            if tab["caption"]:
+                parts.append(f"<h3>{esc(tab['caption'])}</h3>")
+            parts.append(render_table(df, name))
+        parts.append("</section>")
+        body.append("\n".join(parts))
+
+    files = _files_block(run)
+    if files:
+        toc.append(("files", "Files in this run"))
+        body.append(f'<h2 id="files">Files in this run</h2>\n<p class="muted">Directory <code>{esc(run.dir.resolve())}</code></p>\n{files}')
+
+    import factscope
+
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    created = run.config.get("created_utc")
+    subtitle_bits = [f"run directory <code>{esc(run.dir.name or str(run.dir))}</code>"]
+    if created:
+        subtitle_bits.append(f"started {esc(created)}")
+    toc_html = (
+        '<nav class="toc" aria-label="Contents"><strong>Contents</strong>'
+        + ('<ol class="long">' if len(toc) > 8 else "<ol>")
+        + "".join(f'<li><a href="#{esc(a)}">{esc(t)}</a></li>' for a, t in toc)
+        + "</ol></nav>"
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="generator" content="factscope {esc(factscope.__version__)}">
+<title>{esc(title)}</title>
+<link rel="icon" href="data:,">
+<style>{CSS}</style>
+</head>
+<body>
+<main>
+<header class="top">
+<h1>{esc(title)}</h1>
+<div class="subtitle">{" · ".join(subtitle_bits)}</div>
+{toc_html}
+</header>
+{chr(10).join(body)}
+<footer>Generated by factscope {esc(factscope.__version__)} on {esc(generated)}.
+Re-render with <code>factscope report {esc(run.dir)}</code>.</footer>
+</main>
+</body>
+</html>
+"""
