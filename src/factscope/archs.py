@@ -1,0 +1,94 @@
+"""The one table of per-architecture differences.
+
+Every analysis sees a model only through :class:`factscope.models.Model`, which reads this table.
+Adding a family means adding one row here (and a tiny config in ``models.TINY``), nothing else.
+Module paths are relative to the HF ``*ForCausalLM`` object (``layers``, ``embed``, ``final_norm``,
+``lm_head``) or to one decoder layer (the others).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from factscope.errors import FactscopeError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    model_types: tuple[str, ...]  # HF config.model_type values handled by this row
+    layers: str  # ModuleList of decoder layers
+    embed: str  # token embedding (Gemma's module applies the sqrt(d_model) scale itself)
+    final_norm: str
+    lm_head: str
+    attn: str  # attention module inside a layer
+    mlp: str  # MLP module inside a layer
+    o_proj: str  # attention output projection inside a layer (its input is the heads' z)
+    v_proj: str  # value projection inside a layer
+    attn_out: str  # module whose output is what attention adds to the residual stream
+    mlp_out: str  # module whose output is what the MLP adds to the residual stream
+    attn_in_norm: str  # norm applied to the residual before attention
+    conv1d: bool = False  # GPT-2 style Conv1D weights ([in, out]) and fused c_attn (q|k|v)
+    post_attn_norm: bool = False  # attn_out is an RMSNorm of o_proj's output (Gemma 2/3)
+    rms_offset: bool = False  # RMSNorm multiplies by (1 + w) (Gemma)
+
+
+_LLAMA_LIKE = dict(
+    layers="model.layers",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    lm_head="lm_head",
+    attn="self_attn",
+    mlp="mlp",
+    o_proj="self_attn.o_proj",
+    v_proj="self_attn.v_proj",
+    attn_out="self_attn",
+    mlp_out="mlp",
+    attn_in_norm="input_layernorm",
+)
+
+ARCHS: tuple[ArchSpec, ...] = (
+    ArchSpec(
+        family="gpt2",
+        model_types=("gpt2",),
+        layers="transformer.h",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        lm_head="lm_head",
+        attn="attn",
+        mlp="mlp",
+        o_proj="attn.c_proj",
+        v_proj="attn.c_attn",
+        attn_out="attn",
+        mlp_out="mlp",
+        attn_in_norm="ln_1",
+        conv1d=True,
+    ),
+    ArchSpec(family="llama", model_types=("llama", "mistral"), **_LLAMA_LIKE),
+    ArchSpec(family="qwen2", model_types=("qwen2", "qwen3"), **_LLAMA_LIKE),
+    ArchSpec(
+        family="gemma3",
+        model_types=("gemma3_text", "gemma2"),
+        **{
+            **_LLAMA_LIKE,
+            "attn_out": "post_attention_layernorm",
+            "mlp_out": "post_feedforward_layernorm",
+        },
+        post_attn_norm=True,
+        rms_offset=True,
+    ),
+)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ARCHS for t in a.model_types)
+
+
+def arch_for(model_type: str) -> ArchSpec:
+    for spec in ARCHS:
+        if model_type in spec.model_types:
+            return spec
+    raise FactscopeError(
+        f"unsupported architecture {model_type!r}; factscope supports: "
+        + ", ".join(supported_model_types())
+    )

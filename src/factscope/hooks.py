@@ -1,0 +1,479 @@
+"""Named activation points and interventions with plain PyTorch hooks.
+
+Points, per layer ``l`` (shapes for a batch of ``B`` left-padded prompts of ``T`` tokens):
+
+============== =================================================================================
+``resid_pre``  residual stream entering layer l                                  ``[B, T, d]``
+``attn_out``   what attention adds to the residual (after Gemma's post-norm)      ``[B, T, d]``
+``mlp_out``    what the MLP adds to the residual (after Gemma's post-norm)        ``[B, T, d]``
+``resid_post`` residual stream leaving layer l                                   ``[B, T, d]``
+``z``          each head's value-weighted sum, the input of the output proj.   ``[B, T, H, hd]``
+``head_out``   each head's share of ``attn_out`` (read only)                    ``[B, T, H, d]``
+``attn_probs`` attention probabilities (read only)                             ``[B, H, T, T]``
+============== =================================================================================
+
+``head_out[h] = z[h] @ W_O[h]`` times Gemma's post-attention RMSNorm factor (computed from the
+full attention output, so the shares are exact): the heads' shares plus the output bias sum to
+``attn_out``. Attention runs through one registered Hugging Face attention function
+(``"factscope"``), which folds attention-edge knockout masks into the model's own causal, padding
+and sliding-window masks and records probabilities on request. Its output always comes from
+PyTorch's scaled-dot-product attention, so an idle factscope model runs at normal speed and an
+empty intervention reproduces the model's logits exactly.
+
+Every context manager removes its hooks on exit, also on exceptions, and they compose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from factscope.errors import FactscopeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from factscope.models import Batch, Model
+
+ATTN_NAME = "factscope"
+POINTS = ("resid_pre", "attn_out", "mlp_out", "resid_post", "z", "head_out", "attn_probs")
+EDITABLE = ("resid_pre", "attn_out", "mlp_out", "resid_post", "z")
+
+
+# --------------------------------------------------------------------------------------------
+# The attention function
+# --------------------------------------------------------------------------------------------
+
+
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
+    """Attention with knockout masks and probability recording.
+
+    The output always comes from PyTorch's scaled-dot-product attention (the same kernel as an
+    unhooked model, so empty knockouts and recording change nothing), with knockout masks folded
+    into the additive mask; probabilities are recorded from a separate eager computation. Models
+    with attention-logit softcapping (Gemma 2) use the eager path throughout.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    blocks = getattr(module, "_fs_blocks", None)
+    record = getattr(module, "_fs_record", None)
+    mask = attention_mask
+    if mask is not None:
+        mask = mask[:, :, :, : key.shape[-2]]
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, torch.finfo(query.dtype).min)
+    for block in blocks or ():
+        mask = (mask if mask is not None else torch.zeros((), dtype=query.dtype, device=query.device)).masked_fill(block, float("-inf"))
+    if softcap is None and blocks:
+        out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+        out = torch.nan_to_num(out, nan=0.0)  # a query with every key blocked reads nothing
+    elif softcap is None:
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if softcap is None and record is None:
+        return out, None
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    n_rep = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(n_rep, dim=1) if n_rep > 1 else key
+    v = value.repeat_interleave(n_rep, dim=1) if n_rep > 1 else value
+    scores = torch.matmul(query, k.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores + mask
+    probs = torch.nan_to_num(torch.softmax(scores.float(), dim=-1), nan=0.0).to(query.dtype)
+    if record is not None:
+        record.append(probs)
+    if softcap is not None:
+        drop = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+        out = torch.matmul(drop, v).transpose(1, 2).contiguous()
+    return out, probs
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(ATTN_NAME, _attention)
+    AttentionMaskInterface.register(ATTN_NAME, eager_mask)  # always a materialized additive mask
+
+
+def install(model: "Model") -> None:
+    for l in range(model.n_layers):
+        attn = model.attn(l)
+        attn._fs_blocks = []
+        attn._fs_record = None
+
+
+# --------------------------------------------------------------------------------------------
+# Hook plumbing
+# --------------------------------------------------------------------------------------------
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+def _replace_first(x, new):
+    return (new, *x[1:]) if isinstance(x, tuple) else new
+
+
+def _check(model: "Model", point: str, layer: int, allowed: Sequence[str] = POINTS) -> None:
+    if point not in allowed:
+        raise FactscopeError(f"unknown or read-only hook point {point!r}; choose from {', '.join(allowed)}")
+    if not 0 <= layer < model.n_layers:
+        raise FactscopeError(f"layer {layer} out of range for {model.name} ({model.n_layers} layers)")
+
+
+def _register_edit(model: "Model", point: str, layer: int, fn: Callable[[torch.Tensor], torch.Tensor | None]):
+    """Register a hook calling ``fn(activation)``; a returned tensor replaces the activation."""
+    spec = model.spec
+    if point == "resid_pre":
+
+        def pre(mod, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            new = fn(x)
+            if new is None:
+                return None
+            if args:
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new}
+
+        return model.layer(layer).register_forward_pre_hook(pre, with_kwargs=True)
+    if point == "z":
+        H, hd = model.n_heads, model.head_dim
+
+        def pre_z(mod, args):
+            z = args[0]
+            new = fn(z.view(*z.shape[:-1], H, hd))
+            return None if new is None else (new.reshape(z.shape), *args[1:])
+
+        return model.module(layer, spec.o_proj).register_forward_pre_hook(pre_z)
+    mod = {
+        "resid_post": model.layer(layer),
+        "attn_out": model.module(layer, spec.attn_out),
+        "mlp_out": model.module(layer, spec.mlp_out),
+    }[point]
+
+    def post(m, args, out):
+        new = fn(_first(out))
+        return None if new is None else _replace_first(out, new)
+
+    return mod.register_forward_hook(post)
+
+
+@contextlib.contextmanager
+def _handles() -> Iterator[list]:
+    hs: list = []
+    try:
+        yield hs
+    finally:
+        for h in hs:
+            h.remove()
+
+
+# --------------------------------------------------------------------------------------------
+# Caching
+# --------------------------------------------------------------------------------------------
+
+
+class ActivationCache(dict):
+    """``cache[point, layer] -> tensor``; ``cache.stack(point) -> [n_layers_cached, ...]``."""
+
+    def stack(self, point: str) -> torch.Tensor:
+        keys = sorted(k for k in self if k[0] == point)
+        if not keys:
+            raise KeyError(point)
+        return torch.stack([self[k] for k in keys])
+
+
+@contextlib.contextmanager
+def cache(
+    model: "Model", points: str | Iterable[str], layers: Iterable[int] | None = None, detach: bool = True
+) -> Iterator[ActivationCache]:
+    """Record the named points (only those) during the forward passes inside the block.
+
+    With ``detach=False`` the cached tensors stay in the autograd graph (for attribution).
+    A point recorded twice (two forward passes) keeps the last.
+    """
+    points = [points] if isinstance(points, str) else list(points)
+    layers = list(range(model.n_layers)) if layers is None else list(layers)
+    store = ActivationCache()
+    keep = (lambda t: t.detach()) if detach else (lambda t: t)
+    with _handles() as hs, contextlib.ExitStack() as stack:
+        for p in points:
+            for l in layers:
+                _check(model, p, l)
+                if p in EDITABLE:
+
+                    def save(x, key=(p, l)):
+                        store[key] = keep(x)
+
+                    hs.append(_register_edit(model, p, l, save))
+                elif p == "head_out":
+                    hs.append(_register_head_out(model, l, store, keep))
+                else:  # attn_probs
+                    stack.enter_context(_record_probs(model, l, store, keep))
+        yield store
+
+
+def _register_head_out(model: "Model", l: int, store: dict, keep) -> torch.utils.hooks.RemovableHandle:
+    W_O = model.W_O(l)
+    H, hd = model.n_heads, model.head_dim
+
+    def post(mod, args, out):
+        z = args[0].view(*args[0].shape[:-1], H, hd)
+        heads = torch.einsum("bthe,hed->bthd", z, W_O)
+        scale = model.post_attn_scale(l, out)  # Gemma: RMSNorm factor of the whole o_proj output
+        if not isinstance(scale, float):
+            scale = scale.unsqueeze(-2)
+        store[("head_out", l)] = keep(heads * scale)
+
+    return model.module(l, model.spec.o_proj).register_forward_hook(post)
+
+
+@contextlib.contextmanager
+def _record_probs(model: "Model", l: int, store: dict, keep):
+    attn = model.attn(l)
+    prev = attn._fs_record
+    rec: list = []
+    attn._fs_record = rec
+    try:
+        yield
+    finally:
+        attn._fs_record = prev
+        if rec:
+            store[("attn_probs", l)] = keep(rec[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Editing: patch, ablate
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def edit(model: "Model", point: str, layers: int | Iterable[int], fn: Callable[[torch.Tensor, int], torch.Tensor | None]):
+    """Apply ``fn(activation, layer) -> new activation`` at a point in each of the layers."""
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    with _handles() as hs:
+        for l in layers:
+            _check(model, point, l, EDITABLE)
+            hs.append(_register_edit(model, point, l, lambda x, l=l: fn(x, l)))
+        yield
+
+
+def _position_mask(positions, x: torch.Tensor) -> torch.Tensor:
+    """Bool [B, T] from None (all), a bool tensor, or per-prompt lists of padded column indices."""
+    B, T = x.shape[:2]
+    if positions is None:
+        return torch.ones(B, T, dtype=torch.bool, device=x.device)
+    if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
+        return positions.to(x.device)
+    m = torch.zeros(B, T, dtype=torch.bool, device=x.device)
+    for i, cols in enumerate(positions):
+        m[i, list(cols)] = True
+    return m
+
+
+def _mix(x: torch.Tensor, values: torch.Tensor, positions, mode: str) -> torch.Tensor:
+    m = _position_mask(positions, x).view(*x.shape[:2], *([1] * (x.dim() - 2)))
+    values = values.to(x.dtype).expand_as(x) if values.dim() < x.dim() else values.to(x.dtype)
+    new = values if mode == "replace" else x + values
+    return torch.where(m, new, x)
+
+
+@contextlib.contextmanager
+def patch(model: "Model", point: str, layer: int, values: torch.Tensor, positions=None, mode: str = "replace"):
+    """Replace (or add to) a point's activation at chosen positions.
+
+    ``values`` has the activation's shape (e.g. from another run's :func:`cache`) or broadcasts to it
+    (a single vector). ``positions``: None for all, a bool ``[B, T]`` mask, or per-prompt lists of
+    padded columns (see :func:`columns`).
+    """
+    if mode not in ("replace", "add"):
+        raise FactscopeError(f"patch mode must be 'replace' or 'add', not {mode!r}")
+    with edit(model, point, layer, lambda x, l: _mix(x, values, positions, mode)):
+        yield
+
+
+def mean_activations(model: "Model", point: str, layers: Iterable[int], reference: "Batch") -> dict[int, torch.Tensor]:
+    """Mean of a point over every real (non-pad) token of the reference prompts, per layer."""
+    layers = list(layers)
+    with torch.inference_mode(), cache(model, point, layers) as c:
+        model.forward(reference, last_only=True)
+    w = reference.attention_mask.to(model.dtype)
+    out = {}
+    for l in layers:
+        x = c[point, l]
+        ww = w.view(*w.shape, *([1] * (x.dim() - 2)))
+        out[l] = (x * ww).sum((0, 1)) / ww.sum((0, 1))
+    return out
+
+
+@contextlib.contextmanager
+def ablate(
+    model: "Model",
+    kind: str,
+    layers: int | Iterable[int],
+    heads: Iterable[int] | None = None,
+    how: str = "zero",
+    reference: "Batch | None" = None,
+    positions=None,
+):
+    """Ablate MLP layers (``kind="mlp"``), attention layers (``"attn"``) or single heads (``"head"``).
+
+    ``how="zero"`` zeroes the component's contribution; ``how="mean"`` replaces it by its mean over
+    every token of the ``reference`` prompts. Heads are ablated at ``z`` (their value-weighted sum),
+    so an output bias stays, as in TransformerLens.
+    """
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    point = {"mlp": "mlp_out", "attn": "attn_out", "head": "z"}.get(kind)
+    if point is None:
+        raise FactscopeError(f"ablate kind must be 'mlp', 'attn' or 'head', not {kind!r}")
+    if how not in ("zero", "mean"):
+        raise FactscopeError(f"ablation must be 'zero' or 'mean', not {how!r}")
+    if kind == "head":
+        if heads is None:
+            raise FactscopeError("ablating heads needs heads=[...]")
+        heads = list(heads)
+        bad = [h for h in heads if not 0 <= h < model.n_heads]
+        if bad:
+            raise FactscopeError(f"head {bad[0]} out of range for {model.name} ({model.n_heads} heads)")
+    if how == "mean":
+        if reference is None:
+            raise FactscopeError("mean ablation needs reference prompts (reference=model.encode([...]))")
+        means = mean_activations(model, point, layers, reference)
+
+    def fn(x, l):
+        target = means[l] if how == "mean" else torch.zeros((), dtype=x.dtype, device=x.device)
+        if kind != "head":
+            return _mix(x, target.expand_as(x[0, 0]) if target.dim() else target.expand_as(x), positions, "replace")
+        new = x.clone()
+        sel = torch.zeros(model.n_heads, dtype=torch.bool, device=x.device)
+        sel[heads] = True
+        repl = target.expand_as(x) if target.dim() else torch.zeros_like(x)
+        pm = _position_mask(positions, x).view(*x.shape[:2], 1, 1) & sel.view(1, 1, -1, 1)
+        return torch.where(pm, repl, new)
+
+    with edit(model, point, layers, fn):
+        yield
+
+
+# --------------------------------------------------------------------------------------------
+# Attention-edge knockout
+# --------------------------------------------------------------------------------------------
+
+
+def columns(batch: "Batch", positions: Sequence[Iterable[int]]) -> list[list[int]]:
+    """Map per-prompt token indices (0 = the prompt's first token, negatives from the end) to
+    padded batch columns."""
+    out = []
+    for i, pos in enumerate(positions):
+        n, off = batch.lengths[i], batch.offset[i]
+        cols = []
+        for p in pos:
+            p = int(p)
+            if not -n <= p < n:
+                raise FactscopeError(f"position {p} outside prompt {i} of {n} tokens")
+            cols.append(off + (p % n))
+        out.append(cols)
+    return out
+
+
+def edge_mask(batch: "Batch", from_pos: Sequence[Iterable[int]], to_pos: Sequence[Iterable[int]]) -> torch.Tensor:
+    """Bool ``[B, T, T]``: True where query position ``from_pos[i]`` may not attend to key ``to_pos[i]``.
+
+    Positions are per-prompt token indices (as in :func:`columns`).
+    """
+    B, T = batch.input_ids.shape
+    m = torch.zeros(B, T, T, dtype=torch.bool, device=batch.input_ids.device)
+    q_cols, k_cols = columns(batch, from_pos), columns(batch, to_pos)
+    for i in range(B):
+        if q_cols[i] and k_cols[i]:
+            m[i][torch.tensor(q_cols[i]).unsqueeze(1), torch.tensor(k_cols[i]).unsqueeze(0)] = True
+    return m
+
+
+@contextlib.contextmanager
+def knockout(
+    model: "Model",
+    layers: int | Iterable[int] | dict[int, torch.Tensor],
+    block: torch.Tensor | None = None,
+    heads: Iterable[int] | None = None,
+):
+    """Block attention edges: queries may not read the blocked keys at the given layers.
+
+    ``block`` is a bool mask ``[B, T, T]`` or ``[T, T]`` (see :func:`edge_mask`), or pass
+    ``layers`` as ``{layer: mask}`` for per-layer masks (``[B, T, T]`` or ``[B, H, T, T]``). The
+    model's causal, padding and sliding-window masks stay as they are; ``heads`` restricts the
+    knockout to some heads (query heads; grouped-query attention is handled).
+    """
+    if isinstance(layers, dict):
+        per_layer = dict(layers)
+    else:
+        if block is None:
+            raise FactscopeError("knockout needs a block mask")
+        per_layer = {l: block for l in ([layers] if isinstance(layers, int) else layers)}
+    sel = None
+    if heads is not None:
+        sel = torch.zeros(model.n_heads, dtype=torch.bool)
+        sel[list(heads)] = True
+    added = []
+    try:
+        for l, m in per_layer.items():
+            if not 0 <= l < model.n_layers:
+                raise FactscopeError(f"layer {l} out of range for {model.name} ({model.n_layers} layers)")
+            m = m.to(model.device)
+            if m.dim() == 2:
+                m = m.unsqueeze(0)
+            if m.dim() == 3:
+                m = m.unsqueeze(1)  # [B, 1, T, T]
+            if sel is not None:
+                m = m & sel.to(m.device).view(1, -1, 1, 1)
+            attn = model.attn(l)
+            attn._fs_blocks.append(m)
+            added.append((attn, m))
+        yield
+    finally:
+        for attn, m in added:
+            for i, x in enumerate(attn._fs_blocks):
+                if x is m:
+                    del attn._fs_blocks[i]
+                    break
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming from a cached residual stream
+# --------------------------------------------------------------------------------------------
+
+
+class _Skip(torch.nn.Module):
+    """Stands in for a decoder layer below the start layer: returns its input unchanged."""
+
+    def __init__(self, orig: torch.nn.Module):
+        super().__init__()
+        self.attention_type = getattr(orig, "attention_type", None)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@contextlib.contextmanager
+def start_at(model: "Model", layer: int, resid_pre: torch.Tensor):
+    """Run only layers ``layer..`` on a cached ``resid_pre[layer]`` (same batch layout as the input).
+
+    The embedding, masks and positions are still computed from the batch given to the forward, so
+    the result equals a full forward whose residual at ``layer`` is ``resid_pre``.
+    """
+    _check(model, "resid_pre", layer)
+    layers = model.layers
+    originals = [layers[i] for i in range(layer)]
+    try:
+        for i in range(layer):
+            layers[i] = _Skip(originals[i])
+        with edit(model, "resid_pre", layer, lambda x, l: resid_pre.to(x.dtype)):
+            yield
+    finally:
+        for i, orig in enumerate(originals):
+            layers[i] = orig
