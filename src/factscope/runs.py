@@ -476,7 +476,7 @@ class Run:
         if not path.is_file():
             return None
         try:
-            return pd.read_csv(path, float_precision="round_trip", keep_default_na=False, na_values=[""])
+            return pd.read_csv(path, keep_default_na=False, na_values=[""], **_exact_floats(pd))
         except pd.errors.EmptyDataError:
             return pd.DataFrame()
         except (pd.errors.ParserError, UnicodeDecodeError) as e:
@@ -580,6 +580,13 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run({str(self.dir)!r})"
+
+
+def _exact_floats(pd: Any) -> dict[str, str]:
+    """read_csv options for exact float round trips: pandas < 3 needs "round_trip"; pandas 3
+    parses exactly by default and deprecates the option."""
+    major = int(str(pd.__version__).split(".")[0])
+    return {"float_precision": "round_trip"} if major < 3 else {}
 
 
 def _item(entry: str | Mapping[str, str], ext: str, what: str) -> dict[str, str]:
