@@ -6,6 +6,7 @@ without them the test is skipped with the reason.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import tempfile
 
@@ -28,9 +29,7 @@ def _find_browser() -> tuple[str, str]:
             f"chromium/chromedriver not installed: {' and '.join(missing)} not on PATH "
             "(Debian: apt-get install chromium chromium-driver; .ci/run does this)"
         )
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("selenium") is None:
         pytest.skip("chromium/chromedriver not installed: the selenium package is missing (pip install selenium)")
     return browser, driver
 

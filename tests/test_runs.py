@@ -440,3 +440,48 @@ def test_entry_point_process_exit_code_and_stderr(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path / 'missing'} is not a directory (expected a factscope run directory)"
     assert proc.stdout == ""
+
+
+# ---- resuming a long computation -----------------------------------------------------------
+
+
+def _analysis(out: Path, resume: bool, stop_after: int | None = None) -> Run:
+    """A toy analysis in the pattern the real ones use: checkpoint per unit, table at the end."""
+    run = Run.create(out, CONFIG, resume=resume)
+    ck = run.checkpoint("units")
+    keys = [("fact", i) for i in range(10)]
+    for n, key in enumerate(ck.pending(keys)):
+        if stop_after is not None and n == stop_after:
+            raise KeyboardInterrupt
+        rng = np.random.default_rng(key[1])
+        ck.append(key, {"value": float(rng.normal() / 3), "unit": key[1]})
+    run.save_table("result", pd.DataFrame([{k: v for k, v in r.items() if k != "key"} for r in ck.records()]))
+    return run
+
+
+def test_interrupted_and_resumed_run_gives_identical_results(tmp_path):
+    full = _analysis(tmp_path / "full", resume=False)
+    with pytest.raises(KeyboardInterrupt):
+        _analysis(tmp_path / "part", resume=False, stop_after=4)
+    part = Run.open(tmp_path / "part")
+    assert part.checkpoint("units").done() == {("fact", i) for i in range(4)}
+    assert part.load_table("result") is None
+    with pytest.raises(FactscopeError, match="--resume"):
+        _analysis(tmp_path / "part", resume=False)
+    resumed = _analysis(tmp_path / "part", resume=True)
+    assert (resumed.dir / "result.csv").read_bytes() == (full.dir / "result.csv").read_bytes()
+    assert resumed.checkpoint("units").pending([("fact", 3), ("fact", 99)]) == [("fact", 99)]
+
+
+def test_keyboard_interrupt_suggests_resume():
+    @click.group(cls=FactscopeGroup)
+    def grp():
+        pass
+
+    @grp.command()
+    def work():
+        raise KeyboardInterrupt
+
+    res = CliRunner().invoke(grp, ["work"])
+    assert res.exit_code == 130
+    assert "--resume" in res.output and "Traceback" not in res.output

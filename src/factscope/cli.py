@@ -106,6 +106,15 @@ class FactscopeGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            if _debug():
+                raise
+            click.echo(
+                "\ninterrupted. Results already written are kept; to continue a run, repeat the "
+                "same command with --resume.",
+                err=True,
+            )
+            ctx.exit(130)
         except FactscopeError as e:
             if _debug():
                 raise

@@ -296,6 +296,10 @@ class Checkpoint:
         """Keys of the finished units of work."""
         return set(self._keys)
 
+    def pending(self, keys: Iterable[Any]) -> list[Any]:
+        """The keys of ``keys`` that are not finished yet, in their order."""
+        return [k for k in keys if k not in self]
+
     def __contains__(self, key: Any) -> bool:
         return _freeze_key(to_jsonable(key)) in self._keys
 
