@@ -668,8 +668,11 @@ def _span_by_prefix(tokenizer, prompt: str, s: int, e: int) -> tuple[int, int]:
     if not before:  # only the leading special tokens (BOS) come before the subject
         start = len(_encode_ids(tokenizer, "x")) - n_trail - len(_encode_ids(tokenizer, "x", False))
     end = len(_encode_ids(tokenizer, prompt[:e])) - n_trail
-    n_full = len(_encode_ids(tokenizer, prompt)) - n_trail
-    end = min(max(end, start + 1), n_full)
+    full = _encode_ids(tokenizer, prompt)
+    end = min(max(end, start + 1), len(full) - n_trail)
+    # A space the vocabulary could not merge into the subject stays a token of its own ("Ġ", "▁").
+    while start < end - 1 and not tokenizer.decode([full[start]]).strip():
+        start += 1
     return start, end
 
 
@@ -812,3 +815,46 @@ def target_logprob(model, tokenizer, prompt: str, target: str) -> float:
     n = len(p_ids)
     pos = torch.arange(n - 1, n - 1 + len(t_ids), device=device)
     return float(logp[pos, torch.tensor(t_ids, device=device)].sum())
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: `factscope data ...` (registered by factscope.cli)
+# --------------------------------------------------------------------------------------------
+
+
+def _make_cli():
+    import click
+
+    @click.group("data", help="Fact data sets: list them, show facts, download CounterFact.")
+    def data_cli():
+        pass
+
+    @data_cli.command("fetch", help="Download a data set into the cache (only: counterfact).")
+    @click.argument("name", type=click.Choice(["counterfact"]))
+    @click.option("--url", default=COUNTERFACT_URL, show_default=True, help="Where to download from.")
+    def fetch_cmd(name, url):
+        path = fetch_counterfact(url=url)
+        n = len(load_facts(str(path)))
+        click.echo(f"CounterFact: {n} facts in {path}")
+
+    @data_cli.command("list", help="List the built-in data set names with their fact counts.")
+    def list_cmd():
+        for name in dataset_names():
+            if name == "counterfact":
+                p = counterfact_path()
+                click.echo(f"counterfact\t{'downloaded: ' + str(p) if p.exists() else 'not downloaded'}")
+                continue
+            click.echo(f"{name}\t{len(_load_all(name))}")
+
+    @data_cli.command("show", help="Print facts of a data set as JSON lines.")
+    @click.argument("dataset")
+    @click.option("--limit", type=int, default=5, show_default=True)
+    @click.option("--seed", type=int, default=0, show_default=True)
+    def show_cmd(dataset, limit, seed):
+        for f in load_facts(dataset, limit=limit, seed=seed):
+            click.echo(json.dumps(f.to_dict(), ensure_ascii=False))
+
+    return data_cli
+
+
+data_cli = _make_cli()
