@@ -656,6 +656,52 @@ def _encode_ids(tokenizer, text: str, add_special_tokens: bool = True) -> list[i
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
+def _decoded_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]], list[int]] | None:
+    """Token ids, character offsets and special-token mask of ``text`` without native offsets.
+
+    Offsets come from decoding growing prefixes of the ids (tokens that end inside a UTF-8
+    character share the span of the token that completes it). None when the decoded text is not
+    exactly ``text`` (a normalising tokenizer), in which case callers fall back further.
+    """
+    ids = _encode_ids(tokenizer, text)
+    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
+    offsets: list[tuple[int, int]] = []
+    special: list[int] = []
+    pending: list[int] = []
+    prev = 0
+    for i, tid in enumerate(ids):
+        if tid in specials:
+            offsets.append((prev, prev))
+            special.append(1)
+            continue
+        offsets.append((prev, prev))
+        special.append(0)
+        d = tokenizer.decode(ids[: i + 1], skip_special_tokens=True)
+        if d.endswith("\ufffd") and not text[: len(d)].endswith("\ufffd"):
+            pending.append(i)
+            continue
+        if text[: len(d)] != d:
+            return None
+        for j in pending + [i]:
+            offsets[j] = (prev, len(d))
+        pending = []
+        prev = len(d)
+    if pending or prev != len(text):
+        return None
+    return ids, offsets, special
+
+
+def _offsets(tokenizer, text: str):
+    """(ids, offsets, special mask) from the tokenizer's offset mapping or by decoding; or None."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]], list(enc["special_tokens_mask"])
+    try:
+        return _decoded_offsets(tokenizer, text)
+    except Exception:  # a tokenizer whose decode cannot handle prefixes
+        return None
+
+
 def _span_by_prefix(tokenizer, prompt: str, s: int, e: int) -> tuple[int, int]:
     """Token span of prompt[s:e] without offsets: count the tokens of the prefixes.
 
@@ -714,16 +760,14 @@ def subject_span(tokenizer, prompt: str, subject: str, occurrence: str | int = "
         else:
             raise FactscopeError(f"occurrence must be 'first', 'last' or a character offset, got {occurrence!r}")
     e = s + len(subject)
-    if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(prompt, return_offsets_mapping=True, return_special_tokens_mask=True)
-        offsets = [tuple(o) for o in enc["offset_mapping"]]
-        span = _char_span_to_tokens(offsets, list(enc["special_tokens_mask"]), s, e)
-        if span is None:
-            raise FactscopeError(
-                f"subject {subject!r} covers no token of prompt {prompt!r} (tokenizer offsets)"
-            )
-        return span
-    return _span_by_prefix(tokenizer, prompt, s, e)
+    enc = _offsets(tokenizer, prompt)
+    if enc is None:
+        return _span_by_prefix(tokenizer, prompt, s, e)
+    _, offsets, special = enc
+    span = _char_span_to_tokens(offsets, special, s, e)
+    if span is None:
+        raise FactscopeError(f"subject {subject!r} covers no token of prompt {prompt!r}")
+    return span
 
 
 def fact_subject_span(tokenizer, fact: Fact) -> tuple[int, int]:
@@ -763,24 +807,20 @@ def target_ids(tokenizer, prompt: str, target: str) -> list[int]:
     text = prompt + cont
     L = len(prompt)
     p_ids = _encode_ids(tokenizer, prompt)
-    if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
-        ids = list(enc["input_ids"])
-        offs = [tuple(o) for o in enc["offset_mapping"]]
-        special = list(enc["special_tokens_mask"])
+    enc = _offsets(tokenizer, text)
+    if enc is not None:
+        ids, offs, special = enc
         tail = [i for i in range(len(ids)) if not special[i] and offs[i][1] > L]
         if not tail:
             raise FactscopeError(f"target {target!r} produced no tokens after prompt {prompt!r}")
-        first = tail[0]
-        a = offs[first][0]
-        if a >= L:
+        if offs[tail[0]][0] >= L:
             return [ids[i] for i in tail]
         # Merge across the boundary: tokenize the target text the merged token(s) covered.
         rest = [i for i in tail if offs[i][0] >= L]
         cut = offs[rest[0]][0] if rest else len(text)
         head = _encode_ids(tokenizer, text[L:cut], add_special_tokens=False)
         return head + [ids[i] for i in rest]
-    # Slow tokenizers: prefix comparison.
+    # No offsets at all: prefix comparison.
     full = _encode_ids(tokenizer, text)
     n_trail = _n_trailing_special(tokenizer)
     core = p_ids[: len(p_ids) - n_trail] if n_trail else p_ids
