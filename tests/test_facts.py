@@ -114,6 +114,21 @@ def test_doubly_escaped_brasilia_is_fixed_and_only_that():
     assert F._fix_escapes("C:\\new\\path") == "C:\\new\\path"  # other backslashes untouched
 
 
+def test_whitespace_in_lre_subjects_and_objects_is_stripped():
+    carter = [f for f in load_facts("lre:factual/presidents_birth_year") if f.subject.startswith("Jimmy Carter")]
+    assert [(f.subject, f.prompt, f.target_true) for f in carter] == [
+        ("Jimmy Carter", "Jimmy Carter was born in", "1924")]
+    singer = {f.subject: f.target_true for f in load_facts("lre:factual/person_band_lead_singer")}
+    assert singer["Jon Bon Jovi"] == "Bon Jovi"
+
+
+def test_dataset_names():
+    names = F.dataset_names()
+    assert names[:3] == ["known_1000", "counterfact", "lre"]
+    assert "lre:factual" in names and "lre:factual/person_native_language" in names
+    assert len([n for n in names if n.count("/") == 1]) == 47
+
+
 def test_known_1000_loads_all_records():
     facts = load_facts("known_1000")
     assert len(facts) == 1209
