@@ -28,6 +28,12 @@ def tiny(request):
     return _load(request.param)
 
 
+@pytest.fixture(params=TINY + ["gemma-3-270m"])
+def any_model(request):
+    """Each tiny family, then the real Gemma 3 270M."""
+    return _load(request.param)
+
+
 @pytest.fixture(scope="session")
 def gemma():
     """The real default model, Gemma 3 270M (dequantized once, cached)."""
