@@ -204,6 +204,10 @@ def test_user_jsonl_and_csv(tmp_path):
     out.write_text("\n".join(json.dumps(x.to_dict()) for x in facts))
     assert load_facts(str(out)) == facts
     assert Fact.from_dict(facts[0].to_dict()) == facts[0]
+    with pytest.raises(FactscopeError, match=r"missing Fact field\(s\) \['template'\]"):
+        Fact.from_dict({k: v for k, v in facts[0].to_dict().items() if k != "template"})
+    with pytest.raises(FactscopeError, match="unknown Fact field"):
+        Fact.from_dict({**facts[0].to_dict(), "colour": "red"})
 
 
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):

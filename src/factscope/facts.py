@@ -134,6 +134,9 @@ class Fact:
         unknown = set(d) - set(FACT_FIELDS)
         if unknown:
             raise FactscopeError(f"unknown Fact field(s) {sorted(unknown)} in {d!r}")
+        missing = [k for k in FACT_FIELDS[:6] if k not in d]
+        if missing:
+            raise FactscopeError(f"missing Fact field(s) {missing} in {d!r}")
         return cls(**d)
 
     @property
