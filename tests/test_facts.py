@@ -24,6 +24,25 @@ from factscope.models import load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CF_SAMPLE = SHARED / "counterfact_sample.json"
+# Record case_id 0 of CounterFact (trimmed lists), for when ../shared/data is not around.
+CF_RECORD = {
+    "case_id": 0, "pararel_idx": 2796,
+    "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
+                          "target_new": {"str": "English", "id": "Q1860"},
+                          "target_true": {"str": "French", "id": "Q150"}, "subject": "Danielle Darrieux"},
+    "paraphrase_prompts": ["Danielle Darrieux, a native"], "neighborhood_prompts": ["The mother tongue of L\u00e9on Blum is"],
+    "attribute_prompts": ["Barack Obama, speaker of"], "generation_prompts": ["Danielle Darrieux's mother tongue is"],
+}
+
+
+@pytest.fixture
+def cf_file(tmp_path):
+    """The shared five-record CounterFact sample, or a one-record file in the same schema."""
+    if CF_SAMPLE.is_file():
+        return CF_SAMPLE, 5
+    p = tmp_path / "cf_sample.json"
+    p.write_text(json.dumps([CF_RECORD]))
+    return p, 1
 
 LRE_COUNTS = {"factual": (26, 9696), "linguistic": (6, 806), "commonsense": (8, 374), "bias": (7, 213)}
 
@@ -142,9 +161,10 @@ def test_known_1000_loads_all_records():
     assert all(x.template.replace("{}", x.subject) == x.prompt for x in facts)
 
 
-def test_counterfact_schema_file_loads():
-    facts = load_facts(str(CF_SAMPLE))
-    assert len(facts) == 5
+def test_counterfact_schema_file_loads(cf_file):
+    path, n = cf_file
+    facts = load_facts(str(path))
+    assert len(facts) == n
     f = facts[0]
     assert f.subject == "Danielle Darrieux"
     assert f.template == "The mother tongue of {} is"
@@ -493,20 +513,21 @@ def test_fetch_counterfact_offline_is_clear_and_leaves_nothing(tmp_path, monkeyp
     assert list((tmp_path / "cache").iterdir()) == []
 
 
-def test_fetch_counterfact_downloads_atomically(tmp_path, monkeypatch):
+def test_fetch_counterfact_downloads_atomically(tmp_path, monkeypatch, cf_file):
+    sample, n = cf_file
     monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path / "cache"))
     bad = tmp_path / "bad.json"
     bad.write_text('{"not": "counterfact"}')
     with pytest.raises(FactscopeError, match="not CounterFact JSON"):
         fetch_counterfact(url=bad.as_uri())
     assert list((tmp_path / "cache").iterdir()) == []
-    path = fetch_counterfact(url=CF_SAMPLE.as_uri())
-    assert path == counterfact_path() and path.read_bytes() == CF_SAMPLE.read_bytes()
+    path = fetch_counterfact(url=sample.as_uri())
+    assert path == counterfact_path() and path.read_bytes() == sample.read_bytes()
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["counterfact.json"]
     facts = load_facts("counterfact")
-    assert len(facts) == 5 and facts[0].source == "counterfact"
+    assert len(facts) == n and facts[0].source == "counterfact"
     # explicit cache_dir
-    other = fetch_counterfact(url=CF_SAMPLE.as_uri(), cache_dir=tmp_path / "other")
+    other = fetch_counterfact(url=sample.as_uri(), cache_dir=tmp_path / "other")
     assert other == tmp_path / "other" / "counterfact.json"
 
 
