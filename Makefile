@@ -25,6 +25,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/factscope models pull gemma-3-270m
+	$(VENV)/bin/factscope models pull smollm2-135m
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(VENV)/.installed

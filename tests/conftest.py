@@ -28,9 +28,9 @@ def tiny(request):
     return _load(request.param)
 
 
-@pytest.fixture(params=TINY + ["gemma-3-270m"])
+@pytest.fixture(params=TINY + ["gemma-3-270m", "smollm2-135m"])
 def any_model(request):
-    """Each tiny family, then the real Gemma 3 270M."""
+    """Each tiny family, then the real Gemma 3 270M and SmolLM2-135M (Llama, 9 heads / 3 kv heads)."""
     return _load(request.param)
 
 

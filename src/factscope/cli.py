@@ -165,6 +165,12 @@ def report_command(dirs: tuple[Path, ...], title: str | None) -> None:
 # without importing the module).
 # --------------------------------------------------------------------------------------------
 # (add lines below)
+main.add_lazy_command("hijack", "factscope.hijack.cli:hijack", "Context hijacking benchmark (Jiang et al. 2024, sec. 3).")
+main.add_lazy_command("models", "factscope.commands:models", "List and pull models.")
+main.add_lazy_command("predict", "factscope.commands:predict", "Print the next-token distribution after a prompt.")
+main.add_lazy_command("facts", "factscope.commands:facts", "Facts a model knows.")
+main.add_lazy_command("data", "factscope.facts:data_cli", "Fact data sets: list, show, fetch CounterFact.")
+main.add_lazy_command("demo", "factscope.commands:demo", "The main job: every analysis on the default model, one report.")
 
 # ============================================================================================
 

@@ -214,7 +214,7 @@ def _cache_ok(dest: Path) -> bool:
     marker = dest / "factscope_cache.json"
     try:
         meta = json.loads(marker.read_text())
-        if meta.get("format") != CACHE_FORMAT:
+        if meta.get("format") != CACHE_FORMAT or not (dest / "config.json").is_file():
             return False
         for name, info in meta["files"].items():
             p = dest / name
@@ -231,18 +231,21 @@ def _quiet():
     from transformers.utils import logging as hf_logging
 
     old = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         hf_logging.set_verbosity(old)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _dequantize_to_cache(gguf_path: Path, dest: Path) -> None:
     """Dequantize a GGUF file with transformers and write config, safetensors and tokenizer to dest."""
-    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logging.getLogger("factscope").info("dequantizing %s (once; cached in %s)", gguf_path, dest)
@@ -254,6 +257,13 @@ def _dequantize_to_cache(gguf_path: Path, dest: Path) -> None:
             hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - turned into one clear message
         raise FactscopeError(f"could not read GGUF file {gguf_path}: {type(e).__name__}: {e}") from e
+    _write_cache(dest, hf, tokenizer, source=str(gguf_path))
+
+
+def _write_cache(dest: Path, hf, tokenizer, source: str) -> None:
+    """Write config, float safetensors, tokenizer and a checksum marker; all or nothing."""
+    from safetensors.torch import save_model
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
     try:
@@ -264,13 +274,12 @@ def _dequantize_to_cache(gguf_path: Path, dest: Path) -> None:
         hf.generation_config.save_pretrained(tmp)
         save_model(hf, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
-        files = {
-            "model.safetensors": {
-                "size": (tmp / "model.safetensors").stat().st_size,
-                "digest": _file_digest(tmp / "model.safetensors"),
-            }
+        st = tmp / "model.safetensors"
+        meta = {
+            "format": CACHE_FORMAT,
+            "source": source,
+            "files": {"model.safetensors": {"size": st.stat().st_size, "digest": _file_digest(st)}},
         }
-        meta = {"format": CACHE_FORMAT, "source": str(gguf_path), "files": files}
         (tmp / "factscope_cache.json").write_text(json.dumps(meta, indent=1))
         if dest.exists():
             shutil.rmtree(dest)

@@ -1,0 +1,215 @@
+"""The substrate's commands: ``models``, ``predict``, ``facts`` and the main job ``demo``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from factscope.errors import FactscopeError
+from factscope.models import DEFAULT_MODEL, REGISTRY, cache_dir, load_model
+
+model_option = click.option(
+    "--model", "model_spec", default=DEFAULT_MODEL, show_default=True,
+    help="Registered name, Hugging Face hub id, local model directory or .gguf file.",
+)
+device_option = click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
+dtype_option = click.option(
+    "--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"])
+)
+
+
+# --------------------------------------------------------------------------------------------
+# factscope models
+# --------------------------------------------------------------------------------------------
+
+
+@click.group("models")
+def models() -> None:
+    """List and pull models."""
+
+
+@models.command("list")
+def models_list() -> None:
+    """List the registered models and whether their weights are cached."""
+    for name, reg in REGISTRY.items():
+        if reg.tiny:
+            state = "built on demand"
+        else:
+            state = "cached" if (cache_dir() / "models" / name / "factscope_cache.json").exists() else "not pulled"
+        click.echo(f"{name:<14} {state:<16} {reg.description}")
+
+
+@models.command("pull")
+@click.argument("name")
+def models_pull(name: str) -> None:
+    """Download or assemble a model and cache its float weights (GGUF: dequantized once)."""
+    from factscope.models import load_tokenizer, resolve
+
+    t = time.time()
+    display, folder = resolve(name)
+    if folder is None and name not in REGISTRY:  # a hub id: let transformers download it
+        load_model(name)
+    else:
+        load_tokenizer(name)
+    where = folder or ("built on demand" if name in REGISTRY else "the Hugging Face cache")
+    click.echo(f"{display}: ready in {where} ({time.time() - t:.1f} s)")
+
+
+# --------------------------------------------------------------------------------------------
+# factscope predict
+# --------------------------------------------------------------------------------------------
+
+
+@click.command("predict")
+@model_option
+@device_option
+@dtype_option
+@click.option("--top-k", "k", default=10, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.argument("prompt")
+def predict(model_spec: str, device: str, dtype: str, k: int, as_json: bool, prompt: str) -> None:
+    """Print the next-token distribution after PROMPT."""
+    from factscope.predict import top_k
+
+    model = load_model(model_spec, device=device, dtype=dtype)
+    pred = top_k(model, [prompt], k=k)[0]
+    if as_json:
+        rows = [{"token": t, "id": i, "prob": p} for t, i, p in zip(pred.tokens, pred.token_ids, pred.probs)]
+        click.echo(json.dumps({"model": model.name, "prompt": prompt, "top": rows}, ensure_ascii=False))
+        return
+    click.echo(f"{model.name}: {prompt!r} ->")
+    for rank, (t, p) in enumerate(zip(pred.tokens, pred.probs), 1):
+        click.echo(f"{rank:>4}  {p:8.4f}  {t!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# factscope facts known
+# --------------------------------------------------------------------------------------------
+
+
+@click.group("facts")
+def facts() -> None:
+    """Facts a model knows."""
+
+
+def known_section(run, model, facts, top_k: int = 1, batch_size: int = 32) -> list:
+    """Find the known facts, write their tables, figure and report section; return them."""
+    from factscope.plotting import COLORS, new_figure
+    from factscope.predict import known_facts, known_rate_by_relation
+
+    known, table = known_facts(model, facts, top_k=top_k, batch_size=batch_size)
+    by_rel = known_rate_by_relation(table)
+    run.save_table("known_facts", table)
+    run.save_table("known_by_relation", by_rel)
+    shown = by_rel.head(25).iloc[::-1]
+    fig, ax = new_figure(size=(6.4, 0.25 * len(shown) + 1.2), title=f"{model.name}: facts known (top-{top_k})")
+    labels = [f"{r} ({n})" for r, n in zip(shown["relation"].astype(str).str.slice(0, 38), shown["n"])]
+    ax.barh(labels, shown["rate"], color=COLORS.get("subject", "C0"))
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of facts whose target's first token is in the top-%d" % top_k)
+    run.save_figure("known_by_relation", fig)
+    rate = len(known) / max(1, len(facts))
+    run.update_summary({"n_facts": len(facts), "n_known": len(known), "known_rate": rate})
+    run.add_section(
+        "known",
+        "Facts the model knows",
+        f"{len(known)} of {len(facts)} facts ({rate:.1%}) are known: the first token of the target is the "
+        f"model's top-{top_k} next token after the prompt. Later sections use only the known facts. "
+        f"Known rate per relation (relations with the most facts shown; the table lists all).",
+        figures=["known_by_relation"],
+        tables=["known_by_relation", "known_facts"],
+    )
+    return known
+
+
+@facts.command("known")
+@model_option
+@device_option
+@dtype_option
+@click.option("--dataset", default="known_1000", show_default=True, help="Data set name or file.")
+@click.option("--limit", type=int, default=None, help="Random sample of at most N facts (seeded).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--top-k", type=click.IntRange(1, 1000), default=1, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--resume", is_flag=True, help="Write into an existing run directory with the same config.")
+def facts_known(model_spec, device, dtype, dataset, limit, seed, top_k, batch_size, out, resume) -> None:
+    """Keep the facts whose target is the model's top-1 (or top-k) prediction."""
+    from factscope.facts import load_facts
+    from factscope.runs import Run
+
+    fs = load_facts(dataset, limit=limit, seed=seed)
+    model = load_model(model_spec, device=device, dtype=dtype)
+    config = {"command": "facts known", "model": model.name, "dataset": dataset, "limit": limit, "seed": seed,
+              "top_k": top_k, "runtime": {"device": device, "dtype": dtype, "batch_size": batch_size}}
+    run = Run.create(out, config, resume=resume)
+    known = known_section(run, model, fs, top_k=top_k, batch_size=batch_size)
+    from factscope.runs import atomic_write_text
+
+    atomic_write_text(run.path("known.jsonl"), "".join(json.dumps(f.to_dict(), ensure_ascii=False) + "\n" for f in known))
+    run.write_report()
+    click.echo(f"{len(known)} of {len(fs)} facts known; wrote {run.dir}")
+
+
+# --------------------------------------------------------------------------------------------
+# factscope demo: the main job
+# --------------------------------------------------------------------------------------------
+
+DEMO_PARTS = ("flow", "hijack", "lca")
+
+
+@click.command("demo")
+@model_option
+@device_option
+@dtype_option
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--n-facts", type=click.IntRange(10, 100000), default=300, show_default=True,
+              help="Sample of known_1000 to test for known facts.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--skip", multiple=True, type=click.Choice(DEMO_PARTS), help="Leave out a part (repeatable).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted demo in --out (finished work is kept).")
+def demo(model_spec, device, dtype, out, n_facts, seed, skip, resume) -> None:
+    """The main job: known facts, information flow, context hijacking and the synthetic task, in one report."""
+    from factscope.facts import load_facts
+    from factscope.runs import Run
+
+    t0 = time.time()
+    fs = load_facts("known_1000", limit=n_facts, seed=seed)
+    model = load_model(model_spec, device=device, dtype=dtype)
+    config = {"command": "demo", "model": model.name, "dataset": "known_1000", "n_facts": n_facts, "seed": seed,
+              "skip": sorted(skip), "runtime": {"device": device, "dtype": dtype}}
+    run = Run.create(out, config, resume=resume)
+    click.echo(f"demo: {model!r}; writing {run.dir}")
+    known = known_section(run, model, fs)
+    click.echo(f"demo: {len(known)} of {len(fs)} facts known")
+    run.write_report()
+    for part in DEMO_PARTS:
+        if part in skip:
+            continue
+        t = time.time()
+        _demo_part(part, run, model, known, seed)
+        run.write_report()
+        click.echo(f"demo: {part} done in {time.time() - t:.0f} s")
+    run.update_summary({"demo_seconds": round(time.time() - t0, 1)})
+    path = run.write_report(title=f"factscope demo: {model.name}")
+    click.echo(f"demo: report in {path} ({time.time() - t0:.0f} s)")
+
+
+def _demo_part(part: str, run, model, known, seed: int) -> None:
+    if part == "flow":
+        from factscope.flow import demo_section
+
+        demo_section(run, model, known)
+    elif part == "hijack":
+        from factscope.hijack import demo_section
+
+        demo_section(run, model, known)
+    elif part == "lca":
+        from factscope.lca import run_all
+
+        run_all(run, quick=True)
+    else:  # pragma: no cover
+        raise FactscopeError(f"unknown demo part {part!r}")
