@@ -583,15 +583,15 @@ def add_false_targets(facts: Iterable[Fact], seed: int = 0) -> list[Fact]:
 # --------------------------------------------------------------------------------------------
 
 
-def cache_dir() -> Path:
+def cache_root() -> Path:
     """``$FACTSCOPE_CACHE`` or ``~/.cache/factscope``."""
     env = os.environ.get("FACTSCOPE_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "factscope"
 
 
-def counterfact_path(cache_dir_: str | os.PathLike | None = None) -> Path:
+def counterfact_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where the downloaded CounterFact file lives (it may not exist yet)."""
-    base = Path(cache_dir_).expanduser() if cache_dir_ is not None else cache_dir()
+    base = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     return base / COUNTERFACT_FILENAME
 
 
