@@ -63,6 +63,10 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         mask = mask[:, :, :, : key.shape[-2]]
         if mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, torch.finfo(query.dtype).min)
+    if blocks and mask is not None:
+        # Masked-out keys carry finfo.min, not -inf: a query whose every visible key is blocked would
+        # otherwise attend uniformly to the masked-out (future, padding, out-of-window) keys.
+        mask = mask.masked_fill(mask <= torch.finfo(mask.dtype).min, float("-inf"))
     for block in blocks or ():
         mask = (mask if mask is not None else torch.zeros((), dtype=query.dtype, device=query.device)).masked_fill(block, float("-inf"))
     if softcap is None and blocks:
