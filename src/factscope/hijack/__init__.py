@@ -1,0 +1,40 @@
+"""Context hijacking (Jiang et al. 2024, "Do LLMs dream of elephants (when told not to)?", sec. 3).
+
+Prepending factually harmless sentences ("Do not think of Guam.") before a factual prompt flips
+the model's answer. ``run_benchmark`` measures the efficacy score ES(n) -- the share of facts with
+P(target_false) > P(target_true) after n prepended sentences -- per scheme and model.
+"""
+
+from factscope.hijack.demo import demo_section
+from factscope.hijack.runner import (
+    HijackResult,
+    ModelResult,
+    Prepared,
+    load_dataset,
+    prepare,
+    run_benchmark,
+    run_model,
+)
+from factscope.hijack.schemes import (
+    BUILTIN,
+    GENERIC_TEMPLATE,
+    Scheme,
+    build_prompt,
+    builtin_scheme,
+    custom_scheme,
+    negation_templates,
+    parse_schemes,
+    related_word,
+    related_words,
+    relation_sentence,
+    scheme_sentence,
+)
+from factscope.hijack.scoring import Score, bootstrap_ci, efficacy_table, score_ids, score_prompts, tokenize
+
+__all__ = [
+    "BUILTIN", "GENERIC_TEMPLATE", "HijackResult", "ModelResult", "Prepared", "Scheme", "Score",
+    "bootstrap_ci", "build_prompt", "builtin_scheme", "custom_scheme", "demo_section", "efficacy_table",
+    "load_dataset", "negation_templates", "parse_schemes", "prepare", "related_word", "related_words",
+    "relation_sentence", "run_benchmark", "run_model", "scheme_sentence", "score_ids", "score_prompts",
+    "tokenize",
+]

@@ -1,0 +1,110 @@
+"""``factscope hijack ...`` (registered lazily by factscope.cli)."""
+
+from __future__ import annotations
+
+import click
+
+from factscope.hijack.schemes import BUILTIN
+
+
+@click.group("hijack")
+def hijack() -> None:
+    """Context hijacking benchmark (Jiang et al. 2024, sec. 3)."""
+
+
+@hijack.command("run")
+@click.option("--model", "models", multiple=True, default=("gemma-3-270m",), show_default=True,
+              help="Model name/path; repeat for several models (run one after another).")
+@click.option("--dataset", "datasets", multiple=True, default=("known_1000",), show_default=True,
+              help="known_1000, lre, lre:<category>[/<relation>], counterfact (full file if downloaded, "
+                   "else the shipped sample), counterfact-sample, or a path; repeat to combine.")
+@click.option("--limit", type=int, default=None, help="Seeded random subset of this many facts per dataset.")
+@click.option("--scheme", "schemes", multiple=True, default=("generic", "reverse"), show_default=True,
+              help=f"One of {', '.join(BUILTIN)}, or 'all'; repeat for several.")
+@click.option("--template", "templates", multiple=True,
+              help="Custom scheme: 'NAME=TEMPLATE' or 'TEMPLATE' with {subject}, {target_true}, "
+                   "{target_false}, {prompt}; repeat for several.")
+@click.option("--related-words", "related", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="JSON object word -> related word for the related-word scheme (default: built "
+                   "from the shipped LRE relations).")
+@click.option("--max-prepends", type=click.IntRange(0, 100), default=10, show_default=True,
+              help="Largest number of prepended sentences N (n = 0..N).")
+@click.option("--metric", type=click.Choice(["first", "full"]), default="first", show_default=True,
+              help="Compare first answer tokens, or full target probabilities (all tokens).")
+@click.option("--all-facts", is_flag=True, help="Keep facts the model does not know (top-1 is not the target).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for subsets, false targets, bootstrap.")
+@click.option("--bootstrap", "n_boot", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--chunk-size", type=click.IntRange(1), default=256, show_default=True,
+              help="Prompts per checkpointed chunk.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output run directory.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option("--no-progress", is_flag=True)
+def run_cmd(models, datasets, limit, schemes, templates, related, max_prepends, metric, all_facts, seed, n_boot,
+            batch_size, chunk_size, device, out, resume, no_progress):
+    """Efficacy score ES(n) of hijacking schemes for n = 0..N prepended sentences."""
+    from factscope.hijack.runner import load_dataset, run_benchmark
+    from factscope.hijack.schemes import parse_schemes, related_words
+    from factscope.runs import Run
+
+    sch = parse_schemes(schemes, templates)
+    facts, notes = [], []
+    for d in datasets:
+        f, note = load_dataset(d, limit=limit, seed=seed)
+        facts.extend(f)
+        notes.append(note)
+    rel = related_words(related) if related else None
+    config = {
+        "analysis": "hijack",
+        "models": list(models),
+        "datasets": list(datasets),
+        "limit": limit,
+        "schemes": [s.__dict__ for s in sch],
+        "related_words": related,
+        "max_prepends": max_prepends,
+        "metric": metric,
+        "known_only": not all_facts,
+        "seed": seed,
+        "bootstrap": n_boot,
+        "chunk_size": chunk_size,
+        "runtime": {"batch_size": batch_size, "device": device},
+    }
+    run = Run.create(out, config, resume=resume)
+    click.echo(f"{len(facts)} facts from {'; '.join(notes)}", err=True)
+    res = run_benchmark(run, list(models), facts, sch, max_prepends, metric=metric, known_only=not all_facts,
+                        related=rel, batch_size=batch_size, chunk_size=chunk_size, n_boot=n_boot, seed=seed,
+                        progress=not no_progress, device=device)
+    run.update_summary({"data": notes})
+    run.write_report(title="Context hijacking")
+    for m, by in res.summary["efficacy"].items():
+        c = res.summary["fact_counts"][m]
+        click.echo(f"{m}: {c['kept']} facts kept of {c['candidates']} ({c['known']} known)")
+        for name, es in by.items():
+            if es:
+                click.echo(f"  {name:18s} ES(n=0..{len(es) - 1}): " + " ".join(f"{x:.2f}" for x in es))
+    click.echo(str(run.dir))
+
+
+@hijack.command("templates")
+@click.option("--dataset", default=None, help="Show filled examples for the relations of this dataset.")
+@click.option("--per-relation", type=int, default=2, show_default=True)
+def templates_cmd(dataset, per_relation):
+    """List the shipped negation templates (or filled examples for a dataset's relations)."""
+    from factscope.hijack.runner import load_dataset
+    from factscope.hijack.schemes import negation_templates, relation_sentence
+
+    tpl, fallback = negation_templates()
+    if dataset is None:
+        for rid, t in tpl.items():
+            click.echo(f"{rid}\t{t}")
+        click.echo(f"(fallback)\t{fallback}")
+        return
+    facts, _ = load_dataset(dataset)
+    seen: dict[str, int] = {}
+    for f in facts:
+        if seen.get(f.relation_id, 0) >= per_relation or f.target_false is None:
+            continue
+        seen[f.relation_id] = seen.get(f.relation_id, 0) + 1
+        s, fb = relation_sentence(f, f.target_false)
+        click.echo(f"{f.relation_id}\t{s} {f.prompt}{'  [fallback]' if fb else ''}")

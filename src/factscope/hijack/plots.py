@@ -1,0 +1,83 @@
+"""Figures: efficacy score against the number of prepended sentences (as in Jiang et al. 2024,
+Figure 2), and mean target probabilities."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from factscope.plotting import PALETTE, new_figure
+
+# one colour per built-in scheme, the same in every figure; custom schemes take the rest
+SCHEME_COLORS = {
+    "generic": PALETTE[1],
+    "relation": PALETTE[0],
+    "related-word": PALETTE[3],
+    "reverse": PALETTE[2],
+    "reverse-relation": PALETTE[5],
+}
+SCHEME_STYLE = {"reverse": "--", "reverse-relation": "--"}
+
+
+def _color(name: str, i: int) -> str:
+    return SCHEME_COLORS.get(name, PALETTE[(4 + i) % len(PALETTE)])
+
+
+def _panels(n: int):
+    if n == 0:
+        fig, ax = new_figure()
+        ax.text(0.5, 0.5, "no facts left to score", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return fig, [ax]
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = new_figure(rows, cols, squeeze=False, sharey=True,
+                           size=(4.6 * cols if n > 1 else 6.4, 3.8 * rows if n > 1 else 4.2))
+    flat = [a for row in axes for a in row]
+    for a in flat[n:]:
+        a.set_visible(False)
+    return fig, flat
+
+
+def efficacy_figure(eff: pd.DataFrame, metric: str = "first"):
+    """ES(n) per scheme (lines, bootstrap 95% bands), one panel per model."""
+    models = list(dict.fromkeys(eff["model"]))
+    fig, axes = _panels(len(models))
+    for ax, m in zip(axes, models):
+        d = eff[eff["model"] == m]
+        for i, s in enumerate(dict.fromkeys(d["scheme"])):
+            g = d[d["scheme"] == s].sort_values("n")
+            c = _color(s, i)
+            nf = int(g["n_facts"].iloc[0]) if len(g) else 0
+            ax.plot(g["n"], g["es"], marker="o", color=c, ls=SCHEME_STYLE.get(s, "-"), label=f"{s} ({nf} facts)")
+            ax.fill_between(g["n"], g["es_lo"], g["es_hi"], color=c, alpha=0.15, lw=0)
+        nmax = int(d["n"].max()) if len(d) else 0
+        ax.set_xticks(range(0, nmax + 1, max(1, -(-nmax // 10))))
+        ax.set_xlim(-0.2, nmax + 0.2)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("prepended sentences n")
+        ax.set_title(m)
+        ax.legend(loc="upper left")
+    what = "first answer token" if metric == "first" else "full target"
+    axes[0].set_ylabel(f"efficacy score ES(n)\nP(false) > P(true), {what}")
+    return fig
+
+
+def probability_figure(eff: pd.DataFrame):
+    """Mean P(target_true) (solid) and P(target_false) (dotted) against n, per scheme and model."""
+    models = list(dict.fromkeys(eff["model"]))
+    fig, axes = _panels(len(models))
+    for ax, m in zip(axes, models):
+        d = eff[eff["model"] == m]
+        for i, s in enumerate(dict.fromkeys(d["scheme"])):
+            g = d[d["scheme"] == s].sort_values("n")
+            c = _color(s, i)
+            ax.plot(g["n"], g["p_true"], color=c, marker="o", label=f"{s}: P(true)")
+            ax.plot(g["n"], g["p_false"], color=c, marker="x", ls=":", label=f"{s}: P(false)")
+        nmax = int(d["n"].max()) if len(d) else 0
+        ax.set_xticks(range(0, nmax + 1, max(1, -(-nmax // 10))))
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("prepended sentences n")
+        ax.set_title(m)
+        ax.legend(loc="best", fontsize=8)
+    axes[0].set_ylabel("mean probability over facts")
+    return fig

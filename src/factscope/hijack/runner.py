@@ -1,0 +1,345 @@
+"""The resumable context-hijacking benchmark runner.
+
+For each model (loaded one at a time): every candidate fact's plain prompt is scored first
+("base" phase, n = 0); by default only facts the model knows (top-1 token is target_true's first
+token) are kept; then every (scheme, n = 1..N, fact) prompt is scored ("hijack" phase). Prompts are
+sorted by token length and cut into chunks; each finished chunk is appended to the run's
+checkpoint ``checkpoints/hijack_<model>.jsonl`` (its record lists the (scheme, n, fact id) keys and
+their scores), so a killed run resumes at the first unfinished chunk. The chunks depend only on
+the run's configuration and the model, so a resumed run computes exactly the same batches and
+gives results identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from factscope.errors import FactscopeError
+from factscope.facts import Fact, load_facts, target_ids
+from factscope.hijack.schemes import Scheme, build_prompt, relation_sentence, related_words, scheme_sentence
+from factscope.hijack.scoring import METRICS, Score, efficacy_table, score_ids, tokenize
+from factscope.models import Model, load_model
+from factscope.runs import Run
+
+BASE = "-"  # scheme name of the shared n = 0 prompts
+
+
+@dataclass
+class Prepared:
+    fact: Fact
+    true_ids: list[int]
+    false_ids: list[int]
+
+
+@dataclass
+class ModelResult:
+    model: str
+    results: pd.DataFrame  # one row per (scheme, n, fact)
+    counts: dict = field(default_factory=dict)
+
+
+@dataclass
+class HijackResult:
+    models: list[ModelResult]
+    efficacy: pd.DataFrame  # per model, scheme, n
+    by_relation: pd.DataFrame  # per model, scheme, n, relation
+    summary: dict
+
+    @property
+    def results(self) -> pd.DataFrame:
+        return pd.concat([m.results for m in self.models], ignore_index=True)
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def load_dataset(name: str, limit: int | None = None, seed: int = 0) -> tuple[list[Fact], str]:
+    """Facts for the benchmark and a note on where they came from.
+
+    ``counterfact`` is the full file when downloaded (``factscope data fetch counterfact``), else
+    the shipped five-record sample; ``counterfact-sample`` is always the sample. Everything else is
+    :func:`factscope.facts.load_facts` (known_1000, lre, lre:<...>, a path), whose facts get a
+    seeded false target from the other objects of the same relation.
+    """
+    from importlib import resources
+
+    from factscope.facts import counterfact_path
+
+    sample = str(resources.files("factscope.hijack") / "counterfact_sample.json")
+    if name == "counterfact-sample" or (name == "counterfact" and not counterfact_path().exists()):
+        note = "CounterFact sample shipped with factscope (5 records)"
+        if name == "counterfact":
+            note += "; the full file is not downloaded (factscope data fetch counterfact)"
+        return load_facts(sample, limit=limit, seed=seed), note
+    facts = load_facts(name, limit=limit, seed=seed)
+    return facts, f"{name}" + (f" (seeded subset of {limit})" if limit is not None else "")
+
+
+def prepare(model: Model, facts: Sequence[Fact], metric: str = "first") -> tuple[list[Prepared], dict]:
+    """Facts that can be scored: a false target, and target tokens that can tell true from false
+    (different first tokens for ``metric="first"``, different token sequences for "full")."""
+    out, counts = [], {"candidates": len(facts), "no_false_target": 0, "same_answer_token": 0}
+    seen = set()
+    for f in facts:
+        if f.id in seen:
+            raise FactscopeError(f"fact id {f.id!r} occurs twice; the benchmark needs unique fact ids")
+        seen.add(f.id)
+        if f.target_false is None:
+            counts["no_false_target"] += 1
+            continue
+        t = target_ids(model.tokenizer, f.prompt, f.target_true)
+        fl = target_ids(model.tokenizer, f.prompt, f.target_false)
+        if (t[0] == fl[0]) if metric == "first" else (t == fl):
+            counts["same_answer_token"] += 1
+            continue
+        out.append(Prepared(f, t, fl))
+    return out, counts
+
+
+# --------------------------------------------------------------------------------------------
+# chunked, checkpointed execution
+
+
+def safe_name(name: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9_.\-]+", "_", name).strip("._-")
+    return s or "model"
+
+
+def _execute(
+    model: Model,
+    ck,
+    phase: str,
+    items: list[tuple[tuple, str, Prepared]],
+    *,
+    metric: str,
+    batch_size: int,
+    max_tokens: int | None,
+    chunk_size: int,
+    bar,
+    on_chunk: Callable[[str], None] | None,
+) -> dict[tuple, Score]:
+    """Score ``items`` = [(key, prompt, prepared fact)] in length-sorted chunks, reusing finished
+    chunks from the checkpoint ``ck``."""
+    seqs = tokenize(model, [p for _, p, _ in items])
+    order = sorted(range(len(items)), key=lambda i: (-len(seqs[i]), i))
+    out: dict[tuple, Score] = {}
+    for c, start in enumerate(range(0, len(order), chunk_size)):
+        idx = order[start : start + chunk_size]
+        keys = [list(items[i][0]) for i in idx]
+        ckey = f"{phase}:{c}"
+        rec = ck.get(ckey)
+        if rec is not None:
+            if [r[:3] for r in rec["items"]] != keys:
+                raise FactscopeError(
+                    f"checkpoint {ck.path} does not match this run (chunk {ckey} holds other prompts); "
+                    "was the model or the data changed? Use a new --out directory"
+                )
+            for r in rec["items"]:
+                out[tuple(r[:3])] = Score(r[3], r[4], r[5])
+            bar.update(len(idx))
+            continue
+        scores = score_ids(
+            model,
+            [seqs[i] for i in idx],
+            [items[i][2].true_ids for i in idx],
+            [items[i][2].false_ids for i in idx],
+            metric=metric,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+        )
+        ck.append(ckey, {"items": [k + [s.lp_true, s.lp_false, s.top1] for k, s in zip(keys, scores)]})
+        for k, s in zip(keys, scores):
+            out[tuple(k)] = s
+        bar.update(len(idx))
+        if on_chunk is not None:
+            on_chunk(ckey)
+    return out
+
+
+def run_model(
+    run: Run,
+    model: Model,
+    facts: Sequence[Fact],
+    schemes: Sequence[Scheme],
+    max_prepends: int = 10,
+    *,
+    metric: str = "first",
+    known_only: bool = True,
+    related: dict | None = None,
+    batch_size: int = 32,
+    max_tokens: int | None = 4096,
+    chunk_size: int = 256,
+    progress: bool = True,
+    on_chunk: Callable[[str], None] | None = None,
+) -> ModelResult:
+    """The benchmark for one loaded model (see the module docstring)."""
+    if metric not in METRICS:
+        raise FactscopeError(f"unknown metric {metric!r}: use {' or '.join(METRICS)}")
+    if max_prepends < 0:
+        raise FactscopeError(f"--max-prepends must be >= 0, not {max_prepends}")
+    if chunk_size < 1:
+        raise FactscopeError(f"chunk size must be >= 1, not {chunk_size}")
+    prepared, counts = prepare(model, facts, metric)
+    if any(s.target == "related" for s in schemes) and related is None:
+        related = related_words()
+    ck = run.checkpoint(f"hijack_{safe_name(model.name)}")
+    bar = tqdm(total=len(prepared), desc=f"hijack {model.name}: base", unit="prompt", disable=not progress)
+    base_items = [((BASE, 0, p.fact.id), p.fact.prompt, p) for p in prepared]
+    base = _execute(model, ck, "base", base_items, metric=metric, batch_size=batch_size, max_tokens=max_tokens,
+                    chunk_size=chunk_size, bar=bar, on_chunk=on_chunk)
+    bar.close()
+    known = [p for p in prepared if base[(BASE, 0, p.fact.id)].top1 == p.true_ids[0]]
+    counts["known"] = len(known)
+    kept = known if known_only else prepared
+    counts["kept"] = len(kept)
+
+    items, sentences = [], {}
+    counts["skipped"] = {}
+    counts["fallback_template"] = {}
+    for s in schemes:
+        n_skip = n_fb = 0
+        for p in kept:
+            sent = scheme_sentence(s, p.fact, related)
+            if sent is None:
+                n_skip += 1
+                continue
+            if s.kind == "relation":
+                n_fb += relation_sentence(p.fact, "x")[1]
+            sentences[(s.name, p.fact.id)] = sent
+            for n in range(1, max_prepends + 1):
+                items.append(((s.name, n, p.fact.id), build_prompt(sent, p.fact.prompt, n), p))
+        counts["skipped"][s.name] = n_skip
+        if s.kind == "relation":
+            counts["fallback_template"][s.name] = n_fb
+    bar = tqdm(total=len(items), desc=f"hijack {model.name}", unit="prompt", disable=not progress)
+    scores = _execute(model, ck, "hijack", items, metric=metric, batch_size=batch_size, max_tokens=max_tokens,
+                      chunk_size=chunk_size, bar=bar, on_chunk=on_chunk)
+    bar.close()
+
+    tok = model.tokenizer
+    rows = []
+    for s in schemes:
+        for p in kept:
+            sent = sentences.get((s.name, p.fact.id))
+            if sent is None:
+                continue
+            for n in range(0, max_prepends + 1):
+                sc = base[(BASE, 0, p.fact.id)] if n == 0 else scores[(s.name, n, p.fact.id)]
+                f = p.fact
+                rows.append({
+                    "model": model.name, "scheme": s.name, "n": n, "fact_id": f.id,
+                    "relation_id": f.relation_id, "subject": f.subject, "prompt": f.prompt,
+                    "target_true": f.target_true, "target_false": f.target_false, "sentence": sent,
+                    "lp_true": sc.lp_true, "lp_false": sc.lp_false, "top1": tok.decode([sc.top1]),
+                    "top1_is_true": sc.top1 == p.true_ids[0],
+                })
+    cols = ["model", "scheme", "n", "fact_id", "relation_id", "subject", "prompt", "target_true", "target_false",
+            "sentence", "lp_true", "lp_false", "top1", "top1_is_true"]
+    return ModelResult(model.name, pd.DataFrame(rows, columns=cols), counts)
+
+
+def run_benchmark(
+    run: Run,
+    models: Sequence[str | Model],
+    facts: Sequence[Fact],
+    schemes: Sequence[Scheme],
+    max_prepends: int = 10,
+    *,
+    metric: str = "first",
+    known_only: bool = True,
+    related: dict | None = None,
+    batch_size: int = 32,
+    max_tokens: int | None = 4096,
+    chunk_size: int = 256,
+    n_boot: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+    on_chunk: Callable[[str], None] | None = None,
+    device: str = "cpu",
+    figures: bool = True,
+) -> HijackResult:
+    """Run the benchmark for each model in turn (names are loaded one at a time, then freed) and
+    write ``hijack_results.csv``, ``hijack_efficacy.csv``, ``hijack_relations.csv``, the figures,
+    ``summary.json`` (``efficacy`` = {model: {scheme: [ES for n = 0..N]}}, ``n_facts`` =
+    {model: facts kept}) and a report section into ``run``."""
+    if not models:
+        raise FactscopeError("no model given")
+    if not schemes:
+        raise FactscopeError("no hijacking scheme given")
+    out = []
+    for m in models:
+        model = load_model(m, device=device) if isinstance(m, str) else m
+        out.append(run_model(run, model, facts, schemes, max_prepends, metric=metric, known_only=known_only,
+                             related=related, batch_size=batch_size, max_tokens=max_tokens,
+                             chunk_size=chunk_size, progress=progress, on_chunk=on_chunk))
+        del model
+    return finish(run, out, schemes, max_prepends, metric=metric, n_boot=n_boot, seed=seed, figures=figures)
+
+
+def finish(run: Run, out: list[ModelResult], schemes: Sequence[Scheme], max_prepends: int, *, metric: str,
+           n_boot: int = 1000, seed: int = 0, figures: bool = True, prefix: str = "hijack") -> HijackResult:
+    results = pd.concat([m.results for m in out], ignore_index=True)
+    eff = efficacy_table(results, ("model", "scheme", "n"), n_boot=n_boot, seed=seed)
+    rel = efficacy_table(results, ("model", "scheme", "n", "relation_id"), ci=False)
+    efficacy, ci, p_true, p_false = {}, {}, {}, {}
+    for m in out:
+        efficacy[m.model], ci[m.model], p_true[m.model], p_false[m.model] = {}, {}, {}, {}
+        for s in schemes:
+            g = eff[(eff["model"] == m.model) & (eff["scheme"] == s.name)].sort_values("n")
+            efficacy[m.model][s.name] = g["es"].tolist()
+            ci[m.model][s.name] = g[["es_lo", "es_hi"]].values.tolist()
+            p_true[m.model][s.name] = g["p_true"].tolist()
+            p_false[m.model][s.name] = g["p_false"].tolist()
+    summary = {
+        "efficacy": efficacy,
+        "efficacy_ci95": ci,
+        "mean_p_true": p_true,
+        "mean_p_false": p_false,
+        "n_facts": {m.model: m.counts["kept"] for m in out},
+        "fact_counts": {m.model: m.counts for m in out},
+        "schemes": [s.name for s in schemes],
+        "max_prepends": max_prepends,
+        "metric": metric,
+    }
+    run.save_table(f"{prefix}_results", results)
+    run.save_table(f"{prefix}_efficacy", eff)
+    run.save_table(f"{prefix}_relations", rel)
+    run.update_summary(summary if prefix == "hijack" else {prefix: summary})
+    res = HijackResult(out, eff, rel, summary)
+    if figures:
+        from factscope.hijack.plots import efficacy_figure, probability_figure
+
+        run.save_figure(f"{prefix}_efficacy", efficacy_figure(eff, metric=metric))
+        run.save_figure(f"{prefix}_probs", probability_figure(eff))
+        run.add_section(prefix, "Context hijacking", section_text(res),
+                        figures=[{"name": f"{prefix}_efficacy", "caption": "Efficacy score ES(n): share of facts "
+                                  "with P(target_false) > P(target_true) after n prepended sentences "
+                                  "(bands: bootstrap 95% intervals)."},
+                                 {"name": f"{prefix}_probs", "caption": "Mean probability of the true and "
+                                  "the false target against n."}],
+                        tables=[f"{prefix}_efficacy"])
+    return res
+
+
+def section_text(res: HijackResult) -> str:
+    s = res.summary
+    lines = [
+        "Prepending harmless sentences (Jiang et al. 2024, sec. 3) before a factual prompt; the "
+        f"efficacy score ES(n) is the share of facts whose false target outscores the true one "
+        f"({'first answer token' if s['metric'] == 'first' else 'full target probability'}).",
+        "",
+    ]
+    for m, by in s["efficacy"].items():
+        c = s["fact_counts"][m]
+        lines.append(f"- **{m}**: {c['kept']} facts kept of {c['candidates']} ({c['known']} known)")
+        for name, es in by.items():
+            if es:
+                lines.append(f"- {m} `{name}`: ES(0) = {es[0]:.2f}, ES({len(es) - 1}) = {es[-1]:.2f}, "
+                             f"max {max(es):.2f}")
+    return "\n".join(lines)

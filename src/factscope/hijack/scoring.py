@@ -1,0 +1,165 @@
+"""Batched scoring of hijacked prompts, and the metrics (efficacy score with bootstrap CI).
+
+``score_prompts`` returns, per prompt, the log-probability of target_true and target_false at the
+answer position (their first tokens, or -- ``metric="full"`` -- the sum over all their tokens by
+teacher forcing: every prompt+target prefix is one more last-position prediction) and the top-1
+token id. It runs on :func:`factscope.predict.map_last` (length-sorted batches, last-position
+logits, a reducer that keeps only the few numbers needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from factscope.errors import FactscopeError
+from factscope.facts import _n_trailing_special
+from factscope.models import Model
+from factscope.predict import map_last
+
+METRICS = ("first", "full")
+
+
+@dataclass(frozen=True)
+class Score:
+    lp_true: float  # natural-log probability of target_true (first token or all tokens)
+    lp_false: float
+    top1: int  # the model's top-1 next token id at the answer position
+
+
+def tokenize(model: Model, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt as the model sees it (default special tokens, none trailing)."""
+    if not prompts:
+        return []
+    tok = model.tokenizer
+    n_trail = _n_trailing_special(tok)
+    ids = tok(list(prompts))["input_ids"]
+    return [list(x[: len(x) - n_trail]) if n_trail else list(x) for x in ids]
+
+
+def score_ids(
+    model: Model,
+    seqs: Sequence[Sequence[int]],
+    true_ids: Sequence[Sequence[int]],
+    false_ids: Sequence[Sequence[int]],
+    metric: str = "first",
+    batch_size: int = 32,
+    max_tokens: int | None = 4096,
+) -> list[Score]:
+    """Score tokenized prompts (see the module docstring)."""
+    if metric not in METRICS:
+        raise FactscopeError(f"unknown metric {metric!r}: use {' or '.join(METRICS)}")
+    if not (len(seqs) == len(true_ids) == len(false_ids)):
+        raise ValueError("seqs, true_ids and false_ids must have the same length")
+    # unique sequences to run, and for each the token ids whose log-probs we want
+    run_seqs: list[tuple[int, ...]] = []
+    wants: list[list[int]] = []
+    index: dict[tuple[int, ...], int] = {}
+
+    def want(seq: tuple[int, ...], tid: int) -> tuple[int, int]:
+        j = index.get(seq)
+        if j is None:
+            j = index[seq] = len(run_seqs)
+            run_seqs.append(seq)
+            wants.append([])
+        if tid not in wants[j]:
+            wants[j].append(tid)
+        return j, wants[j].index(tid)
+
+    plans = []  # per prompt: (base seq index, [(seq, slot) for true], [(seq, slot) for false])
+    for s, t, f in zip(seqs, true_ids, false_ids):
+        s = tuple(int(x) for x in s)
+        if not s:
+            raise FactscopeError("empty prompt")
+        if not t or not f:
+            raise FactscopeError("empty target token ids")
+        k_t = len(t) if metric == "full" else 1
+        k_f = len(f) if metric == "full" else 1
+        tp = [want(s + tuple(t[:j]), int(t[j])) for j in range(k_t)]
+        fp = [want(s + tuple(f[:j]), int(f[j])) for j in range(k_f)]
+        plans.append((index[s], tp, fp))
+
+    def reduce(lg: torch.Tensor, idx: list[int]) -> list:
+        logp = torch.log_softmax(lg, dim=-1)
+        top = lg.argmax(-1).tolist()
+        out = []
+        for row, i in enumerate(idx):
+            w = torch.tensor(wants[i], device=lg.device)
+            out.append((logp[row, w].tolist(), int(top[row])))
+        return out
+
+    res = map_last(model, run_seqs, reduce, batch_size=batch_size, max_tokens=max_tokens)
+    scores = []
+    for base, tp, fp in plans:
+        lt = sum(res[j][0][slot] for j, slot in tp)
+        lf = sum(res[j][0][slot] for j, slot in fp)
+        scores.append(Score(float(lt), float(lf), res[base][1]))
+    return scores
+
+
+def score_prompts(
+    model: Model,
+    prompts: Sequence[str],
+    targets_true: Sequence[str],
+    targets_false: Sequence[str],
+    metric: str = "first",
+    batch_size: int = 32,
+    answer_prompts: Sequence[str] | None = None,
+) -> list[Score]:
+    """Score text prompts against text targets (target token ids are computed on
+    ``answer_prompts``, by default the prompts themselves)."""
+    from factscope.facts import target_ids
+
+    ap = answer_prompts if answer_prompts is not None else prompts
+    t = [target_ids(model.tokenizer, p, x) for p, x in zip(ap, targets_true)]
+    f = [target_ids(model.tokenizer, p, x) for p, x in zip(ap, targets_false)]
+    return score_ids(model, tokenize(model, prompts), t, f, metric=metric, batch_size=batch_size)
+
+
+# --------------------------------------------------------------------------------------------
+# metrics
+
+
+def bootstrap_ci(values: Sequence[float] | np.ndarray, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (seeded, vectorized)."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        return (float("nan"), float("nan"))
+    if n_boot < 1:
+        raise FactscopeError(f"bootstrap resamples must be >= 1, not {n_boot}")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.size, size=(n_boot, x.size))
+    means = x[idx].mean(axis=1)
+    a = (1 - level) / 2
+    lo, hi = np.quantile(means, [a, 1 - a])
+    return float(lo), float(hi)
+
+
+def efficacy_table(results: pd.DataFrame, by: Sequence[str] = ("model", "scheme", "n"),
+                   n_boot: int = 1000, seed: int = 0, ci: bool = True) -> pd.DataFrame:
+    """Per group: n_facts, es (share with P(target_false) > P(target_true)), es_lo/es_hi
+    (bootstrap 95% interval), mean p_true, mean p_false, top1_acc (top-1 is target_true)."""
+    rows = []
+    by = list(by)
+    if results.empty:
+        return pd.DataFrame(columns=by + ["n_facts", "es", "es_lo", "es_hi", "p_true", "p_false", "top1_acc"])
+    for key, g in results.groupby(by, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        hij = (g["lp_false"].to_numpy() > g["lp_true"].to_numpy()).astype(float)
+        lo, hi = bootstrap_ci(hij, n_boot, seed) if ci else (float("nan"), float("nan"))
+        rows.append({
+            **dict(zip(by, key)),
+            "n_facts": len(g),
+            "es": float(hij.mean()),
+            "es_lo": lo,
+            "es_hi": hi,
+            "p_true": float(np.exp(g["lp_true"].to_numpy()).mean()),
+            "p_false": float(np.exp(g["lp_false"].to_numpy()).mean()),
+            "top1_acc": float(g["top1_is_true"].to_numpy().astype(float).mean()),
+        })
+    return pd.DataFrame(rows)
