@@ -121,29 +121,33 @@ def _tiny_tokenizer(byte_level: bool):
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        alphabet = pre_tokenizers.ByteLevel.alphabet()
-        special = ["<|endoftext|>"]
-    else:  # Llama / Gemma SentencePiece style: "▁" marks a space, BOS prepended, byte fallback
-        tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-        tok.normalizer = normalizers.Replace(" ", "▁")
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False)
-        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-        alphabet = [f"<0x{i:02X}>" for i in range(256)]
-        special = ["<pad>", "<eos>", "<bos>", "<unk>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB + (256 if not byte_level else 0),
-        special_tokens=special + ([] if byte_level else alphabet),
-        initial_alphabet=alphabet if byte_level else [],
-        show_progress=False,
-    )
-    tok.train_from_iterator(_tiny_corpus(), trainer)
-    if byte_level:
+        trainer = trainers.BpeTrainer(
+            vocab_size=TINY_VOCAB, special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        )
+        tok.train_from_iterator(_tiny_corpus(), trainer)
         wrapped = PreTrainedTokenizerFast(
             tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
         )
-    else:
-        bos = tok.token_to_id("<bos>")
-        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    else:  # Llama / Gemma SentencePiece style: "▁" starts a word, BOS prepended, byte fallback
+        special = ["<pad>", "<eos>", "<bos>", "<unk>"]
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.normalizer = normalizers.Replace(" ", "▁")
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+        trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=special, show_progress=False)
+        tok.train_from_iterator(_tiny_corpus(), trainer)
+        # Rebuild the model with the 256 byte tokens in its vocabulary (as SentencePiece's
+        # byte_fallback has them), so unseen characters round-trip and are not "special".
+        trained = json.loads(tok.to_str())["model"]
+        vocab = dict(trained["vocab"])
+        for i in range(256):
+            vocab.setdefault(f"<0x{i:02X}>", len(vocab))
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+        tok.model = models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True)
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", tok.token_to_id("<bos>"))]
+        )
         wrapped = PreTrainedTokenizerFast(
             tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
         )
