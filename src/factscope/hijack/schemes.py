@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import string
 from collections import Counter
 from dataclasses import dataclass
@@ -120,10 +121,17 @@ def negation_templates() -> tuple[dict[str, str], str]:
     return dict(data["relations"]), data["fallback"]
 
 
-def _fill(template: str, values: Mapping[str, str]) -> str:
-    # str.format would choke on braces inside subjects or targets; fill field by field instead.
-    out = []
+def _fill(template: str, values: Mapping[str, str], articles: bool = False) -> str:
+    """Fill ``{field}`` placeholders (field by field: str.format would choke on braces inside
+    subjects or targets). With ``articles``, an "a"/"A" right before a placeholder becomes
+    "an"/"An" when the filled value starts with a vowel letter."""
+    out: list[str] = []
     for literal, field, spec, conv in string.Formatter().parse(template):
+        if field is not None and articles:
+            value = values[field]
+            m = re.search(r"(^|\s)([aA]) $", literal)
+            if m and value[:1].lower() in "aeiou" and value[:1]:
+                literal = literal[: m.start(2)] + m.group(2) + "n "
         out.append(literal)
         if field is not None:
             out.append(values[field])
@@ -148,7 +156,7 @@ def relation_sentence(fact: Fact, target: str, templates: Mapping[str, str] | No
     tpl = templates.get(fact.relation_id)
     used_fallback = tpl is None
     tpl = fallback if tpl is None else tpl
-    return _sentence_case(_fill(tpl, {"subject": fact.subject, "target": target})), used_fallback
+    return _sentence_case(_fill(tpl, {"subject": fact.subject, "target": target}, articles=True)), used_fallback
 
 
 def scheme_sentence(scheme: Scheme, fact: Fact, related: Mapping[str, str] | None = None) -> str | None:
