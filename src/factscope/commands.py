@@ -104,7 +104,7 @@ def known_section(run, model, facts, top_k: int = 1, batch_size: int = 32) -> li
     by_rel = known_rate_by_relation(table)
     run.save_table("known_facts", table)
     run.save_table("known_by_relation", by_rel)
-    shown = by_rel.head(25).iloc[::-1]
+    shown = by_rel.nlargest(25, "n").sort_values("rate")
     fig, ax = new_figure(size=(6.4, 0.25 * len(shown) + 1.2), title=f"{model.name}: facts known (top-{top_k})")
     labels = [f"{r} ({n})" for r, n in zip(shown["relation"].astype(str).str.slice(0, 38), shown["n"])]
     ax.barh(labels, shown["rate"], color=COLORS.get("subject", "C0"))

@@ -129,4 +129,5 @@ def known_facts(
 
 def known_rate_by_relation(table: pd.DataFrame) -> pd.DataFrame:
     g = table.groupby(["relation_id", "relation"], dropna=False)["known"]
-    return g.agg(n="size", known="sum", rate="mean").reset_index().sort_values("rate", ascending=False)
+    out = g.agg(n="size", known="sum", rate="mean").reset_index()
+    return out.sort_values(["rate", "n"], ascending=False).reset_index(drop=True)
