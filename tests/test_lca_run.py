@@ -1,0 +1,73 @@
+"""LCA experiments end to end: run_all into a Run, and the `factscope lca` commands."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from factscope.lca.experiments import LCAConfig, Trainer, constructed_experiment, run_all
+from factscope.runs import Run
+
+torch.set_num_threads(1)
+
+TINY = dict(m=4, L=32, w=0.3, d=8, d_a=8, steps=60, batch=128, eval_n=512, value_L=(32,), value_d=(4, 8),
+            embed_d=(8, 32), attention_neighbourhoods=("cluster1",), attention_w=0.6,
+            hijack_fracs=(0.0, 0.5, 1.0), hijack_L=(4, 32))
+
+
+def test_run_all_writes_everything(tmp_path):
+    run = Run.create(tmp_path / "lca", {"analysis": "lca"})
+    summary = run_all(run, LCAConfig.quick(**TINY), progress=False)
+    for key in ("value_matrix", "constructed", "embedding_fit_r2", "attention_same_cluster",
+                "attention_other_cluster"):
+        assert key in summary
+    assert set(summary["value_matrix"]) >= {"trained", "identity"}
+    assert set(summary["constructed"]) >= {"trained", "constructed", "random"}
+    on_disk = json.loads((tmp_path / "lca" / "summary.json").read_text())
+    assert on_disk["constructed"] == summary["constructed"]
+    for name in ("lca_value_matrix", "lca_constructed", "lca_embeddings", "lca_attention", "lca_hijack"):
+        assert (tmp_path / "lca" / f"{name}.png").stat().st_size > 10_000
+    vm = run.load_table("lca_value_matrix")
+    assert len(vm) == 4 and set(vm.W_V) == {"trained", "identity"}
+    # the summary numbers are the table's numbers
+    row = vm[(vm.L == 32) & (vm.d == 8) & (vm.W_V == "trained")].accuracy.iloc[0]
+    assert summary["value_matrix"]["trained"] == pytest.approx(row)
+    # attention shares: per-token weights are probabilities, the masses add up to at most 1
+    att = run.load_table("lca_attention").iloc[0]
+    assert 0 <= att.mass_same_cluster + att.mass_other_cluster <= 1 + 1e-6
+    hj = run.load_table("lca_hijack_fraction")
+    assert hj.rate_y_alt.iloc[0] < hj.rate_y_alt.iloc[-1]
+    keys = [s["key"] for s in run.sections]
+    assert keys == ["lca_value_matrix", "lca_constructed", "lca_embeddings", "lca_attention", "lca_hijack"]
+
+
+def test_constructed_experiment_replaces_only_W_V():
+    cfg = LCAConfig.quick(**TINY)
+    tr = Trainer(cfg, progress=False)
+    r = constructed_experiment(cfg, tr)
+    model = tr.get(cfg.task(), cfg.model()).model
+    assert r.accuracy["trained"] == pytest.approx(tr.get(cfg.task(), cfg.model()).accuracy)
+    assert set(r.angles.versus) == {"constructed", "random", "initial"}
+    assert ((r.angles.smallest_angle_deg >= 0) & (r.angles.smallest_angle_deg <= 90)).all()
+    assert model.W_V_init.shape == model.W_V.shape
+
+
+def test_cli(tmp_path):
+    from factscope.cli import main
+
+    out = tmp_path / "c"
+    res = CliRunner().invoke(main, ["lca", "hijack", "--out", str(out), "--quick", "--m", "4", "--steps", "30",
+                                    "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert (out / "lca_hijack.png").exists() and (out / "report.html").exists()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["m"] == 4 and cfg["steps"] == 30
+    assert isinstance(pd.read_csv(out / "lca_hijack_length.csv"), pd.DataFrame)
+    bad = CliRunner().invoke(main, ["lca", "constructed", "--out", str(tmp_path / "b"), "--m", "40"])
+    assert bad.exit_code == 2 and "m (number of latent variables)" in bad.output
+    bad = CliRunner().invoke(main, ["lca", "constructed", "--out", str(tmp_path / "b2"), "--w", "1.5"])
+    assert bad.exit_code == 2 and "w must lie in [0, 1]" in bad.output
