@@ -107,3 +107,97 @@ def knockout_cmd(window, heads, from_, **kw):
     for k, v in s["critical"].items():
         click.echo(f"{k:16s} strongest drop {v['min_change']:7.1f}% at layer {v['layer']}")
     _finish(run)
+
+
+@flow.command("extraction")
+@_common
+@click.option("--ko-from-layer", type=int, default=None, help="Block the last position's edges in layers >= this (default n_layers // 2).")
+@click.option("--no-heads", is_flag=True, help="Skip per-head projections.")
+def extraction_cmd(ko_from_layer, no_heads, **kw):
+    """Attribute extraction: logit-lens events of attention, MLP and heads at the last position."""
+    from factscope.flow.extraction import run_extraction
+
+    run, model, facts = _setup(kw, "extraction", {"ko_from_layer": ko_from_layer, "heads": not no_heads})
+    o = run_extraction(run, model, facts, batch_size=kw["batch_size"], progress=not kw["no_progress"], heads=not no_heads, ko_from_layer=ko_from_layer)
+    click.echo(f"facts with an extraction event: attention {o['attn_any_event']:.0%}, MLP {o['mlp_any_event']:.0%}")
+    _finish(run)
+
+
+def _attr_options(f):
+    f = click.option("--attributes", "attributes_file", type=click.Path(), default=None,
+                     help="File of subject -> paragraphs (JSON, JSONL or CSV) for the attribute sets (default: built-in source).")(f)
+    f = click.option("--keep-subject-tokens", is_flag=True, help="Keep the subject's own tokens in its attribute set (the paper's behaviour).")(f)
+    f = click.option("--top-n", type=int, default=500, show_default=True, help="Projection tokens considered.")(f)
+    f = click.option("--keep", type=int, default=50, show_default=True, help="Clean tokens kept for the rate.")(f)
+    return f
+
+
+@flow.command("enrichment")
+@_common
+@_attr_options
+def enrichment_cmd(attributes_file, keep_subject_tokens, top_n, keep, **kw):
+    """Subject enrichment: attributes rate per layer at four positions."""
+    from factscope.flow.enrichment import run_enrichment
+
+    extra = {"attributes": attributes_file, "keep_subject_tokens": keep_subject_tokens, "top_n": top_n, "keep": keep}
+    run, model, facts = _setup(kw, "enrichment", extra)
+    s, _ = run_enrichment(run, model, facts, paragraphs_file=attributes_file, keep_subject_tokens=keep_subject_tokens, top_n=top_n,
+                          keep=keep, batch_size=kw["batch_size"], progress=not kw["no_progress"])
+    if s:
+        click.echo(f"baseline {s['baseline']:.1f}%; " + "; ".join(f"{p} peak {v['max_rate']:.1f}% at {v['hidden_state']}" for p, v in s["peak"].items()))
+    _finish(run)
+
+
+@flow.command("sublayer")
+@_common
+@_attr_options
+@click.option("--upper", type=int, default=None, help="Layer whose output is measured (default round(0.83 * n_layers)).")
+@click.option("--window", type=int, default=None, help="Consecutive layers zeroed (default max(1, round(n_layers/5))).")
+def sublayer_cmd(attributes_file, keep_subject_tokens, top_n, keep, upper, window, **kw):
+    """Sublayer knockout: zero MLP or attention outputs and measure enrichment at an upper layer."""
+    from factscope.flow.enrichment import load_or_make_attributes
+    from factscope.flow.sublayer import run_sublayer
+
+    extra = {"attributes": attributes_file, "keep_subject_tokens": keep_subject_tokens, "top_n": top_n, "keep": keep, "upper": upper, "window": window}
+    run, model, facts = _setup(kw, "sublayer", extra)
+    attrs, _ = load_or_make_attributes(run, model, facts, attributes_file, keep_subject_tokens, not kw["no_progress"])
+    s = run_sublayer(run, model, facts, attrs, upper=upper, window=window, top_n=top_n, keep=keep, progress=not kw["no_progress"])
+    if s:
+        click.echo(f"no intervention {s['rate_no_intervention']:.1f}%; lowest: MLP {s['strongest_drop']['mlp']['min_rate']:.1f}%, "
+                   f"attention {s['strongest_drop']['attn']['min_rate']:.1f}%")
+    _finish(run)
+
+
+@flow.command("heads")
+@_common
+@click.option("--top-k", type=int, default=10, show_default=True, help="A head maps a fact when the target is in this many top tokens.")
+@click.option("--head", "show", default=None, help="LAYER,HEAD whose top tokens to show per fact (default: the best head).")
+def heads_cmd(top_k, show, **kw):
+    """Heads whose W_VO maps the last subject token to the fact's attribute."""
+    from factscope.flow.heads import run_heads
+
+    sh = _int_list(show)
+    if sh is not None and len(sh) != 2:
+        raise FactscopeError("--head takes LAYER,HEAD")
+    run, model, facts = _setup(kw, "heads", {"top_k": top_k, "head": sh})
+    s = run_heads(run, model, facts, top_k=top_k, show_head=tuple(sh) if sh else None, progress=not kw["no_progress"])
+    if s:
+        click.echo("best heads: " + ", ".join(f"L{h['layer']}H{h['head']} {h['rate']:.0%}" for h in s["top_heads"]))
+    _finish(run)
+
+
+@flow.command("all")
+@_common
+@_attr_options
+def all_cmd(attributes_file, keep_subject_tokens, top_n, keep, **kw):
+    """Every part: knockout, enrichment, sublayer knockout, extraction and heads, one report."""
+    from factscope.flow import run_all
+
+    extra = {"attributes": attributes_file, "keep_subject_tokens": keep_subject_tokens, "top_n": top_n, "keep": keep}
+    run, model, facts = _setup(kw, "all", extra)
+    run_all(run, model, facts, paragraphs_file=attributes_file, keep_subject_tokens=keep_subject_tokens, top_n=top_n, keep=keep,
+            batch_size=kw["batch_size"], progress=not kw["no_progress"])
+    s = run.summary
+    for k, v in s.get("critical", {}).items():
+        click.echo(f"knockout {k:16s} strongest drop {v['min_change']:7.1f}% at layer {v['layer']}")
+    _finish(run)

@@ -1,0 +1,249 @@
+"""Attribute extraction at the last position (Geva et al. 2023, sec. 5).
+
+At each layer the attention output, the MLP output and each head's output at the last position
+are projected to the vocabulary with the logit lens (final norm + unembedding, exactly
+``model.logit_lens``). An *extraction event* at a sublayer: the model's final top-1 token (from
+the clean run) is ranked first in that projection.
+
+We report per layer and overall the share of facts with an event for attention and for the MLP,
+which comes first, and the extraction rate when the last position's edges to the subject (or the
+non-subject tokens, or itself) are blocked in every layer from ``ko_from_layer`` up (default
+the upper half, ``n_layers // 2``, where Gemma's subject -> last flow and the events sit); events
+are then counted in those same layers and compared with the clean run's events there. The paper
+blocks the edges in the upper layers in the same way and measures how many events survive.
+
+Heads' outputs are the ``head_out`` hook (each head's share of ``attn_out``, Gemma's
+post-attention norm factor included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from factscope import hooks
+from factscope.facts import Fact
+from factscope.flow.common import FactTokens, batches, encode, fact_key, usable
+from factscope.flow.knockout import LABELS, set_positions
+from factscope.models import Model
+
+KO_SETS = ("subject", "non_subject", "last")
+
+
+def project_rank(model: Model, vectors: torch.Tensor, tokens: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """Rank (0 = top) of ``tokens[i]`` in the logit-lens projection of ``vectors[i]``: ``[N, d] -> [N]``."""
+    out = []
+    for i in range(0, len(vectors), chunk):
+        lg = model.logit_lens(vectors[i : i + chunk]).float()
+        t = lg.gather(1, tokens[i : i + chunk, None])
+        out.append((lg > t).sum(-1))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def extraction_batch(
+    model: Model,
+    items: Sequence[FactTokens],
+    *,
+    ko_sets: Sequence[str] = KO_SETS,
+    ko_from_layer: int | None = None,
+    heads: bool = True,
+) -> list[dict]:
+    """Extraction events for a batch of facts: clean and with each knockout of ``ko_sets``."""
+    L = model.n_layers
+    ko_from = L // 2 if ko_from_layer is None else ko_from_layer
+    configs = ["none", *ko_sets]
+    C = len(configs)
+    batch = encode(model, items)
+    rep = batch.repeat(C)
+    to_pos = [([] if c == "none" else set_positions(t, c)) for t in items for c in configs]
+    block = hooks.edge_mask(rep, [[-1]] * len(rep), to_pos)
+    points = ["attn_out", "mlp_out"] + (["head_out"] if heads else [])
+    with torch.inference_mode():
+        with hooks.knockout(model, {l: block for l in range(ko_from, L)}), hooks.cache(model, points) as c:
+            logits = model.forward(rep, last_only=True)
+        top = logits.argmax(-1)
+        clean_rows = torch.arange(0, len(rep), C)
+        top1 = top[clean_rows]  # the clean top-1 of each fact
+        target = top1.repeat_interleave(C)
+        ev = {}
+        for kind, point in (("attn", "attn_out"), ("mlp", "mlp_out")):
+            vec = torch.stack([c[point, l][:, -1] for l in range(L)], 1)  # [R, L, d]
+            rk = project_rank(model, vec.reshape(-1, vec.shape[-1]), target.repeat_interleave(L)).view(len(rep), L)
+            ev[kind] = rk.cpu()
+        if heads:
+            hv = torch.stack([c["head_out", l][clean_rows, -1] for l in range(L)], 1)  # [F, L, H, d]
+            F, _, H, d = hv.shape
+            rk = project_rank(model, hv.reshape(-1, d), top1.repeat_interleave(L * H)).view(F, L, H)
+            ev["heads"] = rk.cpu()
+    out = []
+    for f, t in enumerate(items):
+        rec = {
+            "top1_id": int(top1[f]),
+            "top1": model.tokenizer.decode([int(top1[f])]),
+            "ko_from_layer": ko_from,
+            "attn": {cfg: (ev["attn"][f * C + j] == 0).int().tolist() for j, cfg in enumerate(configs)},
+            "mlp": {cfg: (ev["mlp"][f * C + j] == 0).int().tolist() for j, cfg in enumerate(configs)},
+            "attn_rank": {cfg: ev["attn"][f * C + j].tolist() for j, cfg in enumerate(configs)},
+            "mlp_rank": {cfg: ev["mlp"][f * C + j].tolist() for j, cfg in enumerate(configs)},
+            "ko_top1_kept": {cfg: bool(top[f * C + j] == top1[f]) for j, cfg in enumerate(configs)},
+        }
+        if heads:
+            rec["heads"] = (ev["heads"][f] == 0).int().tolist()
+            rec["heads_rank"] = ev["heads"][f].tolist()
+        out.append(rec)
+    return out
+
+
+def extraction_facts(
+    model: Model, facts: Sequence[Fact], *, batch_size: int = 8, skip: set | None = None, on_result=None, progress: bool = False, **kw
+) -> dict[str, dict]:
+    skip = skip or set()
+    keyed = [(fact_key(i, f), f) for i, f in enumerate(facts)]
+    todo = [(k, f) for k, f in keyed if k not in skip]
+    items, _ = usable(model, [f for _, f in todo])
+    ok = {id(t.fact) for t in items}
+    keys = [k for k, f in todo if id(f) in ok]
+    res = {}
+    bar = tqdm(total=len(items), desc="extraction", unit="fact", disable=not progress)
+    for idx in batches(items, batch_size):
+        for i, r in zip(idx, extraction_batch(model, [items[i] for i in idx], **kw)):
+            f = items[i].fact
+            r = {"fact_id": f.id, "subject": f.subject, "prompt": f.prompt, **r}
+            res[keys[i]] = r
+            if on_result:
+                on_result(keys[i], r)
+        bar.update(len(idx))
+    bar.close()
+    return res
+
+
+def _first(events: Sequence[int], lo: int = 0) -> int | None:
+    for l in range(lo, len(events)):
+        if events[l]:
+            return l
+    return None
+
+
+def summarize(records: Sequence[dict], n_layers: int) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Per-layer table, per-knockout table and overall numbers."""
+    n = len(records)
+    rows = []
+    for l in range(n_layers):
+        row = {"layer": l}
+        row["attn_rate"] = sum(r["attn"]["none"][l] for r in records) / n
+        row["mlp_rate"] = sum(r["mlp"]["none"][l] for r in records) / n
+        row["attn_top10_rate"] = sum(r["attn_rank"]["none"][l] < 10 for r in records) / n
+        row["mlp_top10_rate"] = sum(r["mlp_rank"]["none"][l] < 10 for r in records) / n
+        if records and "heads" in records[0]:
+            row["any_head_rate"] = sum(any(r["heads"][l]) for r in records) / n
+            H = len(records[0]["heads"][l])
+            for h in range(H):
+                row[f"head{h}_rate"] = sum(r["heads"][l][h] for r in records) / n
+        rows.append(row)
+    per_layer = pd.DataFrame(rows)
+    first_attn = [_first(r["attn"]["none"]) for r in records]
+    first_mlp = [_first(r["mlp"]["none"]) for r in records]
+    order = {"attn_first": 0, "mlp_first": 0, "same_layer": 0, "attn_only": 0, "mlp_only": 0, "neither": 0}
+    for a, m in zip(first_attn, first_mlp):
+        if a is None and m is None:
+            order["neither"] += 1
+        elif m is None:
+            order["attn_only"] += 1
+        elif a is None:
+            order["mlp_only"] += 1
+        elif a < m:
+            order["attn_first"] += 1
+        elif m < a:
+            order["mlp_first"] += 1
+        else:
+            order["same_layer"] += 1
+    ko_from = records[0]["ko_from_layer"] if records else 0
+    ko_rows = []
+    for cfg in records[0]["attn"] if records else []:
+        ko_rows.append(
+            {
+                "knockout": cfg,
+                "label": "no knockout" if cfg == "none" else "last -> " + LABELS.get(cfg, cfg),
+                "attn_rate": sum(_first(r["attn"][cfg], ko_from) is not None for r in records) / n,
+                "mlp_rate": sum(_first(r["mlp"][cfg], ko_from) is not None for r in records) / n,
+                "top1_kept": sum(r["ko_top1_kept"][cfg] for r in records) / n,
+            }
+        )
+    overall = {
+        "n_facts": n,
+        "attn_any_event": sum(a is not None for a in first_attn) / n if n else float("nan"),
+        "mlp_any_event": sum(m is not None for m in first_mlp) / n if n else float("nan"),
+        "order": order,
+        "ko_from_layer": ko_from,
+        "knockout": {r["knockout"]: {"attn": r["attn_rate"], "mlp": r["mlp_rate"], "top1_kept": r["top1_kept"]} for r in ko_rows},
+    }
+    overall["attn_any_top10"] = sum(any(x < 10 for x in r["attn_rank"]["none"]) for r in records) / n
+    overall["mlp_any_top10"] = sum(any(x < 10 for x in r["mlp_rank"]["none"]) for r in records) / n
+    if records and "heads" in records[0]:
+        overall["any_head_event"] = sum(any(any(h) for h in r["heads"]) for r in records) / n
+    return per_layer, pd.DataFrame(ko_rows), overall
+
+
+def plot(per_layer: pd.DataFrame, ko: pd.DataFrame, overall: dict, model_name: str, n_layers: int):
+    from factscope.plotting import COLORS, PALETTE, layer_axis, new_figure
+
+    fig, axes = new_figure(1, 2, width=12.5, height=4.2)
+    ax = axes[0]
+    ax.plot(per_layer["layer"], 100 * per_layer["attn_rate"], marker="o", color=COLORS["attn"], label="attention output (rank 1)")
+    ax.plot(per_layer["layer"], 100 * per_layer["mlp_rate"], marker="o", color=COLORS["mlp"], label="MLP output (rank 1)")
+    ax.plot(per_layer["layer"], 100 * per_layer["attn_top10_rate"], ls=":", color=COLORS["attn"], label="attention: top-1 token in its top 10")
+    ax.plot(per_layer["layer"], 100 * per_layer["mlp_top10_rate"], ls=":", color=COLORS["mlp"], label="MLP: top-1 token in its top 10")
+    if "any_head_rate" in per_layer:
+        ax.plot(per_layer["layer"], 100 * per_layer["any_head_rate"], ls="--", color=PALETTE[0], label="any single head (rank 1)")
+    layer_axis(ax, n_layers)
+    ax.set_ylabel("% of facts with an extraction event")
+    ax.set_title("Extraction events at the last position (clean run)")
+    ax.legend(loc="upper left")
+    ax = axes[1]
+    x = range(len(ko))
+    w = 0.38
+    ax.bar([i - w / 2 for i in x], 100 * ko["attn_rate"], w, color=COLORS["attn"], label="attention")
+    ax.bar([i + w / 2 for i in x], 100 * ko["mlp_rate"], w, color=COLORS["mlp"], label="MLP")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([s.replace(" (BOS excluded)", "") for s in ko["label"]], rotation=15)
+    ax.set_ylabel(f"% of facts with an event in layers >= {overall['ko_from_layer']}")
+    ax.set_title(f"Knockout of the last position's edges in layers >= {overall['ko_from_layer']}")
+    ax.legend(loc="upper right")
+    ax.grid(axis="x", visible=False)
+    fig.suptitle(f"Attribute extraction - {model_name}, {overall['n_facts']} known facts")
+    return fig
+
+
+def run_extraction(run, model: Model, facts: Sequence[Fact], *, batch_size: int = 8, progress: bool = True, heads: bool = True, **kw) -> dict:
+    ck = run.checkpoint("extraction")
+    extraction_facts(model, facts, batch_size=batch_size, skip=ck.done(), on_result=lambda k, r: ck.append(k, r), progress=progress, heads=heads, **kw)
+    wanted = {fact_key(i, f) for i, f in enumerate(facts)}
+    recs = [r for r in ck.records() if r["key"] in wanted]
+    if not recs:
+        return {}
+    per_layer, ko, overall = summarize(recs, model.n_layers)
+    run.save_table("extraction", per_layer)
+    run.save_table("extraction_knockout", ko)
+    run.save_figure("extraction", plot(per_layer, ko, overall, model.name, model.n_layers))
+    run.update_summary({"extraction": overall})
+    o = overall
+    lines = [
+        f"Share of {o['n_facts']} facts with at least one extraction event (the final top-1 token is the top token of the "
+        f"sublayer's logit-lens projection at the last position): attention {100 * o['attn_any_event']:.0f}%, "
+        f"MLP {100 * o['mlp_any_event']:.0f}%"
+        + (f", any single head {100 * o['any_head_event']:.0f}%." if "any_head_event" in o else ".")
+        + f" Lenient (top-1 token within the projection's top 10 at some layer): attention {100 * o['attn_any_top10']:.0f}%, "
+        f"MLP {100 * o['mlp_any_top10']:.0f}%.",
+        "",
+        "Which comes first (earliest event layer): " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in o["order"].items()) + ".",
+        "",
+        f"With the last position's edges blocked in layers >= {o['ko_from_layer']} (events counted in those layers):",
+    ]
+    for k_, v in o["knockout"].items():
+        name = "no knockout" if k_ == "none" else f"last -> {LABELS.get(k_, k_)}"
+        lines.append(f"- {name}: attention {100 * v['attn']:.0f}%, MLP {100 * v['mlp']:.0f}%, top-1 unchanged {100 * v['top1_kept']:.0f}%")
+    run.add_section("extraction", "Attribute extraction at the last position", "\n".join(lines), figures=["extraction"], tables=["extraction_knockout"])
+    return overall

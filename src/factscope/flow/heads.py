@@ -1,0 +1,166 @@
+"""Heads that store subject -> attribute mappings in their value-output map (Geva et al. 2023, sec. 6.2).
+
+For each head ``h`` of layer ``l`` we take the last subject token's hidden state entering the
+layer (``resid_pre[l]``), apply the layer's attention input norm (what the head actually reads;
+GPT-2's ln_1, Gemma/Llama's RMSNorm - the paper's GPT-2 analysis projected the raw hidden state,
+but for pre-norm models the norm is part of the head's input and changes directions through its
+per-dimension weights), then the head's value and output maps ``W_V[h] (+ b_V[h]) W_O[h]``
+(Gemma: times its post-attention norm, evaluated on that head's vector alone), and project the
+result to the vocabulary with the logit lens. This is exactly what the head would add to the
+residual stream if it attended only to that position, up to a positive scale that the logit lens
+ignores (final RMSNorm). A head *maps subject to attribute* for a fact when the fact's target
+(its first token) is among the top-k tokens of that projection.
+
+Heads are ranked by that rate over facts; :func:`head_top_tokens` shows a chosen head's top tokens
+per fact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from factscope import hooks
+from factscope.facts import Fact, target_ids
+from factscope.flow.common import FactTokens, batches, encode, fact_key, usable
+from factscope.models import Model
+
+
+def head_vectors(model: Model, layer: int, x: torch.Tensor) -> torch.Tensor:
+    """What each head of ``layer`` writes to the residual stream when it attends only to a position
+    whose residual (``resid_pre[layer]``) is ``x`` ``[N, d]``: ``[N, H, d]`` (Gemma's post-attention
+    norm applied per head)."""
+    xn = model.attn_input_norm(layer, x)
+    v = torch.einsum("nd,hde->nhe", xn, model.W_V(layer)) + model.b_V(layer)  # [N, H, hd]
+    o = torch.einsum("nhe,hed->nhd", v, model.W_O(layer))  # [N, H, d]
+    scale = model.post_attn_scale(layer, o)
+    return o * scale
+
+
+def head_ranks_batch(model: Model, items: Sequence[FactTokens], targets: Sequence[int], chunk: int = 128) -> torch.Tensor:
+    """Rank (0 = top) of each fact's target token in every head's W_VO projection of its last subject
+    token: ``[F, L, H]``."""
+    batch = encode(model, items)
+    cols = [batch.offset[i] + t.subject_last for i, t in enumerate(items)]
+    F, L, H = len(items), model.n_layers, model.n_heads
+    with torch.inference_mode():
+        with hooks.cache(model, "resid_pre") as c:
+            model.forward(batch, last_only=True)
+        tgt = torch.tensor(list(targets), device=model.device)
+        out = torch.empty(F, L, H, dtype=torch.long)
+        for l in range(L):
+            x = c["resid_pre", l][torch.arange(F), cols]  # [F, d]
+            vec = head_vectors(model, l, x).reshape(F * H, -1)
+            t = tgt.repeat_interleave(H)
+            ranks = []
+            for i in range(0, len(vec), chunk):
+                lg = model.logit_lens(vec[i : i + chunk]).float()
+                ranks.append((lg > lg.gather(1, t[i : i + chunk, None])).sum(-1))
+            out[:, l] = torch.cat(ranks).view(F, H).cpu()
+    return out
+
+
+def head_top_tokens(model: Model, fact: Fact | FactTokens, layer: int, head: int, k: int = 10) -> list[str]:
+    """The top-k tokens of one head's W_VO projection of the fact's last subject token."""
+    t = fact if isinstance(fact, FactTokens) else usable(model, [fact])[0][0]
+    batch = model.batch_from_ids([t.ids])
+    with torch.inference_mode(), hooks.cache(model, "resid_pre", [layer]) as c:
+        model.forward(batch, last_only=True)
+        x = c["resid_pre", layer][:, t.subject_last]
+        lg = model.logit_lens(head_vectors(model, layer, x)[:, head])[0]
+    return model.to_str_tokens(lg.topk(k).indices.tolist())
+
+
+def heads_facts(model: Model, facts: Sequence[Fact], *, batch_size: int = 16, skip=None, on_result=None, progress: bool = False) -> dict:
+    skip = skip or set()
+    keyed = [(fact_key(i, f), f) for i, f in enumerate(facts) if fact_key(i, f) not in skip]
+    items, _ = usable(model, [f for _, f in keyed])
+    ok = {id(t.fact) for t in items}
+    keys = [k for k, f in keyed if id(f) in ok]
+    res = {}
+    bar = tqdm(total=len(items), desc="heads", unit="fact", disable=not progress)
+    for idx in batches(items, batch_size):
+        sub = [items[i] for i in idx]
+        tg = [target_ids(model.tokenizer, t.fact.prompt, t.fact.target_true)[0] for t in sub]
+        ranks = head_ranks_batch(model, sub, tg)
+        for j, i in enumerate(idx):
+            f = items[i].fact
+            r = {"fact_id": f.id, "subject": f.subject, "target": f.target_true, "target_id": tg[j], "ranks": ranks[j].tolist()}
+            res[keys[i]] = r
+            if on_result:
+                on_result(keys[i], r)
+        bar.update(len(idx))
+    bar.close()
+    return res
+
+
+def rank_heads(records: Sequence[dict], top_k: int = 10) -> pd.DataFrame:
+    """Heads by the share of facts whose target is in the top-k of their W_VO projection."""
+    L = len(records[0]["ranks"])
+    H = len(records[0]["ranks"][0])
+    rows = []
+    for l in range(L):
+        for h in range(H):
+            r = [rec["ranks"][l][h] for rec in records]
+            rows.append({"layer": l, "head": h, "rate": sum(x < top_k for x in r) / len(r), "median_rank": float(pd.Series(r).median())})
+    return pd.DataFrame(rows).sort_values(["rate", "median_rank"], ascending=[False, True]).reset_index(drop=True)
+
+
+def plot(df: pd.DataFrame, model_name: str, n_facts: int, top_k: int, n_layers: int, n_heads: int):
+    import numpy as np
+
+    from factscope.plotting import heatmap, new_figure
+
+    grid = np.zeros((n_heads, n_layers))
+    for r in df.itertuples():
+        grid[r.head, r.layer] = 100 * r.rate
+    fig, ax = new_figure(width=8.5, height=2.2 + 0.35 * n_heads)
+    heatmap(ax, grid, xlabels=list(range(n_layers)), ylabels=list(range(n_heads)), xlabel="layer", ylabel="head",
+            colorbar=f"% of facts: target in top-{top_k}", vmin=0)
+    ax.set_title(f"Subject -> attribute mappings in heads' W_VO - {model_name}, {n_facts} facts")
+    return fig
+
+
+def run_heads(run, model: Model, facts: Sequence[Fact], *, top_k: int = 10, show_head: tuple[int, int] | None = None,
+              n_show: int = 8, batch_size: int = 16, progress: bool = True) -> dict:
+    ck = run.checkpoint("heads")
+    heads_facts(model, facts, batch_size=batch_size, skip=ck.done(), on_result=lambda k, r: ck.append(k, r), progress=progress)
+    wanted = {fact_key(i, f) for i, f in enumerate(facts)}
+    recs = [r for r in ck.records() if r["key"] in wanted]
+    if not recs:
+        return {}
+    df = rank_heads(recs, top_k)
+    run.save_table("heads", df)
+    run.save_figure("heads", plot(df, model.name, len(recs), top_k, model.n_layers, model.n_heads))
+    best = df.iloc[0]
+    layer, head = show_head if show_head else (int(best["layer"]), int(best["head"]))
+    by_key = {fact_key(i, f): f for i, f in enumerate(facts)}
+    shown = []
+    for r in recs[:n_show]:
+        f = by_key[r["key"]]
+        toks = head_top_tokens(model, f, layer, head, k=10)
+        shown.append({"subject": f.subject, "target": f.target_true, "rank": r["ranks"][layer][head], "top_tokens": " | ".join(t.strip() or repr(t) for t in toks)})
+    run.save_table("heads_example", pd.DataFrame(shown))
+    top = df.head(5)
+    summ = {
+        "n_facts": len(recs),
+        "top_k": top_k,
+        "top_heads": [{"layer": int(r.layer), "head": int(r.head), "rate": float(r.rate)} for r in top.itertuples()],
+        "shown_head": [layer, head],
+        "mean_rate_all_heads": float(df["rate"].mean()),
+    }
+    run.update_summary({"heads": summ})
+    lines = [
+        f"For each head, the last subject token's hidden state entering the layer, through the layer's attention input norm and "
+        f"the head's W_V W_O (and Gemma's post-attention norm), projected with the logit lens: the share of {len(recs)} facts whose "
+        f"target (first token) is in the top {top_k}. Mean over all heads: {100 * summ['mean_rate_all_heads']:.1f}%.",
+        "",
+        "Best heads: " + ", ".join(f"L{h['layer']}H{h['head']} {100 * h['rate']:.0f}%" for h in summ["top_heads"]) + ".",
+        "",
+        f"Table heads_example: top tokens of head L{layer}H{head} for some facts.",
+    ]
+    run.add_section("heads", "Heads that map the subject to its attributes (W_VO)", "\n".join(lines), figures=["heads"], tables=["heads_example"])
+    return summ
