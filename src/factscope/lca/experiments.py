@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from factscope.errors import FactscopeError
 from factscope.lca.model import ModelConfig, OneLayerTransformer, TrainConfig, TrainResult, evaluate, train, expected_accuracy
-from factscope.lca.task import LCATask, bayes_accuracy, cluster_of, mixed_contexts, posterior
+from factscope.lca.task import LCATask, bayes_accuracy, cluster_of, hamming_matrix, mixed_contexts, posterior
 from factscope.lca.theory import (
     constructed_value_matrix,
     hamming1_adjacency,
@@ -55,6 +55,7 @@ class LCAConfig:
     value_L: tuple = (64, 128)
     value_d: tuple = (8, 16, 32, 64, 128)
     embed_d: tuple = (8, 16, 32, 128)
+    geometry_all_w: float | None = 0.5
     attention_neighbourhoods: tuple = ("cluster1", "cluster2")
     attention_w: float = 0.5
     hijack_fracs: tuple = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -145,7 +146,7 @@ def plot_value_matrix(df: pd.DataFrame, V: int):
             ax.plot(s.d, s.accuracy, "o-", color=PALETTE[i], label=label)
         ax.axhline(sub.bayes_accuracy.iloc[0], color="grey", ls="--", label="Bayes optimal")
         ax.axvline(V, color="grey", ls=":", lw=1)
-        ax.text(V, 0.02, f" d = V = {V}", color="grey", fontsize=8, va="bottom")
+        ax.text(V, 0.55, f"d = V = {V} ", color="grey", fontsize=8, va="center", ha="right", rotation=90)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(sub.d.unique()), [str(d) for d in sorted(sub.d.unique())])
         ax.set_xlabel("embedding dimension d")
@@ -239,7 +240,12 @@ class EmbeddingResult:
 def embeddings_experiment(cfg: LCAConfig = LCAConfig(), trainer: Trainer | None = None,
                           progress: bool = True) -> EmbeddingResult:
     """Trained vs frozen (Gaussian) embeddings for d < V and d > V; inner product of embeddings
-    against Hamming distance with a linear fit (W_V trained, and W_V frozen at I); spectra of W_E."""
+    against Hamming distance with a linear fit (W_V trained, and W_V frozen at I); spectra of W_E.
+
+    The geometry is measured on the main task and, if ``cfg.geometry_all_w`` is set, also on the
+    task with the "all but z*" neighbourhood and ``w = cfg.geometry_all_w`` (there the log-likelihood
+    ``log p(x | z*)`` is close to linear in the Hamming distance).  ``mean_assoc`` in the inner-product
+    table is the mean of ``(W_E^T W_V W_E)[t, t']``, the association the value matrix makes."""
     tr = _trainer(cfg, trainer, progress)
     task = cfg.task()
     acc_rows, inner_rows, fit_rows, spec_rows = [], [], [], []
@@ -249,26 +255,39 @@ def embeddings_experiment(cfg: LCAConfig = LCAConfig(), trainer: Trainer | None 
             r = tr.get(task, cfg.model(d=d, d_a=d, embedding=emb), f"embedding={emb}")
             acc_rows.append({"d": d, "regime": "d < V" if d < task.V else "d >= V", "embedding": emb,
                              "W_V": "trained", "accuracy": r.accuracy})
-        for value in ("trained", "identity"):
-            r = tr.get(task, cfg.model(d=d, d_a=d, value=value), f"value={value}")
-            E = r.model.W_E.detach()
-            ip = inner_product_by_hamming(E, cfg.m)
-            ip.insert(0, "W_V", value)
-            ip.insert(0, "d", d)
-            inner_rows.append(ip)
-            off = ip[ip.hamming >= 1]
-            fit = linear_fit(off.hamming, off.mean_inner)
-            fit_rows.append({"d": d, "regime": "d < V" if d < task.V else "d >= V", "W_V": value, **fit})
-            s = np.linalg.svd(E.double().numpy(), compute_uv=False)
-            spec_rows += [{"d": d, "W_V": value, "index": i + 1, "singular_value": float(v)} for i, v in enumerate(s)]
+    gtasks = [task]
+    if cfg.geometry_all_w is not None and task.neighbourhood != "all":
+        gtasks.append(cfg.task(neighbourhood="all", w=float(cfg.geometry_all_w)))
+    for gt in gtasks:
+        for d in cfg.embed_d:
+            d = int(d)
+            for value in ("trained", "identity"):
+                r = tr.get(gt, cfg.model(d=d, d_a=d, value=value), f"value={value} {gt.neighbourhood}")
+                E = r.model.W_E.detach()
+                ip = inner_product_by_hamming(E, cfg.m)
+                M = (E.T @ r.model.W_V.detach() @ E).double().numpy()
+                ip["mean_assoc"] = [float(M[hamming_matrix(cfg.m) == h].mean()) for h in ip.hamming]
+                meta = {"neighbourhood": gt.neighbourhood, "w": gt.w, "d": d, "W_V": value}
+                for i, (k, v) in enumerate(meta.items()):
+                    ip.insert(i, k, v)
+                inner_rows.append(ip)
+                off = ip[ip.hamming >= 1]
+                fit = linear_fit(off.hamming, off.mean_inner)
+                fit_rows.append({**meta, "regime": "d < V" if d < task.V else "d >= V", "accuracy": r.accuracy,
+                                 **fit})
+                sv = np.linalg.svd(E.double().numpy(), compute_uv=False)
+                spec_rows += [{**meta, "index": i + 1, "singular_value": float(v)} for i, v in enumerate(sv)]
     return EmbeddingResult(pd.DataFrame(acc_rows), pd.concat(inner_rows, ignore_index=True),
                            pd.DataFrame(fit_rows), pd.DataFrame(spec_rows), task.V)
 
 
-def plot_embeddings(r: EmbeddingResult, m: int):
+def plot_embeddings(r: EmbeddingResult, m: int, main_d: int | None = None):
     from factscope.plotting import PALETTE, new_figure
 
-    fig, (a1, a2, a3) = new_figure(1, 3, width=16, height=4.4, title="Embeddings")
+    nbs = list(dict.fromkeys(r.fits.neighbourhood))
+    fig, axes = new_figure(2, 2, squeeze=False, width=13, height=9, title="Embeddings")
+    a1, a3 = axes[0]
+    geo_axes = list(axes[1])
     acc = r.accuracy
     ds = sorted(acc.d.unique())
     x = np.arange(len(ds))
@@ -277,42 +296,54 @@ def plot_embeddings(r: EmbeddingResult, m: int):
         a1.bar(x + (i - 0.5) * 0.38, s.accuracy, 0.38, color=PALETTE[i],
                label="W_E trained" if emb == "trained" else "W_E frozen (Gaussian init)")
     a1.set_xticks(x, [f"d={d}\n({'d<V' if d < r.V else 'd>=V'})" for d in ds])
-    a1.set_ylim(0, 1.05)
-    a1.set_ylabel("test accuracy")
+    for xi, d in enumerate(ds):
+        for i, emb in enumerate(("trained", "frozen")):
+            v = float(acc[(acc.d == d) & (acc.embedding == emb)].accuracy.iloc[0])
+            a1.text(xi + (i - 0.5) * 0.38, v + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=7.5)
+    a1.set_ylim(0, 1.25)
+    a1.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    a1.set_ylabel("test accuracy (W_V trained)")
     a1.set_title(f"trained vs frozen embeddings (V = {r.V})")
-    a1.legend(loc="lower right", fontsize=8)
+    a1.legend(loc="upper center", fontsize=8, ncol=2)
 
     under = [d for d in ds if d < r.V]
-    show = [under[len(under) // 2] if under else ds[0]]
+    show = [main_d if main_d in under else (under[len(under) // 2] if under else ds[0])]
     over = [d for d in ds if d >= r.V]
     if over:
         show.append(over[-1])
     styles = {"trained": "-", "identity": "--"}
-    k = 0
-    for d in show:
-        for value in ("trained", "identity"):
-            s = r.inner[(r.inner.d == d) & (r.inner.W_V == value) & (r.inner.hamming >= 1)]
-            f = r.fits[(r.fits.d == d) & (r.fits.W_V == value)].iloc[0]
-            lab = f"d={d}, W_V {'trained' if value == 'trained' else '= I'} (R²={f.r2:.2f})"
-            a2.errorbar(s.hamming, s.mean_inner, yerr=s.std_inner, fmt="o", color=PALETTE[k], capsize=3, ms=4)
-            hh = np.array([1, m])
-            a2.plot(hh, f.slope * hh + f.intercept, styles[value], color=PALETTE[k], label=lab)
-            k += 1
-    a2.axhline(0, color="grey", lw=0.8)
-    a2.set_xlabel("Hamming distance between the two tokens")
-    a2.set_ylabel("mean inner product of embeddings (± std)")
-    a2.set_title("embedding geometry (lines: linear fits)")
-    a2.legend(fontsize=7.5, loc="upper right")
+    for ax, nb in zip(geo_axes, nbs):
+        k = 0
+        for d in show:
+            for value in ("trained", "identity"):
+                sel = (r.inner.neighbourhood == nb) & (r.inner.d == d) & (r.inner.W_V == value)
+                s = r.inner[sel & (r.inner.hamming >= 1)]
+                norm = float(r.inner[sel & (r.inner.hamming == 0)].mean_inner.iloc[0])  # mean squared norm
+                f = r.fits[(r.fits.neighbourhood == nb) & (r.fits.d == d) & (r.fits.W_V == value)].iloc[0]
+                lab = f"d={d}, W_V {'trained' if value == 'trained' else '= I'} (R²={f.r2:.2f})"
+                ax.errorbar(s.hamming, s.mean_inner / norm, yerr=s.std_inner / norm, fmt="o", color=PALETTE[k],
+                            capsize=3, ms=4)
+                hh = np.array([1, m])
+                ax.plot(hh, (f.slope * hh + f.intercept) / norm, styles[value], color=PALETTE[k], label=lab)
+                k += 1
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("Hamming distance between the two tokens")
+        ax.set_ylabel("mean <W_E(t), W_E(t')> / mean |W_E(t)|² (± std)")
+        w = r.fits[r.fits.neighbourhood == nb].w.iloc[0]
+        ax.set_title(f"embedding geometry, {NB_NAMES.get(nb, nb)}, w = {w:g}\n(points: means over token pairs; lines: linear fits)")
+        ax.legend(fontsize=7.5, loc="upper right")
+    for ax in geo_axes[len(nbs):]:
+        ax.set_visible(False)
 
     k = 0
     for d in show:
         for value in ("trained", "identity"):
-            s = r.spectra[(r.spectra.d == d) & (r.spectra.W_V == value)]
+            s = r.spectra[(r.spectra.neighbourhood == nbs[0]) & (r.spectra.d == d) & (r.spectra.W_V == value)]
             a3.plot(s["index"], s.singular_value / s.singular_value.max(), marker="o", ms=3, color=PALETTE[k],
                     ls=styles[value], label=f"d={d}, W_V {'trained' if value == 'trained' else '= I'}")
             k += 1
     a3.axvline(m, color="grey", ls=":", lw=1)
-    a3.text(m, 0.95, f" m = {m}", color="grey", fontsize=8)
+    a3.text(m, 0.55, f" m = {m}", color="grey", fontsize=8, transform=a3.get_xaxis_transform())
     a3.set_yscale("log")
     a3.set_xlabel("singular value index")
     a3.set_ylabel("singular value / largest")
@@ -390,7 +421,8 @@ def plot_attention(r: AttentionResult):
             for j in range(k):
                 row[0].text(j, i, f"{H[i, j]:.2f}", ha="center", va="center",
                             color="white" if H[i, j] < np.nanmax(H) * 0.6 else "black")
-        row[0].set_title(f"{nb}: attention by cluster")
+        what = "first latent" if k == 2 else "first two latents"
+        row[0].set_title(f"{nb} ({k} clusters by the {what}): attention")
         S = r.scores[nb]
         V = S.shape[0]
         im = heatmap(row[1], S, xlabel="attended token (id; clusters are contiguous)", ylabel="last token (id)",
@@ -398,7 +430,7 @@ def plot_attention(r: AttentionResult):
         for b in range(1, k):
             row[1].axhline(b * V / k - 0.5, color="black", lw=0.8)
             row[1].axvline(b * V / k - 0.5, color="black", lw=0.8)
-        row[1].set_title(f"{nb}: token-by-token scores")
+        row[1].set_title(f"{nb}: pre-softmax scores, token by token")
     return fig
 
 
@@ -464,6 +496,9 @@ def plot_hijack(r: HijackResult, V: int):
 
 # ---- writing into a Run -------------------------------------------------------------------------------
 
+NB_NAMES = {"hamming1": "Hamming-1 neighbourhood", "all": "all-but-z* neighbourhood",
+            "cluster1": "cluster neighbourhood", "cluster2": "two-latent cluster neighbourhood"}
+
 EXPERIMENTS = ("value_matrix", "constructed", "embeddings", "attention", "hijack")
 
 
@@ -527,16 +562,21 @@ def write_embeddings(run, cfg: LCAConfig, trainer: Trainer, progress=True) -> di
     run.save_table("lca_embeddings_inner", r.inner)
     run.save_table("lca_embeddings_fit", r.fits)
     run.save_table("lca_embeddings_spectrum", r.spectra)
-    run.save_figure("lca_embeddings", plot_embeddings(r, cfg.m))
+    run.save_figure("lca_embeddings", plot_embeddings(r, cfg.m, cfg.d))
     d0 = cfg.d if cfg.d in set(r.fits.d) else int(r.fits.d.min())
-    f_tr = r.fits[(r.fits.d == d0) & (r.fits.W_V == "trained")].iloc[0]
-    f_id = r.fits[(r.fits.d == d0) & (r.fits.W_V == "identity")].iloc[0]
+    main_nb = cfg.neighbourhood
+    fits = r.fits.set_index(["neighbourhood", "d", "W_V"])
+    f_tr, f_id = fits.loc[(main_nb, d0, "trained")], fits.loc[(main_nb, d0, "identity")]
     summary = {"embedding_fit_r2": float(f_tr.r2), "embedding_fit_slope": float(f_tr.slope),
                "embedding_fit_r2_identity": float(f_id.r2), "embedding_fit_slope_identity": float(f_id.slope),
-               "embedding_fit_d": d0}
+               "embedding_fit_d": d0, "embedding_fit_neighbourhood": main_nb}
+    if "all" in set(r.fits.neighbourhood) and main_nb != "all":
+        summary["embedding_fit_r2_all_neighbourhood"] = {v: float(fits.loc[("all", d0, v)].r2)
+                                                         for v in ("trained", "identity")}
     run.update_summary(summary)
-    lines = [f"- d = {f.d} ({f.regime}), W_V {'trained' if f.W_V == 'trained' else '= I'}: slope "
-             f"{f.slope:+.3f} per unit Hamming distance, R² = {f.r2:.3f}" for f in r.fits.itertuples()]
+    lines = [f"- {f.neighbourhood} (w = {f.w:g}), d = {f.d} ({f.regime}), W_V {'trained' if f.W_V == 'trained' else '= I'}: "
+             f"slope {f.slope:+.3f} per unit Hamming distance, R² = {f.r2:.3f} (accuracy {f.accuracy:.3f})"
+             for f in r.fits.itertuples()]
     acc_lines = []
     for d in sorted(r.accuracy.d.unique()):
         s = r.accuracy[r.accuracy.d == d].set_index("embedding").accuracy

@@ -78,9 +78,9 @@ def cluster_of(m: int, k: int) -> np.ndarray:
 class LCATask:
     """One LCA task: ``m`` latents, context length ``L``, mixing weight ``w``, temperature ``beta``."""
 
-    m: int = 8
+    m: int = 6
     L: int = 64
-    w: float = 0.5
+    w: float = 0.2
     beta: float = 1.0
     neighbourhood: str = "hamming1"
 
