@@ -23,7 +23,7 @@ def test_run_all_writes_everything(tmp_path):
     run = Run.create(tmp_path / "lca", {"analysis": "lca"})
     summary = run_all(run, LCAConfig.quick(**TINY), progress=False)
     for key in ("value_matrix", "constructed", "embedding_fit_r2", "attention_same_cluster",
-                "attention_other_cluster"):
+                "attention_other_cluster", "lca_hijack"):
         assert key in summary
     assert set(summary["value_matrix"]) >= {"trained", "identity"}
     assert set(summary["constructed"]) >= {"trained", "constructed", "random"}
@@ -39,6 +39,13 @@ def test_run_all_writes_everything(tmp_path):
     # attention shares: per-token weights are probabilities, the masses add up to at most 1
     att = run.load_table("lca_attention").iloc[0]
     assert 0 <= att.mass_same_cluster + att.mass_other_cluster <= 1 + 1e-6
+    fits = run.load_table("lca_embeddings_fit")
+    assert set(fits.neighbourhood) == {"hamming1", "all"} and set(fits.W_V) == {"trained", "identity"}
+    inner = run.load_table("lca_embeddings_inner")
+    assert {"mean_inner", "mean_assoc", "pairs"} <= set(inner.columns)
+    # with W_V = I the association W_E^T W_V W_E is the Gram matrix
+    ident = inner[inner.W_V == "identity"]
+    assert (ident.mean_assoc - ident.mean_inner).abs().max() < 1e-4
     hj = run.load_table("lca_hijack_fraction")
     assert hj.rate_y_alt.iloc[0] < hj.rate_y_alt.iloc[-1]
     keys = [s["key"] for s in run.sections]

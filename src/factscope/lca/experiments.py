@@ -616,11 +616,11 @@ def write_hijack(run, cfg: LCAConfig, trainer: Trainer, progress=True) -> dict:
     run.save_figure("lca_hijack", plot_hijack(r, 2**cfg.m))
     df = r.by_fraction
     cross = df[df.rate_y_alt > df.accuracy]
-    summary = {"hijack": {"accuracy_clean": float(df.accuracy.iloc[0]), "accuracy_full": float(df.accuracy.iloc[-1]),
+    summary = {"lca_hijack": {"accuracy_clean": float(df.accuracy.iloc[0]), "accuracy_full": float(df.accuracy.iloc[-1]),
                           "rate_y_alt_full": float(df.rate_y_alt.iloc[-1]),
                           "crossover_fraction": float(cross.fraction.min()) if len(cross) else None}}
     run.update_summary(summary)
-    h = summary["hijack"]
+    h = summary["lca_hijack"]
     text = (f"Contexts for y whose first L-1 tokens come from p(x | y') with probability f (last token still "
             f"from π(·|y)). Model accuracy falls from {h['accuracy_clean']:.3f} at f = 0 to {h['accuracy_full']:.3f} "
             f"at f = 1, where it predicts y' {h['rate_y_alt_full']:.3f} of the time"
