@@ -78,3 +78,6 @@ def test_cli(tmp_path):
     assert bad.exit_code == 2 and "m (number of latent variables)" in bad.output
     bad = CliRunner().invoke(main, ["lca", "constructed", "--out", str(tmp_path / "b2"), "--w", "1.5"])
     assert bad.exit_code == 2 and "w must lie in [0, 1]" in bad.output
+    bad = CliRunner().invoke(main, ["lca", "all", "--out", str(tmp_path / "b3"), "--d", "0"])
+    assert bad.exit_code == 2 and "embedding dimension d" in bad.output
+    assert not (tmp_path / "b3").exists()  # refused before anything is written

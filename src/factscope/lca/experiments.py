@@ -63,6 +63,8 @@ class LCAConfig:
 
     def __post_init__(self):
         self.task()  # validates m, L, w, beta, neighbourhood
+        self.model()  # validates d, d_a
+        self.train_cfg()  # validates batch, lr
         if self.steps < 1:
             raise FactscopeError(f"LCA: steps must be >= 1, got {self.steps}")
         for name in ("value_d", "embed_d", "value_L", "hijack_L"):

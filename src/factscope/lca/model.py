@@ -68,9 +68,10 @@ class TrainConfig:
     eval_seed: int = 999
 
     def __post_init__(self):
-        if self.steps < 0 or self.batch < 1 or not self.lr > 0:
+        if self.steps < 0 or self.batch < 1 or not self.lr > 0 or self.eval_n < 1:
             raise FactscopeError(
-                f"LCA: need steps >= 0, batch >= 1 and lr > 0, got steps={self.steps}, batch={self.batch}, lr={self.lr}"
+                f"LCA: need steps >= 0, batch >= 1, lr > 0 and eval_n >= 1, got steps={self.steps}, "
+                f"batch={self.batch}, lr={self.lr}, eval_n={self.eval_n}"
             )
 
 
