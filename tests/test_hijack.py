@@ -323,7 +323,7 @@ def test_gemma_is_hijacked_and_reverse_helps(gemma, tmp_path):
     assert s1.lp_false > s1.lp_true and gemma.tokenizer.decode([s1.top1]) == " Guam"
 
     # ~40 known facts: generic hijacking rises with n, the reverse scheme stays below it
-    facts = load_facts("known_1000", limit=80, seed=1)
+    facts = load_facts("known_1000", limit=100, seed=1)
     res = run_benchmark(Run.create(tmp_path / "g", {}), [gemma], facts, parse_schemes(["generic", "reverse"]), 2,
                         progress=False, figures=False, n_boot=200)
     n = res.summary["n_facts"][gemma.name]

@@ -18,8 +18,18 @@ SCHEME_COLORS = {
 SCHEME_STYLE = {"reverse": "--", "reverse-relation": "--"}
 
 
-def _color(name: str, i: int) -> str:
-    return SCHEME_COLORS.get(name, PALETTE[(4 + i) % len(PALETTE)])
+CUSTOM_COLORS = [PALETTE[4], PALETTE[7], "#999999", PALETTE[6]]
+
+
+def _colors(names) -> dict[str, str]:
+    out, k = {}, 0
+    for name in names:
+        if name in SCHEME_COLORS:
+            out[name] = SCHEME_COLORS[name]
+        else:
+            out[name] = CUSTOM_COLORS[k % len(CUSTOM_COLORS)]
+            k += 1
+    return out
 
 
 def _panels(n: int):
@@ -44,9 +54,9 @@ def efficacy_figure(eff: pd.DataFrame, metric: str = "first"):
     fig, axes = _panels(len(models))
     for ax, m in zip(axes, models):
         d = eff[eff["model"] == m]
-        for i, s in enumerate(dict.fromkeys(d["scheme"])):
+        colors = _colors(dict.fromkeys(d["scheme"]))
+        for s, c in colors.items():
             g = d[d["scheme"] == s].sort_values("n")
-            c = _color(s, i)
             nf = int(g["n_facts"].iloc[0]) if len(g) else 0
             ax.plot(g["n"], g["es"], marker="o", color=c, ls=SCHEME_STYLE.get(s, "-"), label=f"{s} ({nf} facts)")
             ax.fill_between(g["n"], g["es_lo"], g["es_hi"], color=c, alpha=0.15, lw=0)
@@ -56,7 +66,7 @@ def efficacy_figure(eff: pd.DataFrame, metric: str = "first"):
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("prepended sentences n")
         ax.set_title(m)
-        ax.legend(loc="upper left")
+        ax.legend(loc="best")
     what = "first answer token" if metric == "first" else "full target"
     axes[0].set_ylabel(f"efficacy score ES(n)\nP(false) > P(true), {what}")
     return fig
@@ -68,9 +78,9 @@ def probability_figure(eff: pd.DataFrame):
     fig, axes = _panels(len(models))
     for ax, m in zip(axes, models):
         d = eff[eff["model"] == m]
-        for i, s in enumerate(dict.fromkeys(d["scheme"])):
+        colors = _colors(dict.fromkeys(d["scheme"]))
+        for s, c in colors.items():
             g = d[d["scheme"] == s].sort_values("n")
-            c = _color(s, i)
             ax.plot(g["n"], g["p_true"], color=c, marker="o", label=f"{s}: P(true)")
             ax.plot(g["n"], g["p_false"], color=c, marker="x", ls=":", label=f"{s}: P(false)")
         nmax = int(d["n"].max()) if len(d) else 0
