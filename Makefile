@@ -29,7 +29,7 @@ test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(VENV)/.installed
-	$(VENV)/bin/python bench/run.py
+	for b in bench/bench_*.py; do $(VENV)/bin/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs
