@@ -138,7 +138,7 @@ def plot(df: pd.DataFrame, model_name: str, n_facts: int, n_layers: int, source:
     ax.set_xlim(-0.5, n_layers + 0.5)
     ax.set_xlabel("hidden state (0 = embeddings, i = output of block i)")
     ax.set_ylabel("attributes rate (% of top-50 clean tokens)")
-    ax.set_title(f"Subject enrichment - {model_name}, {n_facts} known facts\nattributes: {source}", fontsize=10)
+    ax.set_title(f"Subject enrichment - {model_name}, {n_facts} facts\nattributes: {source}", fontsize=10)
     ax.legend(loc="upper left")
     return fig
 

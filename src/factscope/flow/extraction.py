@@ -211,9 +211,11 @@ def plot(per_layer: pd.DataFrame, ko: pd.DataFrame, overall: dict, model_name: s
     ax.set_xticklabels([s.replace(" (BOS excluded)", "") for s in ko["label"]], rotation=15)
     ax.set_ylabel(f"% of facts with an event in layers >= {overall['ko_from_layer']}")
     ax.set_title(f"Knockout of the last position's edges in layers >= {overall['ko_from_layer']}")
-    ax.legend(loc="upper right")
+    top = float(max(ko["attn_rate"].max(), ko["mlp_rate"].max(), 0.01)) * 100
+    ax.set_ylim(0, top * 1.3)
+    ax.legend(loc="upper right", ncol=2)
     ax.grid(axis="x", visible=False)
-    fig.suptitle(f"Attribute extraction - {model_name}, {overall['n_facts']} known facts")
+    fig.suptitle(f"Attribute extraction - {model_name}, {overall['n_facts']} facts")
     return fig
 
 

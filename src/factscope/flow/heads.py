@@ -119,7 +119,7 @@ def plot(df: pd.DataFrame, model_name: str, n_facts: int, top_k: int, n_layers: 
         grid[r.head, r.layer] = 100 * r.rate
     fig, ax = new_figure(width=8.5, height=2.2 + 0.35 * n_heads)
     heatmap(ax, grid, xlabels=list(range(n_layers)), ylabels=list(range(n_heads)), xlabel="layer", ylabel="head",
-            colorbar=f"% of facts: target in top-{top_k}", vmin=0)
+            colorbar=f"% of facts: target in top-{top_k}", vmin=0, vmax=max(1.0, float(grid.max())))
     ax.set_title(f"Subject -> attribute mappings in heads' W_VO - {model_name}, {n_facts} facts")
     return fig
 

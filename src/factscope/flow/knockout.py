@@ -349,7 +349,7 @@ def plot(df: pd.DataFrame, model_name: str, n_facts: int, window: int, n_layers:
         ax.set_title(title)
         ax.legend(loc="lower left")
     axes[0].set_ylabel("% change in p(original top-1 token)")
-    fig.suptitle(f"Attention knockout from the last position - {model_name}, {n_facts} known facts (mean, 95% CI)")
+    fig.suptitle(f"Attention knockout from the last position - {model_name}, {n_facts} facts (mean, 95% CI)")
     return fig
 
 
