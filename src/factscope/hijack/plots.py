@@ -16,6 +16,9 @@ SCHEME_COLORS = {
     "reverse-relation": PALETTE[5],
 }
 SCHEME_STYLE = {"reverse": "--", "reverse-relation": "--"}
+# distinct markers, so that lines lying on top of each other (e.g. both reverse schemes at 0) stay visible
+SCHEME_MARKER = {"generic": ("o", 5, None), "relation": ("s", 5, None), "related-word": ("^", 6, None),
+                 "reverse": ("v", 6, None), "reverse-relation": ("D", 9, "white")}
 
 
 CUSTOM_COLORS = [PALETTE[4], PALETTE[7], "#999999", PALETTE[6]]
@@ -58,7 +61,9 @@ def efficacy_figure(eff: pd.DataFrame, metric: str = "first"):
         for s, c in colors.items():
             g = d[d["scheme"] == s].sort_values("n")
             nf = int(g["n_facts"].iloc[0]) if len(g) else 0
-            ax.plot(g["n"], g["es"], marker="o", color=c, ls=SCHEME_STYLE.get(s, "-"), label=f"{s} ({nf} facts)")
+            mk, ms, mfc = SCHEME_MARKER.get(s, ("P", 6, None))
+            ax.plot(g["n"], g["es"], marker=mk, ms=ms, mfc=mfc or c, mec=c, color=c, ls=SCHEME_STYLE.get(s, "-"),
+                    label=f"{s} ({nf} facts)", zorder=3 if mfc else 4)
             ax.fill_between(g["n"], g["es_lo"], g["es_hi"], color=c, alpha=0.15, lw=0)
         nmax = int(d["n"].max()) if len(d) else 0
         ax.set_xticks(range(0, nmax + 1, max(1, -(-nmax // 10))))
@@ -88,6 +93,6 @@ def probability_figure(eff: pd.DataFrame):
         ax.set_ylim(bottom=0)
         ax.set_xlabel("prepended sentences n")
         ax.set_title(m)
-        ax.legend(loc="best", fontsize=8)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     axes[0].set_ylabel("mean probability over facts")
     return fig
