@@ -61,11 +61,17 @@ def run_all(run, model, facts: Sequence, *, parts: Sequence[str] = PARTS, paragr
 def demo_section(run, model, facts: Sequence, n: int = 30, progress: bool = True) -> dict:
     """A short flow analysis for ``factscope demo``: attention knockout (subject / non-subject /
     last) and attribute extraction (attention vs MLP, last -> subject knockout) on the first ``n``
-    of ``facts`` (known facts). About 1-2 minutes for 30 facts on Gemma 3 270M on one CPU core."""
+    usable ``facts`` (known facts), written as ``flow_knockout.*`` and ``flow_extraction.*`` (summary
+    keys of the same names) so that they do not collide with other parts of a shared run."""
     from factscope.flow.extraction import run_extraction
     from factscope.flow.knockout import MAIN_SETS, run_knockout
 
-    facts = list(facts)[:n]
-    ko = run_knockout(run, model, facts, sets=MAIN_SETS, progress=progress, batch_size=10)
-    ex = run_extraction(run, model, facts, heads=False, ko_sets=("subject",), progress=progress, batch_size=10)
+    from factscope.flow.common import usable
+
+    items, _ = usable(model, list(facts))  # the subject must not end at the last token
+    facts = [t.fact for t in items][:n]
+    if not facts:
+        return {}
+    ko = run_knockout(run, model, facts, sets=MAIN_SETS, progress=progress, batch_size=10, name="flow_knockout")
+    ex = run_extraction(run, model, facts, heads=False, ko_sets=("subject",), progress=progress, batch_size=10, name="flow_extraction")
     return {"knockout": ko, "extraction": ex}

@@ -219,18 +219,21 @@ def plot(per_layer: pd.DataFrame, ko: pd.DataFrame, overall: dict, model_name: s
     return fig
 
 
-def run_extraction(run, model: Model, facts: Sequence[Fact], *, batch_size: int = 8, progress: bool = True, heads: bool = True, **kw) -> dict:
-    ck = run.checkpoint("extraction")
+def run_extraction(run, model: Model, facts: Sequence[Fact], *, batch_size: int = 8, progress: bool = True, heads: bool = True,
+                   name: str = "extraction", **kw) -> dict:
+    """Resumable extraction analysis writing ``name.csv``, ``name_knockout.csv``, ``name.png``, the
+    summary key ``name`` and a report section."""
+    ck = run.checkpoint(name)
     extraction_facts(model, facts, batch_size=batch_size, skip=ck.done(), on_result=lambda k, r: ck.append(k, r), progress=progress, heads=heads, **kw)
     wanted = {fact_key(i, f) for i, f in enumerate(facts)}
     recs = [r for r in ck.records() if r["key"] in wanted]
     if not recs:
         return {}
     per_layer, ko, overall = summarize(recs, model.n_layers)
-    run.save_table("extraction", per_layer)
-    run.save_table("extraction_knockout", ko)
-    run.save_figure("extraction", plot(per_layer, ko, overall, model.name, model.n_layers))
-    run.update_summary({"extraction": overall})
+    run.save_table(name, per_layer)
+    run.save_table(name + "_knockout", ko)
+    run.save_figure(name, plot(per_layer, ko, overall, model.name, model.n_layers))
+    run.update_summary({name: overall})
     o = overall
     lines = [
         f"Share of {o['n_facts']} facts with at least one extraction event (the final top-1 token is the top token of the "
@@ -245,7 +248,7 @@ def run_extraction(run, model: Model, facts: Sequence[Fact], *, batch_size: int 
         f"With the last position's edges blocked in layers >= {o['ko_from_layer']} (events counted in those layers):",
     ]
     for k_, v in o["knockout"].items():
-        name = "no knockout" if k_ == "none" else f"last -> {LABELS.get(k_, k_)}"
-        lines.append(f"- {name}: attention {100 * v['attn']:.0f}%, MLP {100 * v['mlp']:.0f}%, top-1 unchanged {100 * v['top1_kept']:.0f}%")
-    run.add_section("extraction", "Attribute extraction at the last position", "\n".join(lines), figures=["extraction"], tables=["extraction_knockout"])
+        label = "no knockout" if k_ == "none" else f"last -> {LABELS.get(k_, k_)}"
+        lines.append(f"- {label}: attention {100 * v['attn']:.0f}%, MLP {100 * v['mlp']:.0f}%, top-1 unchanged {100 * v['top1_kept']:.0f}%")
+    run.add_section(name, "Attribute extraction at the last position", "\n".join(lines), figures=[name], tables=[name + "_knockout"])
     return overall

@@ -328,15 +328,21 @@ def critical_points(df: pd.DataFrame) -> dict:
 def plot(df: pd.DataFrame, model_name: str, n_facts: int, window: int, n_layers: int):
     from factscope.plotting import COLORS, PALETTE, layer_axis, new_figure
 
-    fig, axes = new_figure(1, 2, width=12.5, height=4.2, sharey=True)
+    have = set(df["set"])
+    two = bool(have & {"subject_first", "subject_last", "non_subject_bos"})
+    fig, axes = new_figure(1, 2 if two else 1, width=12.5 if two else 7.0, height=4.2, sharey=True, squeeze=False)
+    axes = axes[0]
     panels = [
         (axes[0], [("subject", COLORS["subject"], "-"), ("non_subject", COLORS["relation"], "-"), ("last", COLORS["last"], "-")], "last -> subject / non-subject / last"),
-        (
-            axes[1],
-            [("subject_first", PALETTE[5], "-"), ("subject_last", COLORS["subject"], "-"), ("non_subject_bos", COLORS["relation"], "--")],
-            "split subject; non-subject with BOS",
-        ),
     ]
+    if two:
+        panels.append(
+            (
+                axes[1],
+                [("subject_first", PALETTE[5], "-"), ("subject_last", COLORS["subject"], "-"), ("non_subject_bos", COLORS["relation"], "--")],
+                "split subject; non-subject with BOS",
+            )
+        )
     for ax, spec, title in panels:
         for s, color, ls in spec:
             g = df[df["set"] == s].sort_values("layer")
@@ -349,7 +355,7 @@ def plot(df: pd.DataFrame, model_name: str, n_facts: int, window: int, n_layers:
         ax.set_title(title)
         ax.legend(loc="lower left")
     axes[0].set_ylabel("% change in p(original top-1 token)")
-    fig.suptitle(f"Attention knockout from the last position - {model_name}, {n_facts} facts (mean, 95% CI)")
+    fig.suptitle(f"Attention knockout from the last position - {model_name}, {n_facts} facts (mean, 95% CI)", fontsize=11 if two else 10)
     return fig
 
 
