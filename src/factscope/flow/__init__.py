@@ -63,10 +63,9 @@ def demo_section(run, model, facts: Sequence, n: int = 30, progress: bool = True
     last) and attribute extraction (attention vs MLP, last -> subject knockout) on the first ``n``
     usable ``facts`` (known facts), written as ``flow_knockout.*`` and ``flow_extraction.*`` (summary
     keys of the same names) so that they do not collide with other parts of a shared run."""
+    from factscope.flow.common import usable
     from factscope.flow.extraction import run_extraction
     from factscope.flow.knockout import MAIN_SETS, run_knockout
-
-    from factscope.flow.common import usable
 
     items, _ = usable(model, list(facts))  # the subject must not end at the last token
     facts = [t.fact for t in items][:n]

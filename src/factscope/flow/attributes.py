@@ -39,15 +39,7 @@ GEN_TOKENS = 24
 
 # NLTK's English stop words (the list the paper's code downloads), inlined: no network, no nltk.
 STOPWORDS = frozenset(
-    """i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he him his
-    himself she she's her hers herself it it's its itself they them their theirs themselves what which who whom this that
-    that'll these those am is are was were be been being have has had having do does did doing a an the and but if or
-    because as until while of at by for with about against between into through during before after above below to from
-    up down in out on off over under again further then once here there when where why how all any both each few more
-    most other some such no nor not only own same so than too very s t can will just don don't should should've now d ll
-    m o re ve y ain aren aren't couldn couldn't didn didn't doesn doesn't hadn hadn't hasn hasn't haven haven't isn isn't
-    ma mightn mightn't mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't weren weren't won won't
-    wouldn wouldn't""".split()
+    ["i", "me", "my", "myself", "we", "our", "ours", "ourselves", "you", "you're", "you've", "you'll", "you'd", "your", "yours", "yourself", "yourselves", "he", "him", "his", "himself", "she", "she's", "her", "hers", "herself", "it", "it's", "its", "itself", "they", "them", "their", "theirs", "themselves", "what", "which", "who", "whom", "this", "that", "that'll", "these", "those", "am", "is", "are", "was", "were", "be", "been", "being", "have", "has", "had", "having", "do", "does", "did", "doing", "a", "an", "the", "and", "but", "if", "or", "because", "as", "until", "while", "of", "at", "by", "for", "with", "about", "against", "between", "into", "through", "during", "before", "after", "above", "below", "to", "from", "up", "down", "in", "out", "on", "off", "over", "under", "again", "further", "then", "once", "here", "there", "when", "where", "why", "how", "all", "any", "both", "each", "few", "more", "most", "other", "some", "such", "no", "nor", "not", "only", "own", "same", "so", "than", "too", "very", "s", "t", "can", "will", "just", "don", "don't", "should", "should've", "now", "d", "ll", "m", "o", "re", "ve", "y", "ain", "aren", "aren't", "couldn", "couldn't", "didn", "didn't", "doesn", "doesn't", "hadn", "hadn't", "hasn", "hasn't", "haven", "haven't", "isn", "isn't", "ma", "mightn", "mightn't", "mustn", "mustn't", "needn", "needn't", "shan", "shan't", "shouldn", "shouldn't", "wasn", "wasn't", "weren", "weren't", "won", "won't", "wouldn", "wouldn't"]
 )
 
 
@@ -175,10 +167,13 @@ def shipped_objects(subject: str) -> list[str]:
 
 
 def continuations(model: Model, subjects: Sequence[str], prompts: Sequence[str] = NEUTRAL_PROMPTS, n_tokens: int = GEN_TOKENS,
-                  batch_size: int = 32) -> dict[str, list[str]]:
+                  batch_size: int = 32, progress: bool = False) -> dict[str, list[str]]:
     """The model's greedy continuations of neutral prompts about each subject."""
+    from tqdm.auto import tqdm
+
     texts = [(s, p.format(s)) for s in subjects for p in prompts]
     out: dict[str, list[str]] = {s: [] for s in subjects}
+    bar = tqdm(total=len(texts), desc="attribute texts", unit="prompt", disable=not progress)
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
             chunk = texts[i : i + batch_size]
@@ -189,4 +184,6 @@ def continuations(model: Model, subjects: Sequence[str], prompts: Sequence[str] 
             )
             for (s, _), row in zip(chunk, gen[:, batch.input_ids.shape[1] :]):
                 out[s].append(model.tokenizer.decode(row.tolist(), skip_special_tokens=True))
+            bar.update(len(chunk))
+    bar.close()
     return out

@@ -21,7 +21,15 @@ from tqdm.auto import tqdm
 from factscope import hooks
 from factscope.facts import Fact
 from factscope.flow import attributes as A
-from factscope.flow.common import FactTokens, batches, encode, fact_key, mean_ci, upper_layer, usable
+from factscope.flow.common import (
+    FactTokens,
+    batches,
+    encode,
+    fact_key,
+    mean_ci,
+    upper_layer,
+    usable,
+)
 from factscope.models import Model
 
 POSITIONS = ("subject_first", "subject_last", "after_subject", "last")
@@ -51,7 +59,7 @@ def attribute_sets(model: Model, facts: Sequence[Fact], paragraphs: dict[str, li
     if paragraphs is not None:
         texts = {s: list(paragraphs.get(s, [])) for s in subjects}
     else:
-        gen = A.continuations(model, subjects) if subjects else {}
+        gen = A.continuations(model, subjects, progress=progress) if subjects else {}
         texts = {s: A.shipped_objects(s) + gen.get(s, []) for s in subjects}
     sets = {s: A.attribute_set(model, s, t, keep_subject_tokens) for s, t in texts.items()}
     return sets, texts
@@ -178,9 +186,11 @@ def run_enrichment(run, model: Model, facts: Sequence[Fact], *, paragraphs_file:
     }
     run.update_summary({"enrichment": summ})
     lines = [
-        f"Attributes rate (% of the top-{keep} clean tokens among the top {top_n} of the logit-lens projection that belong "
-        f"to the subject's attribute set) over {n_used} facts. Attribute source: {source}; mean set size "
-        f"{summ['mean_attribute_set_size']:.0f} tokens. Baseline (subject token embeddings): {base:.1f}%.",
+        (
+            f"Attributes rate (% of the top-{keep} clean tokens among the top {top_n} of the logit-lens projection that belong "
+            f"to the subject's attribute set) over {n_used} facts. Attribute source: {source}; mean set size "
+            f"{summ['mean_attribute_set_size']:.0f} tokens. Baseline (subject token embeddings): {base:.1f}%."
+        ),
         "",
     ]
     for p, v in peak.items():

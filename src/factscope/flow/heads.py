@@ -154,9 +154,11 @@ def run_heads(run, model: Model, facts: Sequence[Fact], *, top_k: int = 10, show
     }
     run.update_summary({"heads": summ})
     lines = [
-        f"For each head, the last subject token's hidden state entering the layer, through the layer's attention input norm and "
-        f"the head's W_V W_O (and Gemma's post-attention norm), projected with the logit lens: the share of {len(recs)} facts whose "
-        f"target (first token) is in the top {top_k}. Mean over all heads: {100 * summ['mean_rate_all_heads']:.1f}%.",
+        (
+            f"For each head, the last subject token's hidden state entering the layer, through the layer's attention input norm and "
+            f"the head's W_V W_O (and Gemma's post-attention norm), projected with the logit lens: the share of {len(recs)} facts whose "
+            f"target (first token) is in the top {top_k}. Mean over all heads: {100 * summ['mean_rate_all_heads']:.1f}%."
+        ),
         "",
         "Best heads: " + ", ".join(f"L{h['layer']}H{h['head']} {100 * h['rate']:.0f}%" for h in summ["top_heads"]) + ".",
         "",

@@ -42,7 +42,17 @@ from tqdm.auto import tqdm
 from factscope import hooks
 from factscope.errors import FactscopeError
 from factscope.facts import Fact
-from factscope.flow.common import FactTokens, batches, default_window, encode, fact_key, fact_tokens, mean_ci, prob_of, usable
+from factscope.flow.common import (
+    FactTokens,
+    batches,
+    default_window,
+    encode,
+    fact_key,
+    fact_tokens,
+    mean_ci,
+    prob_of,
+    usable,
+)
 from factscope.models import Model
 
 SETS = ("subject", "non_subject", "last", "subject_first", "subject_last", "non_subject_bos")
@@ -269,7 +279,7 @@ def knockout_facts(
     skip = skip or set()
     keyed = [(fact_key(i, f), f) for i, f in enumerate(facts)]
     todo = [(k, f) for k, f in keyed if k not in skip]
-    items, skipped = usable(model, [f for _, f in todo])
+    items, _ = usable(model, [f for _, f in todo])
     ok_ids = {id(t.fact) for t in items}
     keys = [k for k, f in todo if id(f) in ok_ids]
     results: dict[str, dict] = {}
@@ -411,9 +421,11 @@ def run_knockout(
 def _section_text(s: dict, model: Model) -> str:
     c = s["critical"]
     lines = [
-        f"Blocking attention edges from the last position to a set of positions, in windows of {s['window']} "
-        f"layers centred on each layer, over {s['n_facts']} known facts ({s['n_skipped']} skipped). "
-        "Values are the mean relative change (%) of the probability of the model's original top-1 token.",
+        (
+            f"Blocking attention edges from the last position to a set of positions, in windows of {s['window']} "
+            f"layers centred on each layer, over {s['n_facts']} known facts ({s['n_skipped']} skipped). "
+            "Values are the mean relative change (%) of the probability of the model's original top-1 token."
+        ),
         "",
     ]
     for k_, v in c.items():

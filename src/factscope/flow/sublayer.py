@@ -23,7 +23,15 @@ from tqdm.auto import tqdm
 from factscope import hooks
 from factscope.facts import Fact
 from factscope.flow import attributes as A
-from factscope.flow.common import FactTokens, batches, default_window, fact_key, mean_ci, upper_layer, usable
+from factscope.flow.common import (
+    FactTokens,
+    batches,
+    default_window,
+    fact_key,
+    mean_ci,
+    upper_layer,
+    usable,
+)
 from factscope.models import Model
 
 
