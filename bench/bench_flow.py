@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import forward_flops, matmul_peak  # noqa: E402
+from common import forward_flops, matmul_peak
 
-from factscope.facts import load_facts  # noqa: E402
-from factscope.flow.common import default_window, usable  # noqa: E402
-from factscope.flow.knockout import SETS, knockout_batch, naive_knockout, windows  # noqa: E402
-from factscope.flow.select import select_known  # noqa: E402
-from factscope.models import load_model  # noqa: E402
+from factscope.facts import load_facts
+from factscope.flow.common import default_window, usable
+from factscope.flow.knockout import SETS, knockout_batch, naive_knockout, windows
+from factscope.flow.select import select_known
+from factscope.models import load_model
 
 
 def fast_flops(model, items, k: int) -> float:

@@ -7,7 +7,14 @@ import pytest
 
 from factscope.facts import load_facts
 from factscope.flow.common import usable
-from factscope.flow.knockout import SETS, critical_points, curves, knockout_batch, naive_knockout, windows
+from factscope.flow.knockout import (
+    SETS,
+    critical_points,
+    curves,
+    knockout_batch,
+    naive_knockout,
+    windows,
+)
 
 
 @pytest.fixture(scope="module")
