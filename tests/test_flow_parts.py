@@ -58,6 +58,22 @@ def test_extraction_events_are_logit_lens_top1(tiny, facts):
     assert project_rank(tiny, v, t, chunk=2).tolist() == [int((lg[j] > lg[j, j]).sum()) for j in range(5)]
 
 
+def test_local_extraction_without_blocking_equals_clean(tiny, facts):
+    items, _ = usable(tiny, facts)
+    recs = extraction_batch(tiny, items, ko_sets=("subject", "last"), heads=False)
+    for r in recs:
+        assert r["attn_local_rank"]["none"] == r["attn_rank"]["none"]
+    # blocking in one layer only changes that layer's output: it equals a full knockout at that layer
+    t = items[0]
+    batch = tiny.batch_from_ids([t.ids])
+    block = hooks.edge_mask(batch, [[-1]], [t.subject])
+    with torch.inference_mode(), hooks.knockout(tiny, [1], block), hooks.cache(tiny, "attn_out", [1]) as c:
+        tiny.forward(batch, last_only=True)
+        lg = tiny.logit_lens(c["attn_out", 1][0, -1])
+    top = recs[0]["top1_id"]
+    assert recs[0]["attn_local_rank"]["subject"][1] == int((lg > lg[top]).sum())
+
+
 def test_extraction_knockout_changes_events_only_with_blocking(tiny, facts):
     items, _ = usable(tiny, facts)
     recs = extraction_batch(tiny, items, ko_sets=("subject", "non_subject"), ko_from_layer=tiny.n_layers, heads=False)

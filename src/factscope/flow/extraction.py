@@ -43,6 +43,28 @@ def project_rank(model: Model, vectors: torch.Tensor, tokens: torch.Tensor, chun
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
+class _Stop(Exception):
+    pass
+
+
+def _local_attn_out(model: Model, rep, layer: int, resid: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """Last-position attention output of ``layer`` run on the residual ``resid`` with ``block``
+    applied in that layer only (nothing above it runs)."""
+    store = {}
+
+    def stop(x, l):
+        raise _Stop
+
+    with hooks.start_at(model, layer, resid), hooks.knockout(model, {layer: block}), hooks.cache(model, "attn_out", [layer]) as c:
+        try:
+            with hooks.edit(model, "resid_post", layer, stop):
+                model.forward(rep, last_only=True)
+        except _Stop:
+            pass
+        store["x"] = c["attn_out", layer][:, -1]
+    return store["x"]
+
+
 def extraction_batch(
     model: Model,
     items: Sequence[FactTokens],
@@ -50,8 +72,13 @@ def extraction_batch(
     ko_sets: Sequence[str] = KO_SETS,
     ko_from_layer: int | None = None,
     heads: bool = True,
+    local: bool = True,
 ) -> list[dict]:
-    """Extraction events for a batch of facts: clean and with each knockout of ``ko_sets``."""
+    """Extraction events for a batch of facts: clean and with each knockout of ``ko_sets``.
+
+    With ``local``, also the paper's per-layer variant: the attention output of each layer ``l``
+    recomputed on the clean residual stream with the edges blocked in layer ``l`` only
+    (``attn_local_rank``)."""
     L = model.n_layers
     ko_from = L // 2 if ko_from_layer is None else ko_from_layer
     configs = ["none", *ko_sets]
@@ -60,7 +87,7 @@ def extraction_batch(
     rep = batch.repeat(C)
     to_pos = [([] if c == "none" else set_positions(t, c)) for t in items for c in configs]
     block = hooks.edge_mask(rep, [[-1]] * len(rep), to_pos)
-    points = ["attn_out", "mlp_out"] + (["head_out"] if heads else [])
+    points = ["attn_out", "mlp_out", "resid_pre"] + (["head_out"] if heads else [])
     with torch.inference_mode():
         with hooks.knockout(model, {l: block for l in range(ko_from, L)}), hooks.cache(model, points) as c:
             logits = model.forward(rep, last_only=True)
@@ -73,6 +100,10 @@ def extraction_batch(
             vec = torch.stack([c[point, l][:, -1] for l in range(L)], 1)  # [R, L, d]
             rk = project_rank(model, vec.reshape(-1, vec.shape[-1]), target.repeat_interleave(L)).view(len(rep), L)
             ev[kind] = rk.cpu()
+        if local:
+            vec = torch.stack([_local_attn_out(model, rep, l, c["resid_pre", l][clean_rows].repeat_interleave(C, 0), block) for l in range(L)], 1)
+            rk = project_rank(model, vec.reshape(-1, vec.shape[-1]), target.repeat_interleave(L)).view(len(rep), L)
+            ev["attn_local"] = rk.cpu()
         if heads:
             hv = torch.stack([c["head_out", l][clean_rows, -1] for l in range(L)], 1)  # [F, L, H, d]
             F, _, H, d = hv.shape
@@ -90,6 +121,8 @@ def extraction_batch(
             "mlp_rank": {cfg: ev["mlp"][f * C + j].tolist() for j, cfg in enumerate(configs)},
             "ko_top1_kept": {cfg: bool(top[f * C + j] == top1[f]) for j, cfg in enumerate(configs)},
         }
+        if local:
+            rec["attn_local_rank"] = {cfg: ev["attn_local"][f * C + j].tolist() for j, cfg in enumerate(configs)}
         if heads:
             rec["heads"] = (ev["heads"][f] == 0).int().tolist()
             rec["heads_rank"] = ev["heads"][f].tolist()
@@ -172,8 +205,15 @@ def summarize(records: Sequence[dict], n_layers: int) -> tuple[pd.DataFrame, pd.
                 "top1_kept": sum(r["ko_top1_kept"][cfg] for r in records) / n,
             }
         )
+    local = {}
+    if records and "attn_local_rank" in records[0]:
+        for cfg in records[0]["attn_local_rank"]:
+            local[cfg] = sum(any(x == 0 for x in r["attn_local_rank"][cfg]) for r in records) / n
+        for row in ko_rows:
+            row["attn_local_rate"] = local.get(row["knockout"], float("nan"))
     overall = {
         "n_facts": n,
+        "knockout_local_attn": local,
         "attn_any_event": sum(a is not None for a in first_attn) / n if n else float("nan"),
         "mlp_any_event": sum(m is not None for m in first_mlp) / n if n else float("nan"),
         "order": order,
@@ -203,17 +243,22 @@ def plot(per_layer: pd.DataFrame, ko: pd.DataFrame, overall: dict, model_name: s
     ax.set_title("Extraction events at the last position (clean run)")
     ax.legend(loc="upper left")
     ax = axes[1]
-    x = range(len(ko))
-    w = 0.38
-    ax.bar([i - w / 2 for i in x], 100 * ko["attn_rate"], w, color=COLORS["attn"], label="attention")
-    ax.bar([i + w / 2 for i in x], 100 * ko["mlp_rate"], w, color=COLORS["mlp"], label="MLP")
+    x = list(range(len(ko)))
+    bars = [("attn_rate", COLORS["attn"], None, "attention")]
+    if "attn_local_rate" in ko:
+        bars.append(("attn_local_rate", "white", "///", "attention, blocked in its own layer only"))
+    bars.append(("mlp_rate", COLORS["mlp"], None, "MLP"))
+    w = 0.8 / len(bars)
+    for b, (col, color, hatch, label) in enumerate(bars):
+        off = (b - (len(bars) - 1) / 2) * w
+        ax.bar([i + off for i in x], 100 * ko[col], w, color=color, hatch=hatch, edgecolor=COLORS["attn"] if hatch else None, label=label)
     ax.set_xticks(list(x))
     ax.set_xticklabels([s.replace(" (BOS excluded)", "") for s in ko["label"]], rotation=15)
-    ax.set_ylabel(f"% of facts with an event in layers >= {overall['ko_from_layer']}")
-    ax.set_title(f"Knockout of the last position's edges in layers >= {overall['ko_from_layer']}")
-    top = float(max(ko["attn_rate"].max(), ko["mlp_rate"].max(), 0.01)) * 100
-    ax.set_ylim(0, top * 1.3)
-    ax.legend(loc="upper right", ncol=2)
+    ax.set_ylabel("% of facts with an extraction event")
+    ax.set_title(f"Last position's edges blocked in layers >= {overall['ko_from_layer']} (events there)")
+    top = float(max(ko[[c for c, *_ in bars]].max().max(), 0.01)) * 100
+    ax.set_ylim(0, top * 1.35)
+    ax.legend(loc="upper right", ncol=2, fontsize=8)
     ax.grid(axis="x", visible=False)
     fig.suptitle(f"Attribute extraction - {model_name}, {overall['n_facts']} facts")
     return fig
@@ -250,5 +295,13 @@ def run_extraction(run, model: Model, facts: Sequence[Fact], *, batch_size: int 
     for k_, v in o["knockout"].items():
         label = "no knockout" if k_ == "none" else f"last -> {LABELS.get(k_, k_)}"
         lines.append(f"- {label}: attention {100 * v['attn']:.0f}%, MLP {100 * v['mlp']:.0f}%, top-1 unchanged {100 * v['top1_kept']:.0f}%")
+    if o.get("knockout_local_attn"):
+        lines += [
+            "",
+            "The paper's per-layer variant (each layer's attention output recomputed with the edges blocked in that layer only; "
+            "share of facts with an attention event at some layer): "
+            + ", ".join(f"{'no knockout' if k_ == 'none' else 'last -> ' + LABELS.get(k_, k_)} {100 * v:.0f}%" for k_, v in o["knockout_local_attn"].items())
+            + ".",
+        ]
     run.add_section(name, "Attribute extraction at the last position", "\n".join(lines), figures=[name], tables=[name + "_knockout"])
     return overall
