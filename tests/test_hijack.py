@@ -332,3 +332,14 @@ def test_gemma_is_hijacked_and_reverse_helps(gemma, tmp_path):
     assert es["generic"][0] == 0.0  # known facts: the true target is on top without context
     assert es["generic"][2] > es["generic"][0] + 0.2
     assert es["reverse"][2] < es["generic"][2]
+
+
+def test_cli_templates_lists_and_fills():
+    from factscope.cli import main
+
+    r = CliRunner().invoke(main, ["hijack", "templates"])
+    assert r.exit_code == 0 and "P19\t{subject} was not born in {target}." in r.output and "(fallback)" in r.output
+    r = CliRunner().invoke(main, ["hijack", "templates", "--dataset", "counterfact-sample"])
+    assert r.exit_code == 0
+    assert "The native language of Danielle Darrieux is not English. The mother tongue of Danielle Darrieux is" \
+        in r.output
