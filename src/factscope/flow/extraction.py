@@ -244,10 +244,10 @@ def plot(per_layer: pd.DataFrame, ko: pd.DataFrame, overall: dict, model_name: s
     ax.legend(loc="upper left")
     ax = axes[1]
     x = list(range(len(ko)))
-    bars = [("attn_rate", COLORS["attn"], None, "attention")]
+    bars = [("attn_rate", COLORS["attn"], None, f"attention, blocked in layers >= {overall['ko_from_layer']}")]
     if "attn_local_rate" in ko:
         bars.append(("attn_local_rate", "white", "///", "attention, blocked in its own layer only"))
-    bars.append(("mlp_rate", COLORS["mlp"], None, "MLP"))
+    bars.append(("mlp_rate", COLORS["mlp"], None, f"MLP, blocked in layers >= {overall['ko_from_layer']}"))
     w = 0.8 / len(bars)
     for b, (col, color, hatch, label) in enumerate(bars):
         off = (b - (len(bars) - 1) / 2) * w
@@ -255,10 +255,10 @@ def plot(per_layer: pd.DataFrame, ko: pd.DataFrame, overall: dict, model_name: s
     ax.set_xticks(list(x))
     ax.set_xticklabels([s.replace(" (BOS excluded)", "") for s in ko["label"]], rotation=15)
     ax.set_ylabel("% of facts with an extraction event")
-    ax.set_title(f"Last position's edges blocked in layers >= {overall['ko_from_layer']} (events there)")
+    ax.set_title("Extraction with the last position's edges blocked")
     top = float(max(ko[[c for c, *_ in bars]].max().max(), 0.01)) * 100
-    ax.set_ylim(0, top * 1.35)
-    ax.legend(loc="upper right", ncol=2, fontsize=8)
+    ax.set_ylim(0, top * 1.5)
+    ax.legend(loc="upper right", ncol=1, fontsize=8)
     ax.grid(axis="x", visible=False)
     fig.suptitle(f"Attribute extraction - {model_name}, {overall['n_facts']} facts")
     return fig
