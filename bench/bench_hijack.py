@@ -8,7 +8,7 @@ checkpoint (the whole runner, run directory and all).
 Both score the same prompts (generic + reverse schemes, n = 0..N, on facts Gemma knows) in one
 run; the log-probabilities must agree.
 
-    python bench/bench_hijack.py [--model gemma-3-270m] [--facts 12] [--max-prepends 4] [--batch-size 32]
+    python bench/bench_hijack.py [--model gemma-3-270m] [--facts 8] [--max-prepends 3] [--batch-size 32]
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from factscope.runs import Run  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gemma-3-270m")
-    ap.add_argument("--facts", type=int, default=12, help="number of known facts")
-    ap.add_argument("--max-prepends", type=int, default=4)
+    ap.add_argument("--facts", type=int, default=8, help="number of known facts")
+    ap.add_argument("--max-prepends", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--all-facts", action="store_true", help="do not require known facts (tiny models)")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
