@@ -9,7 +9,7 @@ from factscope.models import Model
 from factscope.runs import Run
 
 
-def demo_section(run: Run, model: Model, facts: Sequence[Fact], n_facts: int = 40, max_prepends: int = 4,
+def demo_section(run: Run, model: Model, facts: Sequence[Fact], n_facts: int = 50, max_prepends: int = 5,
                  candidates: int = 200, progress: bool = False) -> dict:
     """Generic and reverse hijacking (n = 0..``max_prepends``) on the first ``n_facts`` facts the
     model knows among the first ``candidates`` of ``facts`` (pass known facts and none is wasted);
