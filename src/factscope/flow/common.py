@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tqdm.auto import tqdm
+
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -111,3 +113,25 @@ def default_window(n_layers: int) -> int:
 def upper_layer(n_layers: int) -> int:
     """round(0.83 * n_layers), the paper's layer 40 of 48, clipped to the model."""
     return min(n_layers - 1, round(0.83 * n_layers))
+
+
+def run_facts(model, facts, batch_fn, *, batch_size: int, skip=None, on_result=None, progress=False, desc="facts") -> dict:
+    """Resumable per-fact loop shared by the flow parts: skip finished keys, batch the usable facts,
+    call ``batch_fn(items) -> list[dict]`` and report each result as ``on_result(key, record)``."""
+    skip = skip or set()
+    keyed = [(fact_key(i, f), f) for i, f in enumerate(facts) if fact_key(i, f) not in skip]
+    items, _ = usable(model, [f for _, f in keyed])
+    ok = {id(t.fact) for t in items}
+    keys = [k for k, f in keyed if id(f) in ok]
+    res = {}
+    bar = tqdm(total=len(items), desc=desc, unit="fact", disable=not progress)
+    for idx in batches(items, batch_size):
+        for i, r in zip(idx, batch_fn([items[i] for i in idx])):
+            f = items[i].fact
+            r = {"fact_id": f.id, "subject": f.subject, **r}
+            res[keys[i]] = r
+            if on_result:
+                on_result(keys[i], r)
+        bar.update(len(idx))
+    bar.close()
+    return res

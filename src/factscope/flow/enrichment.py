@@ -22,6 +22,7 @@ from factscope import hooks
 from factscope.facts import Fact
 from factscope.flow import attributes as A
 from factscope.flow.common import (
+    run_facts,
     FactTokens,
     batches,
     encode,
@@ -95,23 +96,8 @@ def enrichment_batch(model: Model, items: Sequence[FactTokens], attrs: dict[str,
 
 def enrichment_facts(model: Model, facts: Sequence[Fact], attrs: dict[str, set[str]], *, batch_size: int = 8, skip=None,
                      on_result=None, progress: bool = False, **kw) -> dict:
-    skip = skip or set()
-    keyed = [(fact_key(i, f), f) for i, f in enumerate(facts) if fact_key(i, f) not in skip]
-    items, _ = usable(model, [f for _, f in keyed])
-    ok = {id(t.fact) for t in items}
-    keys = [k for k, f in keyed if id(f) in ok]
-    res = {}
-    bar = tqdm(total=len(items), desc="enrichment", unit="fact", disable=not progress)
-    for idx in batches(items, batch_size):
-        for i, r in zip(idx, enrichment_batch(model, [items[i] for i in idx], attrs, **kw)):
-            f = items[i].fact
-            r = {"fact_id": f.id, "subject": f.subject, **r}
-            res[keys[i]] = r
-            if on_result:
-                on_result(keys[i], r)
-        bar.update(len(idx))
-    bar.close()
-    return res
+    return run_facts(model, facts, lambda items: enrichment_batch(model, items, attrs, **kw), batch_size=batch_size,
+                     skip=skip, on_result=on_result, progress=progress, desc="enrichment")
 
 
 def curves(records: Sequence[dict]) -> pd.DataFrame:

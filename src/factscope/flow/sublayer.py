@@ -24,6 +24,7 @@ from factscope import hooks
 from factscope.facts import Fact
 from factscope.flow import attributes as A
 from factscope.flow.common import (
+    run_facts,
     FactTokens,
     batches,
     default_window,
@@ -92,22 +93,8 @@ def sublayer_batch(model: Model, items: Sequence[FactTokens], attrs: dict[str, s
 
 
 def sublayer_facts(model: Model, facts: Sequence[Fact], attrs, *, batch_size: int = 4, skip=None, on_result=None, progress=False, **kw) -> dict:
-    skip = skip or set()
-    keyed = [(fact_key(i, f), f) for i, f in enumerate(facts) if fact_key(i, f) not in skip]
-    items, _ = usable(model, [f for _, f in keyed])
-    ok = {id(t.fact) for t in items}
-    keys = [k for k, f in keyed if id(f) in ok]
-    res = {}
-    bar = tqdm(total=len(items), desc="sublayer knockout", unit="fact", disable=not progress)
-    for idx in batches(items, batch_size):
-        for i, r in zip(idx, sublayer_batch(model, [items[i] for i in idx], attrs, **kw)):
-            r = {"fact_id": items[i].fact.id, "subject": items[i].fact.subject, **r}
-            res[keys[i]] = r
-            if on_result:
-                on_result(keys[i], r)
-        bar.update(len(idx))
-    bar.close()
-    return res
+    return run_facts(model, facts, lambda items: sublayer_batch(model, items, attrs, **kw), batch_size=batch_size,
+                     skip=skip, on_result=on_result, progress=progress, desc="sublayer knockout")
 
 
 def curves(records: Sequence[dict]) -> pd.DataFrame:
