@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from tqdm.auto import tqdm
-
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from factscope.errors import FactscopeError
 from factscope.facts import Fact, fact_subject_span

@@ -16,20 +16,17 @@ from collections.abc import Sequence
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from factscope import hooks
 from factscope.facts import Fact
 from factscope.flow import attributes as A
 from factscope.flow.common import (
-    run_facts,
     FactTokens,
-    batches,
     encode,
     fact_key,
     mean_ci,
+    run_facts,
     upper_layer,
-    usable,
 )
 from factscope.models import Model
 
