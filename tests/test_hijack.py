@@ -102,8 +102,7 @@ def test_reverse_related_word_scheme_and_related_placeholders():
     # a word related to the true target that is the false target would be a generic hijack: skipped
     fr = Fact("The Louvre", "P131", "", "{} is in", "The Louvre is in", "Paris", "France", id="l")
     assert scheme_sentence(rr, fr, rel) is None
-    assert scheme_sentence(builtin_scheme("related-word"), fr, rel) == "Do not think of Paris." or \
-        scheme_sentence(builtin_scheme("related-word"), fr, rel) is None  # France -> Paris is the true target
+    # and a word related to the false target that is the true target would be a reverse one (France -> Paris)
     assert scheme_sentence(builtin_scheme("related-word"), fr, rel) is None
     # {related} (of target_false) and {related_true} in custom templates
     lyon = Fact("The Louvre", "P131", "", "{} is in", "The Louvre is in", "Paris", "Tokyo", id="t")
@@ -495,17 +494,17 @@ def test_gemma_reverse_raises_p_true_and_lowers_es_on_all_facts(gemma, tmp_path)
     hold even if reverse did nothing. On all facts of 40 LRE ones (ES(0) ~ 0.26) reverse lowers ES
     and raises P(true) for nearly every fact, while generic raises ES."""
     facts = load_facts("lre", limit=40, seed=2)
-    res = run_benchmark(Run.create(tmp_path / "a", {}), [gemma], facts, parse_schemes(["generic", "reverse"]), 2,
+    res = run_benchmark(Run.create(tmp_path / "a", {}), [gemma], facts, parse_schemes(["generic", "reverse"]), 1,
                         known_only=False, progress=False, figures=False, n_boot=10)
     s, m = res.summary, gemma.name
     es, pt, acc = s["efficacy"][m], s["mean_p_true"][m], s["top1_acc"][m]
     assert s["n_facts"][m] >= 35 and es["generic"][0] >= 0.15
-    assert es["reverse"][1] < es["reverse"][0] / 2 and es["reverse"][2] < es["reverse"][0] / 2
+    assert es["reverse"][1] < es["reverse"][0] / 2
     assert es["generic"][1] > es["generic"][0] + 0.3
-    assert pt["reverse"][1] > 2 * pt["reverse"][0] and pt["reverse"][2] > 2 * pt["reverse"][0]
-    assert acc["reverse"][2] > acc["reverse"][0] + 0.3
+    assert pt["reverse"][1] > 2 * pt["reverse"][0]
+    assert acc["reverse"][1] > acc["reverse"][0] + 0.3
     r = res.results[res.results.scheme == "reverse"].pivot(index="fact_id", columns="n", values="lp_true")
-    assert (r[2] > r[0]).mean() > 0.8  # per fact, not only on average
+    assert (r[1] > r[0]).mean() > 0.8  # per fact, not only on average
 
 
 def test_cli_templates_lists_and_fills():
