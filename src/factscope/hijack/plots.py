@@ -14,14 +14,17 @@ SCHEME_COLORS = {
     "related-word": PALETTE[3],
     "reverse": PALETTE[2],
     "reverse-relation": PALETTE[5],
+    "reverse-related-word": PALETTE[4],
 }
-SCHEME_STYLE = {"reverse": "--", "reverse-relation": "--"}
+# reverse schemes dashed
+SCHEME_STYLE = {"reverse": "--", "reverse-relation": "--", "reverse-related-word": "--"}
 # distinct markers, so that lines lying on top of each other (e.g. both reverse schemes at 0) stay visible
 SCHEME_MARKER = {"generic": ("o", 5, None), "relation": ("s", 5, None), "related-word": ("^", 6, None),
-                 "reverse": ("v", 6, None), "reverse-relation": ("D", 9, "white")}
+                 "reverse": ("v", 6, None), "reverse-relation": ("D", 9, "white"),
+                 "reverse-related-word": ("P", 7, None)}
 
 
-CUSTOM_COLORS = [PALETTE[4], PALETTE[7], "#999999", PALETTE[6]]
+CUSTOM_COLORS = [PALETTE[7], "#999999", "#8C564B", PALETTE[6]]
 
 
 def _colors(names) -> dict[str, str]:
@@ -81,7 +84,7 @@ def _metric_grid(n: int):
 def _style_for_schemes(names) -> dict[str, dict]:
     out = {}
     for s, c in _colors(names).items():
-        mk, ms, mfc = SCHEME_MARKER.get(s, ("P", 6, None))
+        mk, ms, mfc = SCHEME_MARKER.get(s, ("X", 6, None))
         out[s] = {"color": c, "marker": mk, "ms": ms, "mfc": mfc or c, "mec": c, "ls": SCHEME_STYLE.get(s, "-"),
                   "zorder": 3 if mfc else 4}
     return out
