@@ -328,9 +328,12 @@ def run_benchmark(
     figures: bool = True,
 ) -> HijackResult:
     """Run the benchmark for each model in turn (names are loaded one at a time, then freed) and
-    write ``hijack_results.csv``, ``hijack_efficacy.csv``, ``hijack_relations.csv``, the figures,
-    ``summary.json`` (``efficacy`` = {model: {scheme: [ES for n = 0..N]}}, ``n_facts`` =
-    {model: facts kept}) and a report section into ``run``."""
+    write ``hijack_results.csv``, ``hijack_efficacy.csv``, ``hijack_relations.csv``, the figures
+    (``hijack_efficacy``: a panel per model; with several models also
+    ``hijack_efficacy_by_scheme``, the paper's Figure 2 layout; ``hijack_probs``),
+    ``summary.json`` (``efficacy`` = {model: {scheme: [ES for n = 0..N]}}, ``mean_p_true``,
+    ``mean_p_false`` and ``top1_acc`` of the same shape, ``n_facts`` = {model: facts kept}) and a
+    report section into ``run``."""
     if not models:
         raise FactscopeError("no model given")
     if not schemes:
