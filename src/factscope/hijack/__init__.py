@@ -11,6 +11,7 @@ from factscope.hijack.runner import (
     ModelResult,
     Prepared,
     load_dataset,
+    load_datasets,
     prepare,
     run_benchmark,
     run_model,
@@ -34,7 +35,7 @@ from factscope.hijack.scoring import Score, bootstrap_ci, efficacy_table, score_
 __all__ = [
     "BUILTIN", "GENERIC_TEMPLATE", "HijackResult", "ModelResult", "Prepared", "Scheme", "Score",
     "bootstrap_ci", "build_prompt", "builtin_scheme", "custom_scheme", "demo_section", "efficacy_table",
-    "load_dataset", "negation_templates", "parse_schemes", "prepare", "related_word", "related_words",
+    "load_dataset", "load_datasets", "negation_templates", "parse_schemes", "prepare", "related_word", "related_words",
     "relation_sentence", "run_benchmark", "run_model", "scheme_sentence", "score_ids", "score_prompts",
     "tokenize",
 ]

@@ -19,18 +19,23 @@ def hijack() -> None:
               help="known_1000, lre, lre:<category>[/<relation>], counterfact (full file if downloaded, "
                    "else the shipped sample), counterfact-sample, or a path; repeat to combine.")
 @click.option("--limit", type=int, default=None, help="Seeded random subset of this many facts per dataset.")
+@click.option("--relation", "relations", multiple=True,
+              help="Keep only facts of this relation id (e.g. P190, as the paper's Figure 2b); repeat for several. "
+                   "The --limit subset is drawn after this filter.")
 @click.option("--scheme", "schemes", multiple=True, default=("generic", "reverse"), show_default=True,
               help=f"One of {', '.join(BUILTIN)}, or 'all'; repeat for several.")
 @click.option("--template", "templates", multiple=True,
               help="Custom scheme: 'NAME=TEMPLATE' or 'TEMPLATE' with {subject}, {target_true}, "
-                   "{target_false}, {prompt}; repeat for several.")
+                   "{target_false} (= {target}), {prompt}, {related} (a word related to target_false), "
+                   "{related_true}; repeat for several.")
 @click.option("--related-words", "related", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="JSON object word -> related word for the related-word scheme (default: built "
-                   "from the shipped LRE relations).")
+              help="JSON object word -> related word for the related-word schemes and {related} "
+                   "(default: built from the shipped LRE relations).")
 @click.option("--max-prepends", type=click.IntRange(0, 100), default=10, show_default=True,
               help="Largest number of prepended sentences N (n = 0..N).")
-@click.option("--metric", type=click.Choice(["first", "full"]), default="first", show_default=True,
-              help="Compare first answer tokens, or full target probabilities (all tokens).")
+@click.option("--metric", type=click.Choice(["first", "full", "full-sum"]), default="first", show_default=True,
+              help="Compare the targets' first answer tokens; 'full': their mean log-probability per token "
+                   "(ROME's CounterFact comparison); 'full-sum': their whole-target log-probabilities.")
 @click.option("--all-facts", is_flag=True, help="Keep facts the model does not know (top-1 is not the target).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for subsets, false targets, bootstrap.")
 @click.option("--bootstrap", "n_boot", type=click.IntRange(1), default=1000, show_default=True)
@@ -41,29 +46,30 @@ def hijack() -> None:
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Output run directory.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--no-progress", is_flag=True)
-def run_cmd(models, datasets, limit, schemes, templates, related, max_prepends, metric, all_facts, seed, n_boot,
+def run_cmd(models, datasets, limit, relations, schemes, templates, related, max_prepends, metric, all_facts, seed, n_boot,
             batch_size, chunk_size, device, out, resume, no_progress):
     """Efficacy score ES(n) of hijacking schemes for n = 0..N prepended sentences."""
-    from factscope.hijack.runner import load_dataset, run_benchmark
+    from factscope.hijack.runner import load_datasets, run_benchmark
     from factscope.hijack.schemes import parse_schemes, related_words
     from factscope.runs import Run
 
     sch = parse_schemes(schemes, templates)
-    facts, notes = [], []
-    for d in datasets:
-        f, note = load_dataset(d, limit=limit, seed=seed)
-        facts.extend(f)
-        notes.append(note)
+    relations = list(dict.fromkeys(r.strip() for rr in relations for r in rr.split(",") if r.strip()))
+    facts, notes = load_datasets(datasets, limit=limit, seed=seed, relations=relations or None)
     rel = related_words(related) if related else None
     config = {
         "analysis": "hijack",
         "models": list(models),
         "datasets": list(datasets),
         "limit": limit,
+        **({"relations": relations} if relations else {}),
         "schemes": [s.__dict__ for s in sch],
         "related_words": related,
         "max_prepends": max_prepends,
         "metric": metric,
+        # "full" was the sum of token log-probs before it became ROME's per-token mean: a run made
+        # then must not be resumed now (its checkpoint holds sums)
+        **({"full_metric": "mean per token"} if metric == "full" else {}),
         "known_only": not all_facts,
         "seed": seed,
         "bootstrap": n_boot,
@@ -80,9 +86,12 @@ def run_cmd(models, datasets, limit, schemes, templates, related, max_prepends, 
     for m, by in res.summary["efficacy"].items():
         c = res.summary["fact_counts"][m]
         click.echo(f"{m}: {c['kept']} facts kept of {c['candidates']} ({c['known']} known)")
+        for r in relations:
+            if not c["kept_by_relation"].get(r):
+                click.echo(f"  relation {r}: no fact kept for {m} (see fact_counts in summary.json)", err=True)
         for name, es in by.items():
             if es:
-                click.echo(f"  {name:18s} ES(n=0..{len(es) - 1}): " + " ".join(f"{x:.2f}" for x in es))
+                click.echo(f"  {name:22s} ES(n=0..{len(es) - 1}): " + " ".join(f"{x:.2f}" for x in es))
     click.echo(str(run.dir))
 
 

@@ -14,14 +14,17 @@ SCHEME_COLORS = {
     "related-word": PALETTE[3],
     "reverse": PALETTE[2],
     "reverse-relation": PALETTE[5],
+    "reverse-related-word": PALETTE[4],
 }
-SCHEME_STYLE = {"reverse": "--", "reverse-relation": "--"}
+# reverse schemes dashed
+SCHEME_STYLE = {"reverse": "--", "reverse-relation": "--", "reverse-related-word": "--"}
 # distinct markers, so that lines lying on top of each other (e.g. both reverse schemes at 0) stay visible
 SCHEME_MARKER = {"generic": ("o", 5, None), "relation": ("s", 5, None), "related-word": ("^", 6, None),
-                 "reverse": ("v", 6, None), "reverse-relation": ("D", 9, "white")}
+                 "reverse": ("v", 6, None), "reverse-relation": ("D", 9, "white"),
+                 "reverse-related-word": ("P", 7, None)}
 
 
-CUSTOM_COLORS = [PALETTE[4], PALETTE[7], "#999999", PALETTE[6]]
+CUSTOM_COLORS = [PALETTE[7], "#999999", "#8C564B", PALETTE[6]]
 
 
 def _colors(names) -> dict[str, str]:
@@ -33,6 +36,13 @@ def _colors(names) -> dict[str, str]:
             out[name] = CUSTOM_COLORS[k % len(CUSTOM_COLORS)]
             k += 1
     return out
+
+
+METRIC_WHAT = {"first": "first answer token", "full": "mean log-prob per target token",
+               "full-sum": "whole target (sum of token log-probs)"}
+# one colour and marker per model in the figure-2 layout (models in the order given)
+MODEL_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*")
+ROWS = ("es", "p_true", "top1_acc")
 
 
 def _panels(n: int):
@@ -51,30 +61,86 @@ def _panels(n: int):
     return fig, flat
 
 
-def efficacy_figure(eff: pd.DataFrame, metric: str = "first"):
-    """ES(n) per scheme (lines, bootstrap 95% bands), one panel per model."""
-    models = list(dict.fromkeys(eff["model"]))
-    fig, axes = _panels(len(models))
-    for ax, m in zip(axes, models):
-        d = eff[eff["model"] == m]
-        colors = _colors(dict.fromkeys(d["scheme"]))
-        for s, c in colors.items():
-            g = d[d["scheme"] == s].sort_values("n")
-            nf = int(g["n_facts"].iloc[0]) if len(g) else 0
-            mk, ms, mfc = SCHEME_MARKER.get(s, ("P", 6, None))
-            ax.plot(g["n"], g["es"], marker=mk, ms=ms, mfc=mfc or c, mec=c, color=c, ls=SCHEME_STYLE.get(s, "-"),
-                    label=f"{s} ({nf} facts)", zorder=3 if mfc else 4)
-            ax.fill_between(g["n"], g["es_lo"], g["es_hi"], color=c, alpha=0.15, lw=0)
-        nmax = int(d["n"].max()) if len(d) else 0
-        ax.set_xticks(range(0, nmax + 1, max(1, -(-nmax // 10))))
-        ax.set_xlim(-0.2, nmax + 0.2)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("prepended sentences n")
-        ax.set_title(m)
-        ax.legend(loc="best")
-    what = "first answer token" if metric == "first" else "full target"
-    axes[0].set_ylabel(f"efficacy score ES(n)\nP(false) > P(true), {what}")
+def _metric_grid(n: int):
+    """Axes for ``n`` panels, each a column of three stacked rows (ES, mean P(true), top-1
+    accuracy); at most three panels side by side, further panels in further blocks of rows.
+    Returns (fig, [[ax_es, ax_p, ax_top1] per panel])."""
+    cols = min(n, 3)
+    blocks = -(-n // cols)
+    fig, axes = new_figure(3 * blocks, cols, squeeze=False,
+                           size=(4.4 * cols if cols > 1 else 5.6, 7.8 * blocks))
+    out = []
+    for i in range(blocks * cols):
+        b, c = divmod(i, cols)
+        col = [axes[3 * b + r][c] for r in range(3)]
+        if i >= n:
+            for a in col:
+                a.set_visible(False)
+        else:
+            out.append(col)
+    return fig, out
+
+
+def _style_for_schemes(names) -> dict[str, dict]:
+    out = {}
+    for s, c in _colors(names).items():
+        mk, ms, mfc = SCHEME_MARKER.get(s, ("X", 6, None))
+        out[s] = {"color": c, "marker": mk, "ms": ms, "mfc": mfc or c, "mec": c, "ls": SCHEME_STYLE.get(s, "-"),
+                  "zorder": 3 if mfc else 4}
+    return out
+
+
+def _style_for_models(names) -> dict[str, dict]:
+    return {m: {"color": PALETTE[i % len(PALETTE)], "marker": MODEL_MARKERS[i % len(MODEL_MARKERS)], "ms": 5,
+                "ls": "-", "zorder": 3} for i, m in enumerate(names)}
+
+
+def _grid_figure(eff: pd.DataFrame, panel_key: str, line_key: str, metric: str):
+    panels = list(dict.fromkeys(eff[panel_key]))
+    if not panels:
+        return _panels(0)[0]
+    lines = list(dict.fromkeys(eff[line_key]))
+    styles = _style_for_schemes(lines) if line_key == "scheme" else _style_for_models(lines)
+    fig, grid = _metric_grid(len(panels))
+    pmax = float(eff["p_true"].max()) if len(eff) else 1.0
+    nmax = int(eff["n"].max()) if len(eff) else 0
+    what = METRIC_WHAT.get(metric, metric)
+    for k, (panel, col) in enumerate(zip(panels, grid)):
+        d = eff[eff[panel_key] == panel]
+        for line in lines:
+            g = d[d[line_key] == line].sort_values("n")
+            if g.empty:
+                continue
+            st = styles[line]
+            nf = int(g["n_facts"].iloc[0])
+            for ax, y in zip(col, ROWS):
+                ax.plot(g["n"], g[y], label=f"{line} ({nf} facts)", **st)
+            col[0].fill_between(g["n"], g["es_lo"], g["es_hi"], color=st["color"], alpha=0.15, lw=0)
+        for ax, y in zip(col, ROWS):
+            ax.set_xticks(range(0, nmax + 1, max(1, -(-nmax // 10))))
+            ax.set_xlim(-0.2, nmax + 0.2)
+            ax.set_ylim(*((-0.02, 1.02) if y != "p_true" else (0, max(pmax, 1e-6) * 1.08)))
+        col[-1].set_xlabel("prepended sentences n")
+        col[0].set_title(str(panel))
+        col[0].legend(loc="best", fontsize=8)
+        if k % 3 == 0:
+            col[0].set_ylabel(f"efficacy score ES(n)\nP(false) > P(true), {what}")
+            col[1].set_ylabel("mean P(true)" + ("\n(geometric, per token)" if metric == "full" else "")
+                              + ("\n(whole target)" if metric == "full-sum" else ""))
+            col[2].set_ylabel("top-1 accuracy\n(top-1 = true first token)")
     return fig
+
+
+def efficacy_figure(eff: pd.DataFrame, metric: str = "first"):
+    """One panel per model, one line per scheme: ES(n) with bootstrap 95% bands (top), mean
+    P(target_true) (middle) and top-1 accuracy (bottom) against n."""
+    return _grid_figure(eff, "model", "scheme", metric)
+
+
+def efficacy_by_scheme_figure(eff: pd.DataFrame, metric: str = "first"):
+    """The layout of the paper's Figure 2: one panel per scheme, one line per model (all models
+    overlaid), with the same three rows as :func:`efficacy_figure`."""
+    return _grid_figure(eff, "scheme", "model", metric)
 
 
 def probability_figure(eff: pd.DataFrame):

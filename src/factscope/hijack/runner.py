@@ -12,6 +12,7 @@ gives results identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from factscope.models import Model, load_model
 from factscope.runs import Run
 
 BASE = "-"  # scheme name of the shared n = 0 prompts
+METRIC_TEXT = {"first": "first answer token", "full": "mean log-probability per target token, as ROME's "
+               "CounterFact evaluation", "full-sum": "whole-target log-probability (sum over its tokens)"}
 
 
 @dataclass
@@ -59,26 +62,82 @@ class HijackResult:
 # data
 
 
-def load_dataset(name: str, limit: int | None = None, seed: int = 0) -> tuple[list[Fact], str]:
+def load_dataset(name: str, limit: int | None = None, seed: int = 0,
+                 relations: Sequence[str] | None = None) -> tuple[list[Fact], str]:
     """Facts for the benchmark and a note on where they came from.
 
     ``counterfact`` is the full file when downloaded (``factscope data fetch counterfact``), else
     the shipped five-record sample; ``counterfact-sample`` is always the sample. Everything else is
     :func:`factscope.facts.load_facts` (known_1000, lre, lre:<...>, a path), whose facts get a
-    seeded false target from the other objects of the same relation.
+    seeded false target from the other objects of the same relation (drawn on the whole data set).
+    ``relations`` keeps only facts of these relation ids, before the seeded ``limit`` subset is
+    drawn (no check here: see :func:`load_datasets`).
     """
     from importlib import resources
 
     from factscope.facts import counterfact_path
 
     sample = str(resources.files("factscope.hijack") / "counterfact_sample.json")
+    source = name
     if name == "counterfact-sample" or (name == "counterfact" and not counterfact_path().exists()):
         note = "CounterFact sample shipped with factscope (5 records)"
         if name == "counterfact":
             note += "; the full file is not downloaded (factscope data fetch counterfact)"
-        return load_facts(sample, limit=limit, seed=seed), note
-    facts = load_facts(name, limit=limit, seed=seed)
-    return facts, f"{name}" + (f" (seeded subset of {limit})" if limit is not None else "")
+        source = sample
+    else:
+        note = name
+    if not relations:
+        facts = load_facts(source, limit=limit, seed=seed)
+        return facts, note + (f" (seeded subset of {limit})" if limit is not None and source != sample else "")
+    want = set(relations)
+    facts = [f for f in load_facts(source, seed=seed) if f.relation_id in want]
+    note += f", relations {', '.join(relations)}"
+    if limit is not None:
+        if limit < 0:
+            raise FactscopeError(f"limit must be >= 0, got {limit}")
+        if limit < len(facts):  # the same seeded draw as load_facts
+            keep = sorted(random.Random(seed).sample(range(len(facts)), limit))
+            facts = [facts[i] for i in keep]
+        note += f" (seeded subset of {limit})"
+    return facts, note
+
+
+def load_datasets(names: Sequence[str], limit: int | None = None, seed: int = 0,
+                  relations: Sequence[str] | None = None) -> tuple[list[Fact], list[str]]:
+    """:func:`load_dataset` for each name, combined; with ``relations``, a FactscopeError naming
+    each requested relation that has no usable fact (none at all, or none with a false target)
+    in the combined data."""
+    facts: list[Fact] = []
+    notes: list[str] = []
+    for d in names:
+        f, note = load_dataset(d, limit=limit, seed=seed, relations=relations)
+        facts.extend(f)
+        notes.append(note)
+    if relations:
+        problems = []
+        for r in dict.fromkeys(relations):
+            of_r = [f for f in facts if f.relation_id == r]
+            if not of_r:
+                avail = sorted({f.relation_id for d in names for f in load_dataset(d, seed=seed)[0]
+                                if f.target_false is not None}, key=_rel_key)
+                problems.append(f"relation {r} has no facts in {', '.join(names)}"
+                                + (f" (after --limit {limit})" if limit is not None else "")
+                                + f"; relations with usable facts: {', '.join(avail)}")
+            elif all(f.target_false is None for f in of_r):
+                ex = of_r[0]
+                problems.append(
+                    f"relation {r} has {len(of_r)} fact{'s' if len(of_r) > 1 else ''} in {', '.join(names)} "
+                    f"(e.g. {ex.subject!r} -> {ex.target_true!r}) but none with a false target: all its facts "
+                    "share one object, so there is no other object of the relation to use as the false target "
+                    f"(so {r} is missing from the usable facts of {', '.join(names)}); use a data set with more "
+                    f"{r} facts, e.g. CounterFact (factscope data fetch counterfact, then --dataset counterfact)")
+        if problems:
+            raise FactscopeError("; ".join(problems))
+    return facts, notes
+
+
+def _rel_key(r: str):
+    return (0, int(r[1:]), r) if r[:1] == "P" and r[1:].isdigit() else (1, 0, r)
 
 
 def prepare(model: Model, facts: Sequence[Fact], metric: str = "first") -> tuple[list[Prepared], dict]:
@@ -180,13 +239,13 @@ def run_model(
 ) -> ModelResult:
     """The benchmark for one loaded model (see the module docstring)."""
     if metric not in METRICS:
-        raise FactscopeError(f"unknown metric {metric!r}: use {' or '.join(METRICS)}")
+        raise FactscopeError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
     if max_prepends < 0:
         raise FactscopeError(f"--max-prepends must be >= 0, not {max_prepends}")
     if chunk_size < 1:
         raise FactscopeError(f"chunk size must be >= 1, not {chunk_size}")
     prepared, counts = prepare(model, facts, metric)
-    if any(s.target == "related" for s in schemes) and related is None:
+    if any(s.uses_related for s in schemes) and related is None:
         related = related_words()
     ck = run.checkpoint(f"hijack_{safe_name(model.name)}")
     bar = tqdm(total=len(prepared), desc=f"hijack {model.name}: base", unit="prompt", disable=not progress)
@@ -198,6 +257,10 @@ def run_model(
     counts["known"] = len(known)
     kept = known if known_only else prepared
     counts["kept"] = len(kept)
+    by_rel: dict[str, int] = {}
+    for p in kept:
+        by_rel[p.fact.relation_id] = by_rel.get(p.fact.relation_id, 0) + 1
+    counts["kept_by_relation"] = dict(sorted(by_rel.items(), key=lambda kv: _rel_key(kv[0])))
 
     items, sentences = [], {}
     counts["skipped"] = {}
@@ -265,9 +328,12 @@ def run_benchmark(
     figures: bool = True,
 ) -> HijackResult:
     """Run the benchmark for each model in turn (names are loaded one at a time, then freed) and
-    write ``hijack_results.csv``, ``hijack_efficacy.csv``, ``hijack_relations.csv``, the figures,
-    ``summary.json`` (``efficacy`` = {model: {scheme: [ES for n = 0..N]}}, ``n_facts`` =
-    {model: facts kept}) and a report section into ``run``."""
+    write ``hijack_results.csv``, ``hijack_efficacy.csv``, ``hijack_relations.csv``, the figures
+    (``hijack_efficacy``: a panel per model; with several models also
+    ``hijack_efficacy_by_scheme``, the paper's Figure 2 layout; ``hijack_probs``),
+    ``summary.json`` (``efficacy`` = {model: {scheme: [ES for n = 0..N]}}, ``mean_p_true``,
+    ``mean_p_false`` and ``top1_acc`` of the same shape, ``n_facts`` = {model: facts kept}) and a
+    report section into ``run``."""
     if not models:
         raise FactscopeError("no model given")
     if not schemes:
@@ -287,20 +353,22 @@ def finish(run: Run, out: list[ModelResult], schemes: Sequence[Scheme], max_prep
     results = pd.concat([m.results for m in out], ignore_index=True)
     eff = efficacy_table(results, ("model", "scheme", "n"), n_boot=n_boot, seed=seed)
     rel = efficacy_table(results, ("model", "scheme", "n", "relation_id"), ci=False)
-    efficacy, ci, p_true, p_false = {}, {}, {}, {}
+    efficacy, ci, p_true, p_false, top1 = {}, {}, {}, {}, {}
     for m in out:
-        efficacy[m.model], ci[m.model], p_true[m.model], p_false[m.model] = {}, {}, {}, {}
+        efficacy[m.model], ci[m.model], p_true[m.model], p_false[m.model], top1[m.model] = {}, {}, {}, {}, {}
         for s in schemes:
             g = eff[(eff["model"] == m.model) & (eff["scheme"] == s.name)].sort_values("n")
             efficacy[m.model][s.name] = g["es"].tolist()
             ci[m.model][s.name] = g[["es_lo", "es_hi"]].values.tolist()
             p_true[m.model][s.name] = g["p_true"].tolist()
             p_false[m.model][s.name] = g["p_false"].tolist()
+            top1[m.model][s.name] = g["top1_acc"].tolist()
     summary = {
         "efficacy": efficacy,
         "efficacy_ci95": ci,
         "mean_p_true": p_true,
         "mean_p_false": p_false,
+        "top1_acc": top1,
         "n_facts": {m.model: m.counts["kept"] for m in out},
         "fact_counts": {m.model: m.counts for m in out},
         "schemes": [s.name for s in schemes],
@@ -313,17 +381,23 @@ def finish(run: Run, out: list[ModelResult], schemes: Sequence[Scheme], max_prep
     run.update_summary(summary if prefix == "hijack" else {prefix: summary})
     res = HijackResult(out, eff, rel, summary)
     if figures:
-        from factscope.hijack.plots import efficacy_figure, probability_figure
+        from factscope.hijack.plots import efficacy_by_scheme_figure, efficacy_figure, probability_figure
 
+        rows = ("Top: efficacy score ES(n), the share of facts with P(target_false) > P(target_true) after "
+                "n prepended sentences (bands: bootstrap 95% intervals); middle: mean P(target_true); bottom: "
+                "top-1 accuracy (the top-1 token is target_true's first token).")
+        figs = []
+        if len(out) > 1:  # the paper's Figure 2: one panel per scheme, the models overlaid
+            run.save_figure(f"{prefix}_efficacy_by_scheme", efficacy_by_scheme_figure(eff, metric=metric))
+            figs.append({"name": f"{prefix}_efficacy_by_scheme",
+                         "caption": "One panel per scheme, one line per model (the layout of Jiang et al.'s "
+                                    "Figure 2). " + rows})
         run.save_figure(f"{prefix}_efficacy", efficacy_figure(eff, metric=metric))
+        figs.append({"name": f"{prefix}_efficacy", "caption": "One panel per model, one line per scheme. " + rows})
         run.save_figure(f"{prefix}_probs", probability_figure(eff))
-        run.add_section(prefix, "Context hijacking", section_text(res),
-                        figures=[{"name": f"{prefix}_efficacy", "caption": "Efficacy score ES(n): share of facts "
-                                  "with P(target_false) > P(target_true) after n prepended sentences "
-                                  "(bands: bootstrap 95% intervals)."},
-                                 {"name": f"{prefix}_probs", "caption": "Mean probability of the true and "
-                                  "the false target against n."}],
-                        tables=[f"{prefix}_efficacy"])
+        figs.append({"name": f"{prefix}_probs", "caption": "Mean probability of the true and the false target "
+                                                            "against n."})
+        run.add_section(prefix, "Context hijacking", section_text(res), figures=figs, tables=[f"{prefix}_efficacy"])
     return res
 
 
@@ -332,7 +406,7 @@ def section_text(res: HijackResult) -> str:
     lines = [
         "Prepending harmless sentences (Jiang et al. 2024, sec. 3) before a factual prompt; the "
         f"efficacy score ES(n) is the share of facts whose false target outscores the true one "
-        f"({'first answer token' if s['metric'] == 'first' else 'full target probability'}).",
+        f"({METRIC_TEXT.get(s['metric'], s['metric'])}).",
         "",
     ]
     for m, by in s["efficacy"].items():
@@ -340,6 +414,9 @@ def section_text(res: HijackResult) -> str:
         lines.append(f"- **{m}**: {c['kept']} facts kept of {c['candidates']} ({c['known']} known)")
         for name, es in by.items():
             if es:
-                lines.append(f"- {m} `{name}`: ES(0) = {es[0]:.2f}, ES({len(es) - 1}) = {es[-1]:.2f}, "
-                             f"max {max(es):.2f}")
+                pt, acc = s["mean_p_true"][m][name], s["top1_acc"][m][name]
+                k = len(es) - 1
+                lines.append(f"- {m} `{name}`: ES(0) = {es[0]:.2f}, ES({k}) = {es[-1]:.2f}, max {max(es):.2f}; "
+                             f"mean P(true) {pt[0]:.3f} -> {pt[-1]:.3f}, top-1 accuracy {acc[0]:.2f} -> "
+                             f"{acc[-1]:.2f}")
     return "\n".join(lines)

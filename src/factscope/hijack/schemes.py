@@ -11,8 +11,12 @@ the fact's prompt:
 - ``related-word``     ``generic`` with a word related to target_false (the country of a false city,
                        the capital of a false country, a country speaking a false language) instead
                        of target_false itself; facts without a related word are skipped
+- ``reverse-related-word`` ``generic`` with a word related to target_true ("Do not think of
+                       France." for Paris); skipped without one, or when it is target_false
 - custom               a user template with ``{subject}``, ``{target_true}``, ``{target_false}``,
-                       ``{prompt}`` (and ``{target}`` = target_false)
+                       ``{prompt}``, ``{target}`` (= target_false), ``{related}`` (a word related to
+                       target_false) and ``{related_true}`` (a word related to target_true); a fact
+                       lacking a placeholder's value is skipped
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from factscope.errors import FactscopeError
 from factscope.facts import Fact
 
 GENERIC_TEMPLATE = "Do not think of {target}."
-BUILTIN = ("generic", "relation", "reverse", "reverse-relation", "related-word")
-CUSTOM_FIELDS = {"subject", "target_true", "target_false", "target", "prompt"}
+BUILTIN = ("generic", "relation", "reverse", "reverse-relation", "related-word", "reverse-related-word")
+CUSTOM_FIELDS = {"subject", "target_true", "target_false", "target", "prompt", "related", "related_true"}
+RELATED_FIELDS = {"related", "related_true"}
 
 
 @dataclass(frozen=True)
@@ -41,13 +46,26 @@ class Scheme:
 
     ``kind`` is "generic" (``template`` with ``{target}``), "relation" (the relation's negation
     template) or "custom" (``template`` with the custom fields). ``target`` says which object
-    fills ``{target}``: "false", "true" or "related" (a word related to target_false).
+    fills ``{target}``: "false", "true", "related" (a word related to target_false) or
+    "related-true" (a word related to target_true).
     """
 
     name: str
     kind: str = "generic"
     target: str = "false"
     template: str = GENERIC_TEMPLATE
+
+    @property
+    def fields(self) -> set[str]:
+        """The placeholders of a custom template (empty for built-in schemes)."""
+        if self.kind != "custom":
+            return set()
+        return {f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None}
+
+    @property
+    def uses_related(self) -> bool:
+        """Whether the scheme needs the related-word mapping."""
+        return self.target in ("related", "related-true") or bool(self.fields & RELATED_FIELDS)
 
 
 def builtin_scheme(name: str) -> Scheme:
@@ -57,6 +75,7 @@ def builtin_scheme(name: str) -> Scheme:
         "reverse": Scheme("reverse", "generic", "true"),
         "reverse-relation": Scheme("reverse-relation", "relation", "true", ""),
         "related-word": Scheme("related-word", "generic", "related"),
+        "reverse-related-word": Scheme("reverse-related-word", "generic", "related-true"),
     }
     if name not in table:
         raise FactscopeError(f"unknown hijacking scheme {name!r}: use one of {', '.join(BUILTIN)}, 'all', "
@@ -161,23 +180,45 @@ def relation_sentence(fact: Fact, target: str, templates: Mapping[str, str] | No
 
 def scheme_sentence(scheme: Scheme, fact: Fact, related: Mapping[str, str] | None = None) -> str | None:
     """The sentence ``scheme`` prepends for ``fact``, or None when the scheme does not apply
-    (no false target, or no related word for it)."""
-    if scheme.kind == "custom":
-        fields = {f for _, f, _, _ in string.Formatter().parse(scheme.template) if f is not None}
-        if fact.target_false is None and fields & {"target_false", "target"}:
+    (no false target, or no related word for it).
+
+    A word related to target_false is never target_true (that sentence would be a reverse one),
+    and a word related to target_true is never target_false (that would be a generic hijack)."""
+
+    def rel_false() -> str | None:
+        if fact.target_false is None:
             return None
-        return _fill(scheme.template, {
+        return related_word(fact.target_false, related or {}, exclude=fact.target_true)
+
+    def rel_true() -> str | None:
+        return related_word(fact.target_true, related or {}, exclude=fact.target_false)
+
+    if scheme.kind == "custom":
+        fields = scheme.fields
+        if fact.target_false is None and fields & {"target_false", "target", "related"}:
+            return None
+        values = {
             "subject": fact.subject, "target_true": fact.target_true, "target_false": fact.target_false or "",
             "target": fact.target_false or "", "prompt": fact.prompt,
-        })
+        }
+        for name, get in (("related", rel_false), ("related_true", rel_true)):
+            if name in fields:
+                values[name] = get()
+                if values[name] is None:
+                    return None
+        return _fill(scheme.template, values)
     if scheme.target == "true":
         target = fact.target_true
+    elif scheme.target == "related-true":
+        target = rel_true()
+        if target is None:
+            return None
     else:
         if fact.target_false is None:
             return None
         target = fact.target_false
         if scheme.target == "related":
-            target = related_word(target, related or {}, exclude=fact.target_true)
+            target = rel_false()
             if target is None:
                 return None
     if scheme.kind == "relation":

@@ -1,9 +1,15 @@
 """Batched scoring of hijacked prompts, and the metrics (efficacy score with bootstrap CI).
 
 ``score_prompts`` returns, per prompt, the log-probability of target_true and target_false at the
-answer position (their first tokens, or -- ``metric="full"`` -- the sum over all their tokens by
-teacher forcing: every prompt+target prefix is one more last-position prediction) and the top-1
-token id. It runs on :func:`factscope.predict.map_last` (length-sorted batches, last-position
+answer position and the top-1 token id. The metric says which log-probability:
+
+- ``"first"``: of the target's first token (the paper's comparison of answer tokens);
+- ``"full"``: the mean over all the target's tokens of their log-probabilities by teacher forcing
+  (every prompt+target prefix is one more last-position prediction) -- the comparison of ROME's
+  CounterFact evaluation (kmeng01/rome, ``experiments/py/eval_utils_counterfact.py``,
+  ``test_batch_prediction``: mean per-token negative log-likelihood), which does not penalize a
+  target for having more tokens;
+- ``"full-sum"``: the sum of the same log-probabilities, the log-probability of the whole target. It runs on :func:`factscope.predict.map_last` (length-sorted batches, last-position
 logits, a reducer that keeps only the few numbers needed).
 """
 
@@ -21,12 +27,12 @@ from factscope.facts import _n_trailing_special
 from factscope.models import Model
 from factscope.predict import map_last
 
-METRICS = ("first", "full")
+METRICS = ("first", "full", "full-sum")
 
 
 @dataclass(frozen=True)
 class Score:
-    lp_true: float  # natural-log probability of target_true (first token or all tokens)
+    lp_true: float  # natural-log probability of target_true (first token, per-token mean, or sum: the metric)
     lp_false: float
     top1: int  # the model's top-1 next token id at the answer position
 
@@ -77,8 +83,8 @@ def score_ids(
             raise FactscopeError("empty prompt")
         if not t or not f:
             raise FactscopeError("empty target token ids")
-        k_t = len(t) if metric == "full" else 1
-        k_f = len(f) if metric == "full" else 1
+        k_t = 1 if metric == "first" else len(t)
+        k_f = 1 if metric == "first" else len(f)
         tp = [want(s + tuple(t[:j]), int(t[j])) for j in range(k_t)]
         fp = [want(s + tuple(f[:j]), int(f[j])) for j in range(k_f)]
         plans.append((index[s], tp, fp))
@@ -97,6 +103,8 @@ def score_ids(
     for base, tp, fp in plans:
         lt = sum(res[j][0][slot] for j, slot in tp)
         lf = sum(res[j][0][slot] for j, slot in fp)
+        if metric == "full":  # mean per token (ROME)
+            lt, lf = lt / len(tp), lf / len(fp)
         scores.append(Score(float(lt), float(lf), res[base][1]))
     return scores
 
