@@ -2,23 +2,54 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
+from typing import Any, Mapping
 
 import click
 
 from factscope.errors import FactscopeError
-from factscope.models import DEFAULT_MODEL, REGISTRY, cache_dir, load_model
+from factscope.models import DEFAULT_MODEL, REGISTRY, cache_dir, load_model, using_dtype, weights_label
+from factscope.runs import recording
 
 model_option = click.option(
     "--model", "model_spec", default=DEFAULT_MODEL, show_default=True,
     help="Registered name, Hugging Face hub id, local model directory or .gguf file.",
 )
 device_option = click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
-dtype_option = click.option(
-    "--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"])
-)
+
+
+def _recorded_model_config(dtype: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``--dtype`` adds to a run's config.json: the dtype and where the weights come from."""
+    out: dict[str, Any] = {"dtype": dtype}
+    if isinstance(config.get("models"), list):
+        out["weights"] = {str(m): weights_label(str(m)) for m in config["models"]}
+    elif isinstance(config.get("model"), str):
+        out["weights"] = weights_label(config["model"])
+    return out
+
+
+def dtype_option(f):
+    """``--dtype float32|bfloat16|float16`` for a command that loads models; the one place it is defined.
+
+    The command function does not see the value: while it runs, ``load_model`` without an explicit
+    dtype loads in the chosen one (``models.using_dtype``), and every run it creates records
+    ``dtype`` and ``weights`` (e.g. "GGUF Q4_K_M, dequantized") in config.json (``runs.recording``),
+    so adding the option to a command is one decorator line. float16 runs on the CPU with this
+    torch; a model whose activations overflow float16 (Gemma 3) is refused when loaded.
+    """
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        dtype = kwargs.pop("dtype")
+        with using_dtype(dtype), recording(functools.partial(_recorded_model_config, dtype)):
+            return f(*args, **kwargs)
+
+    return click.option(
+        "--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]),
+        help="Weights and activations dtype (bfloat16 halves memory; float16 is refused for models that overflow it).",
+    )(wrapper)
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,11 +101,11 @@ def models_pull(name: str) -> None:
 @click.option("--top-k", "k", default=10, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.argument("prompt")
-def predict(model_spec: str, device: str, dtype: str, k: int, as_json: bool, prompt: str) -> None:
+def predict(model_spec: str, device: str, k: int, as_json: bool, prompt: str) -> None:
     """Print the next-token distribution after PROMPT."""
     from factscope.predict import top_k
 
-    model = load_model(model_spec, device=device, dtype=dtype)
+    model = load_model(model_spec, device=device)
     pred = top_k(model, [prompt], k=k)[0]
     if as_json:
         rows = [{"token": t, "id": i, "prob": p} for t, i, p in zip(pred.tokens, pred.token_ids, pred.probs)]
@@ -136,15 +167,15 @@ def known_section(run, model, facts, top_k: int = 1, batch_size: int = 32) -> li
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--resume", is_flag=True, help="Write into an existing run directory with the same config.")
-def facts_known(model_spec, device, dtype, dataset, limit, seed, top_k, batch_size, out, resume) -> None:
+def facts_known(model_spec, device, dataset, limit, seed, top_k, batch_size, out, resume) -> None:
     """Keep the facts whose target is the model's top-1 (or top-k) prediction."""
     from factscope.facts import load_facts
     from factscope.runs import Run
 
     fs = load_facts(dataset, limit=limit, seed=seed)
-    model = load_model(model_spec, device=device, dtype=dtype)
-    config = {"command": "facts known", "model": model.name, "dataset": dataset, "limit": limit, "seed": seed,
-              "top_k": top_k, "runtime": {"device": device, "dtype": dtype, "batch_size": batch_size}}
+    model = load_model(model_spec, device=device)
+    config = {"command": "facts known", "model": model.name, "weights": model.weights, "dataset": dataset,
+              "limit": limit, "seed": seed, "top_k": top_k, "runtime": {"device": device, "batch_size": batch_size}}
     run = Run.create(out, config, resume=resume)
     known = known_section(run, model, fs, top_k=top_k, batch_size=batch_size)
     from factscope.runs import atomic_write_text
@@ -171,16 +202,16 @@ DEMO_PARTS = ("flow", "hijack", "lca")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--skip", multiple=True, type=click.Choice(DEMO_PARTS), help="Leave out a part (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted demo in --out (finished work is kept).")
-def demo(model_spec, device, dtype, out, n_facts, seed, skip, resume) -> None:
+def demo(model_spec, device, out, n_facts, seed, skip, resume) -> None:
     """The main job: known facts, information flow, context hijacking and the synthetic task, in one report."""
     from factscope.facts import load_facts
     from factscope.runs import Run
 
     t0 = time.time()
     fs = load_facts("known_1000", limit=n_facts, seed=seed)
-    model = load_model(model_spec, device=device, dtype=dtype)
-    config = {"command": "demo", "model": model.name, "dataset": "known_1000", "n_facts": n_facts, "seed": seed,
-              "skip": sorted(skip), "runtime": {"device": device, "dtype": dtype}}
+    model = load_model(model_spec, device=device)
+    config = {"command": "demo", "model": model.name, "weights": model.weights, "dataset": "known_1000",
+              "n_facts": n_facts, "seed": seed, "skip": sorted(skip), "runtime": {"device": device}}
     run = Run.create(out, config, resume=resume)
     click.echo(f"demo: {model!r}; writing {run.dir}")
     known = known_section(run, model, fs)
