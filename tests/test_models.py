@@ -311,6 +311,17 @@ def test_dtype_recorded_in_config_and_report(tmp_path):
     cfg = json.loads((flow / "config.json").read_text())
     assert cfg["dtype"] == "float16" and cfg["weights"] == "random (tiny test model)"
     assert models.default_dtype() == "float32"  # the option's setting ends with the command
+    # the command really computes in the chosen dtype: predict's numbers are those of a bfloat16 model
+    from factscope.predict import top_k
+
+    prompt = "The Eiffel Tower is located in"
+    probs = {}
+    for dt in ("float32", "bfloat16"):
+        r = CliRunner().invoke(main, ["predict", "--model", "tiny-neox", "--json", "--dtype", dt, prompt])
+        assert r.exit_code == 0, r.output
+        probs[dt] = [row["prob"] for row in json.loads(r.output)["top"]]
+    assert probs["bfloat16"] == top_k(load_model("tiny-neox", dtype="bfloat16"), [prompt], k=10)[0].probs
+    assert probs["bfloat16"] != probs["float32"]
 
 
 def test_float16_overflow_is_one_clear_cli_error(tmp_path):
