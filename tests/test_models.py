@@ -141,7 +141,30 @@ def test_parallel_flag_matches_the_model(tiny):
     with hooks.ablate(tiny, "attn", l), hooks.cache(tiny, "mlp_out", [l]) as ablated:
         tiny.run(batch)
     assert torch.equal(clean["mlp_out", l], ablated["mlp_out", l]) == tiny.parallel
-    assert tiny.parallel == (tiny.spec.family in ("gptj", "gpt_neox"))
+    assert tiny.parallel == (tiny.spec.family in ("gptj", "gpt_neox"))  # the tiny NeoX is parallel, as Pythia
+
+
+def test_sequential_neox_is_not_parallel():
+    """GPT-NeoX with use_parallel_residual=False (some NeoX models) is sequential: the flag follows the
+    config, not only the family."""
+    from transformers import AutoModelForCausalLM
+
+    from factscope import hooks
+
+    tok = load_tokenizer("tiny-neox")
+    cfg = models._tiny_config("neox", tok)
+    cfg.use_parallel_residual = False
+    hooks.register_attention()
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    hf.set_attn_implementation(hooks.ATTN_NAME)
+    m = models.Model(hf, tok, "tiny-neox-sequential")
+    assert not m.parallel
+    batch = m.encode(PROMPTS[:1])
+    with hooks.cache(m, "mlp_out", [1]) as clean:
+        m.run(batch)
+    with hooks.ablate(m, "attn", 1), hooks.cache(m, "mlp_out", [1]) as ablated:
+        m.run(batch)
+    assert not torch.equal(clean["mlp_out", 1], ablated["mlp_out", 1])
 
 
 def test_embedding_is_what_layer_0_reads(tiny):
