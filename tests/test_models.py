@@ -311,6 +311,17 @@ def test_dtype_option_on_every_model_command():
     assert not has & {n for n in cmds if n.split()[0] in ("lca", "models", "data", "report")}
 
 
+def test_dtype_option_does_not_import_torch():
+    """flow/ and hijack/ import dtype_option from factscope.commands: that import stays light, so
+    `factscope flow --help` does not wait for torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, factscope.commands, factscope.flow.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_dtype_recorded_in_config_and_report(tmp_path):
     import json
 

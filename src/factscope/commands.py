@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import time
 from pathlib import Path
@@ -10,9 +11,18 @@ from typing import Any, Mapping
 
 import click
 
+from factscope import DEFAULT_MODEL
 from factscope.errors import FactscopeError
-from factscope.models import DEFAULT_MODEL, REGISTRY, cache_dir, load_model, using_dtype, weights_label
 from factscope.runs import recording
+
+
+def load_model(*args, **kwargs):
+    """``factscope.models.load_model``, imported when a command runs: importing this module (as
+    flow/ and hijack/ do for ``dtype_option``) does not import torch, so ``--help`` stays fast."""
+    from factscope.models import load_model as load
+
+    return load(*args, **kwargs)
+
 
 model_option = click.option(
     "--model", "model_spec", default=DEFAULT_MODEL, show_default=True,
@@ -23,6 +33,8 @@ device_option = click.option("--device", default="cpu", show_default=True, help=
 
 def _recorded_model_config(dtype: str, config: Mapping[str, Any]) -> dict[str, Any]:
     """What ``--dtype`` adds to a run's config.json: the dtype and where the weights come from."""
+    from factscope.models import weights_label
+
     out: dict[str, Any] = {"dtype": dtype}
     if isinstance(config.get("models"), list):
         out["weights"] = {str(m): weights_label(str(m)) for m in config["models"]}
@@ -34,15 +46,20 @@ def _recorded_model_config(dtype: str, config: Mapping[str, Any]) -> dict[str, A
 def dtype_option(f):
     """``--dtype float32|bfloat16|float16`` for a command that loads models; the one place it is defined.
 
-    The command function does not see the value: while it runs, ``load_model`` without an explicit
-    dtype loads in the chosen one (``models.using_dtype``), and every run it creates records
-    ``dtype`` and ``weights`` (e.g. "GGUF Q4_K_M, dequantized") in config.json (``runs.recording``),
-    so adding the option to a command is one decorator line. float16 runs on the CPU with this
-    torch; a model whose activations overflow float16 (Gemma 3) is refused when loaded.
+    The command function need not take the value (it gets ``dtype=`` only if it declares it): while it
+    runs, ``load_model`` without an explicit dtype loads in the chosen one (``models.using_dtype``),
+    and every run it creates records ``dtype`` and ``weights`` (e.g. "GGUF Q4_K_M (4-bit quantized),
+    dequantized") in config.json (``runs.recording``), so adding the option to a command is one
+    decorator line. float16 runs on the CPU with this torch; a model whose activations overflow
+    float16 (Gemma 3) is refused when loaded.
     """
+    wants = "dtype" in inspect.signature(f).parameters
+
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
-        dtype = kwargs.pop("dtype")
+        from factscope.models import using_dtype
+
+        dtype = kwargs["dtype"] if wants else kwargs.pop("dtype")
         with using_dtype(dtype), recording(functools.partial(_recorded_model_config, dtype)):
             return f(*args, **kwargs)
 
@@ -65,6 +82,8 @@ def models() -> None:
 @models.command("list")
 def models_list() -> None:
     """List the registered models and whether their weights are cached."""
+    from factscope.models import REGISTRY, cache_dir
+
     for name, reg in REGISTRY.items():
         if reg.tiny:
             state = "built on demand"
@@ -77,7 +96,7 @@ def models_list() -> None:
 @click.argument("name")
 def models_pull(name: str) -> None:
     """Download or assemble a model and cache its float weights (GGUF: dequantized once)."""
-    from factscope.models import load_tokenizer, resolve
+    from factscope.models import REGISTRY, load_tokenizer, resolve
 
     t = time.time()
     display, folder = resolve(name)
@@ -101,11 +120,11 @@ def models_pull(name: str) -> None:
 @click.option("--top-k", "k", default=10, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.argument("prompt")
-def predict(model_spec: str, device: str, k: int, as_json: bool, prompt: str) -> None:
+def predict(model_spec: str, device: str, dtype: str, k: int, as_json: bool, prompt: str) -> None:
     """Print the next-token distribution after PROMPT."""
     from factscope.predict import top_k
 
-    model = load_model(model_spec, device=device)
+    model = load_model(model_spec, device=device, dtype=dtype)
     pred = top_k(model, [prompt], k=k)[0]
     if as_json:
         rows = [{"token": t, "id": i, "prob": p} for t, i, p in zip(pred.tokens, pred.token_ids, pred.probs)]
@@ -167,13 +186,13 @@ def known_section(run, model, facts, top_k: int = 1, batch_size: int = 32) -> li
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--resume", is_flag=True, help="Write into an existing run directory with the same config.")
-def facts_known(model_spec, device, dataset, limit, seed, top_k, batch_size, out, resume) -> None:
+def facts_known(model_spec, device, dtype, dataset, limit, seed, top_k, batch_size, out, resume) -> None:
     """Keep the facts whose target is the model's top-1 (or top-k) prediction."""
     from factscope.facts import load_facts
     from factscope.runs import Run
 
     fs = load_facts(dataset, limit=limit, seed=seed)
-    model = load_model(model_spec, device=device)
+    model = load_model(model_spec, device=device, dtype=dtype)
     config = {"command": "facts known", "model": model.name, "weights": model.weights, "dataset": dataset,
               "limit": limit, "seed": seed, "top_k": top_k, "runtime": {"device": device, "batch_size": batch_size}}
     run = Run.create(out, config, resume=resume)
@@ -202,14 +221,14 @@ DEMO_PARTS = ("flow", "hijack", "lca")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--skip", multiple=True, type=click.Choice(DEMO_PARTS), help="Leave out a part (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted demo in --out (finished work is kept).")
-def demo(model_spec, device, out, n_facts, seed, skip, resume) -> None:
+def demo(model_spec, device, dtype, out, n_facts, seed, skip, resume) -> None:
     """The main job: known facts, information flow, context hijacking and the synthetic task, in one report."""
     from factscope.facts import load_facts
     from factscope.runs import Run
 
     t0 = time.time()
     fs = load_facts("known_1000", limit=n_facts, seed=seed)
-    model = load_model(model_spec, device=device)
+    model = load_model(model_spec, device=device, dtype=dtype)
     config = {"command": "demo", "model": model.name, "weights": model.weights, "dataset": "known_1000",
               "n_facts": n_facts, "seed": seed, "skip": sorted(skip), "runtime": {"device": device}}
     run = Run.create(out, config, resume=resume)

@@ -26,10 +26,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from factscope import DEFAULT_MODEL
 from factscope.archs import ArchSpec, arch_for
 from factscope.errors import FactscopeError
-
-DEFAULT_MODEL = "gemma-3-270m"
 CACHE_FORMAT = 1
 
 
