@@ -311,6 +311,17 @@ def test_dtype_option_on_every_model_command():
     assert not has & {n for n in cmds if n.split()[0] in ("lca", "models", "data", "report")}
 
 
+def test_recording_fills_only_missing_config_keys(tmp_path):
+    from factscope.runs import Run, recording
+
+    with recording(lambda cfg: {"dtype": "bfloat16", "weights": f"for {cfg['model']}", "model": "other"}):
+        run = Run.create(tmp_path / "a", {"model": "m"})
+        own = Run.create(tmp_path / "b", {"model": "m", "weights": "the command's own"})
+    assert (run.config["model"], run.config["dtype"], run.config["weights"]) == ("m", "bfloat16", "for m")
+    assert own.config["weights"] == "the command's own"
+    assert "dtype" not in Run.create(tmp_path / "c", {"model": "m"}).config  # only inside the block
+
+
 def test_dtype_option_does_not_import_torch():
     """flow/ and hijack/ import dtype_option from factscope.commands: that import stays light, so
     `factscope flow --help` does not wait for torch."""
