@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-TINY = ["tiny-gpt2", "tiny-llama", "tiny-qwen2", "tiny-gemma3"]
+TINY = ["tiny-gpt2", "tiny-llama", "tiny-qwen2", "tiny-gemma3", "tiny-gemma", "tiny-gptj", "tiny-neox"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -71,9 +71,313 @@ def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
 
 def test_tiny_models_are_deterministic_and_cover_families():
     fams = {load_model(n).spec.family for n in REGISTRY if n.startswith("tiny-")}
-    assert fams == {"gpt2", "llama", "qwen2", "gemma3"}
+    assert fams == {"gpt2", "llama", "qwen2", "gemma3", "gemma", "gptj", "gpt_neox"}
     a, b = load_model("tiny-qwen2"), load_model("tiny-qwen2")
     assert torch.equal(a.run(["The capital of France is"]), b.run(["The capital of France is"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Architecture rows: per-head weights and the parallel flag against the HF model itself
+# --------------------------------------------------------------------------------------------
+
+PROMPTS = ["The Eiffel Tower is located in the city of", "Danielle Darrieux speaks"]
+
+
+def _hf_eager(model, batch):
+    """Hidden states and attention probabilities from HF's own eager attention (not factscope's
+    attention function), and what each layer's attention adds to the residual (a plain hook)."""
+    from factscope import hooks
+
+    added = {}
+    handles = [
+        model.module(l, model.spec.attn_out).register_forward_hook(
+            lambda m, a, o, l=l: added.__setitem__(l, (o[0] if isinstance(o, tuple) else o).detach())
+        )
+        for l in range(model.n_layers)
+    ]
+    model.hf.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            out = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids, use_cache=False, output_attentions=True,
+                           output_hidden_states=True)
+    finally:
+        model.hf.set_attn_implementation(hooks.ATTN_NAME)
+        for h in handles:
+            h.remove()
+    return out.hidden_states, out.attentions, added
+
+
+def test_per_head_weights_reproduce_hf_attention_output(tiny):
+    """sum_h probs_h (x W_V[h] + b_V[h]) W_O[h] (+ output bias, x Gemma 3's post-norm) equals what
+    the attention module adds to the residual. A wrong per-head slice of a fused qkv matrix (GPT-2's
+    [q|k|v] blocks, NeoX's per-head [q_h k_h v_h]) or of its bias fails here; the tiny GPT-J and
+    NeoX models have random (non-zero) biases for that reason."""
+    batch = tiny.encode(PROMPTS)
+    hidden, probs, added = _hf_eager(tiny, batch)
+    real = batch.attention_mask.bool()
+    for l in range(tiny.n_layers):
+        x = tiny.attn_input_norm(l, hidden[l])
+        v = torch.einsum("btd,hde->bhte", x, tiny.W_V(l)) + tiny.b_V(l)[None, :, None]
+        z = torch.einsum("bhqk,bhke->bqhe", probs[l], v)
+        out = torch.einsum("bqhe,hed->bqd", z, tiny.W_O(l))
+        bias = getattr(tiny.module(l, tiny.spec.o_proj), "bias", None)
+        if bias is not None:
+            out = out + bias
+        out = out * tiny.post_attn_scale(l, out)
+        scale = max(1.0, added[l][real].abs().max().item())
+        assert (out - added[l])[real].abs().max().item() <= 1e-4 * scale, (tiny.name, l)
+
+
+def test_parallel_flag_matches_the_model(tiny):
+    """Model.parallel says whether the MLP reads resid_pre (GPT-J, NeoX) or resid_pre + attn_out:
+    zeroing attention leaves the same layer's MLP output bit for bit unchanged exactly when parallel."""
+    from factscope import hooks
+
+    batch = tiny.encode(PROMPTS[:1])
+    l = 1
+    with hooks.cache(tiny, "mlp_out", [l]) as clean:
+        tiny.run(batch)
+    with hooks.ablate(tiny, "attn", l), hooks.cache(tiny, "mlp_out", [l]) as ablated:
+        tiny.run(batch)
+    assert torch.equal(clean["mlp_out", l], ablated["mlp_out", l]) == tiny.parallel
+    assert tiny.parallel == (tiny.spec.family in ("gptj", "gpt_neox"))  # the tiny NeoX is parallel, as Pythia
+
+
+def test_sequential_neox_is_not_parallel():
+    """GPT-NeoX with use_parallel_residual=False (some NeoX models) is sequential: the flag follows the
+    config, not only the family."""
+    from transformers import AutoModelForCausalLM
+
+    from factscope import hooks
+
+    tok = load_tokenizer("tiny-neox")
+    cfg = models._tiny_config("neox", tok)
+    cfg.use_parallel_residual = False
+    hooks.register_attention()
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    hf.set_attn_implementation(hooks.ATTN_NAME)
+    m = models.Model(hf, tok, "tiny-neox-sequential")
+    assert not m.parallel
+    batch = m.encode(PROMPTS[:1])
+    with hooks.cache(m, "mlp_out", [1]) as clean:
+        m.run(batch)
+    with hooks.ablate(m, "attn", 1), hooks.cache(m, "mlp_out", [1]) as ablated:
+        m.run(batch)
+    assert not torch.equal(clean["mlp_out", 1], ablated["mlp_out", 1])
+
+
+def test_embedding_is_what_layer_0_reads(tiny):
+    """Model.embed equals HF's input to layer 0 (Gemma's sqrt(d) scale included) for the families
+    without learned absolute positions (GPT-2 adds wpe, which Model.embed leaves out)."""
+    if tiny.spec.family == "gpt2":
+        pytest.skip("GPT-2 adds learned positions to the embedding; Model.embed leaves them out")
+    batch = tiny.encode(PROMPTS[:1])
+    with torch.inference_mode():
+        hidden = tiny.hf(input_ids=batch.input_ids, output_hidden_states=True, use_cache=False).hidden_states[0]
+    assert torch.equal(tiny.embed(batch.input_ids), hidden)
+    if tiny.spec.family in ("gemma", "gemma3"):
+        raw = tiny.unembed_weight[batch.input_ids]  # tied embeddings: the unscaled rows
+        assert torch.allclose(tiny.embed(batch.input_ids), raw * tiny.d_model**0.5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# dtype
+# --------------------------------------------------------------------------------------------
+
+
+def test_dtype_default_and_explicit():
+    assert models.default_dtype() == "float32" and load_model("tiny-gpt2").dtype == torch.float32
+    with models.using_dtype("bfloat16"):
+        assert load_model("tiny-gpt2").dtype == torch.bfloat16
+        assert load_model("tiny-gpt2", dtype="float32").dtype == torch.float32  # explicit wins
+    assert models.default_dtype() == "float32"
+    with pytest.raises(FactscopeError, match="unknown dtype 'half'"), models.using_dtype("half"):
+        pass
+
+
+def _overflowing_model_dir(dest):
+    """tiny-llama with one MLP scaled so the residual stream exceeds float16's 65504 (weights stay
+    representable): fine in float32 and bfloat16, inf/NaN in float16, as Gemma 3 270M is."""
+    from factscope import hooks
+
+    m = load_model("tiny-llama")
+    with torch.no_grad():
+        for name in ("mlp.up_proj", "mlp.down_proj"):
+            m.module(0, name).weight.mul_(300.0)
+            assert m.module(0, name).weight.abs().max() < 1000
+    with hooks.cache(m, "resid_post", [0]) as c:
+        m.run(PROMPTS)
+    assert c["resid_post", 0].abs().max() > 2 * 65504
+    models._write_cache(dest, m.hf, m.tokenizer, source="test")
+    return dest
+
+
+def test_float16_runs_on_cpu_and_overflow_is_refused(tmp_path):
+    # this torch build runs every float16 op we use on the CPU: no CPU-specific refusal is needed
+    m16, m32 = load_model("tiny-llama", dtype="float16"), load_model("tiny-llama")
+    batch = m32.encode(PROMPTS)
+    l16, l32 = m16.run(batch).float(), m32.run(batch)
+    assert m16.dtype == torch.float16 and torch.isfinite(l16).all()
+    assert (l16 - l32).abs().max().item() < 0.05
+    d = _overflowing_model_dir(tmp_path / "overflow")
+    assert torch.isfinite(load_model(str(d)).run(PROMPTS)).all()
+    assert torch.isfinite(load_model(str(d), dtype="bfloat16").run(PROMPTS)).all()
+    with pytest.raises(FactscopeError, match="does not run in float16.*bfloat16"):
+        load_model(str(d), dtype="float16")
+
+
+# --------------------------------------------------------------------------------------------
+# Where the weights come from
+# --------------------------------------------------------------------------------------------
+
+
+def _write_gguf(path, file_type):
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    # values of every kind before the file type, as real files have (the reader must skip them)
+    w.add_token_list(["<s>", "▁Paris", "x" * 300])
+    w.add_token_scores([0.0, -1.5, 2.0])
+    w.add_context_length(2048)
+    w.add_rope_freq_base(10000.0)
+    w.add_bool("test.flag", True)
+    w.add_array("test.nested", [[1, 2], [3]])
+    w.add_file_type(int(file_type))
+    w.add_uint64("test.after", 7)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_weights_labels(tmp_path):
+    import gguf
+
+    assert models.weights_label("gemma-3-270m") == "GGUF Q4_K_M (4-bit quantized), dequantized"
+    assert models.weights_label("smollm2-135m") == "GGUF Q4_1 (4-bit quantized), dequantized"
+    assert models.weights_label("tiny-neox") == "random (tiny test model)"
+    assert models.weights_label("google/gemma-2b") == "as published on the Hugging Face hub"
+    q8 = _write_gguf(tmp_path / "m.gguf", gguf.LlamaFileType.MOSTLY_Q8_0)
+    f16 = _write_gguf(tmp_path / "h.gguf", gguf.LlamaFileType.MOSTLY_F16)
+    assert models.gguf_file_type(q8) == "Q8_0" and models.gguf_file_type(f16) == "F16"
+    assert models.weights_label(str(q8)) == "GGUF Q8_0 (8-bit quantized), dequantized"
+    assert models.weights_label(str(f16)) == "GGUF F16, dequantized"
+    # a factscope cache directory: labelled from the GGUF file it was dequantized from
+    m = load_model("tiny-llama")
+    models._write_cache(tmp_path / "cache", m.hf, m.tokenizer, source=str(q8))
+    assert models.weights_label(str(tmp_path / "cache")) == "GGUF Q8_0 (8-bit quantized), dequantized"
+    assert load_model(str(tmp_path / "cache")).weights == "GGUF Q8_0 (8-bit quantized), dequantized"
+    models._write_cache(tmp_path / "plain", m.hf, m.tokenizer, source="test")
+    assert models.weights_label(str(tmp_path / "plain")) == "as stored in the model directory"
+    with pytest.raises(FactscopeError, match="cannot read the GGUF header"):
+        models.gguf_file_type(tmp_path / "plain" / "config.json")
+    (tmp_path / "cut.gguf").write_bytes(q8.read_bytes()[:200])
+    with pytest.raises(FactscopeError, match="cannot read the GGUF header.*truncated"):
+        models.gguf_file_type(tmp_path / "cut.gguf")
+
+
+@pytest.mark.gemma
+def test_registered_quantization_is_the_files():
+    """The registry's labels are what the shipped GGUF files declare (reads headers only)."""
+    assert models.gguf_file_type(models._gemma_gguf()) == REGISTRY["gemma-3-270m"].quantization == "Q4_K_M"
+    assert models.gguf_file_type(models._smollm2_gguf()) == REGISTRY["smollm2-135m"].quantization == "Q4_1"
+
+
+# --------------------------------------------------------------------------------------------
+# --dtype on the command line
+# --------------------------------------------------------------------------------------------
+
+
+def test_dtype_option_on_every_model_command():
+    import click
+
+    from factscope.cli import main
+
+    ctx = click.Context(main)
+    cmds = {}
+    for name in main.list_commands(ctx):
+        cmd = main.get_command(ctx, name)
+        if isinstance(cmd, click.Group):
+            cmds.update({f"{name} {sub}": cmd.get_command(ctx, sub) for sub in cmd.list_commands(ctx)})
+        else:
+            cmds[name] = cmd
+    has = {n for n, c in cmds.items() if any("--dtype" in p.opts for p in c.params)}
+    flow = {n for n in cmds if n.startswith("flow ")}
+    assert len(flow) >= 5
+    assert {"predict", "facts known", "demo", "hijack run"} | flow <= has
+    # lca trains its own small float32 model; models/data/report load no model for analysis
+    assert not has & {n for n in cmds if n.split()[0] in ("lca", "models", "data", "report")}
+
+
+def test_recording_fills_only_missing_config_keys(tmp_path):
+    from factscope.runs import Run, recording
+
+    with recording(lambda cfg: {"dtype": "bfloat16", "weights": f"for {cfg['model']}", "model": "other"}):
+        run = Run.create(tmp_path / "a", {"model": "m"})
+        own = Run.create(tmp_path / "b", {"model": "m", "weights": "the command's own"})
+    assert (run.config["model"], run.config["dtype"], run.config["weights"]) == ("m", "bfloat16", "for m")
+    assert own.config["weights"] == "the command's own"
+    assert "dtype" not in Run.create(tmp_path / "c", {"model": "m"}).config  # only inside the block
+
+
+def test_dtype_option_does_not_import_torch():
+    """flow/ and hijack/ import dtype_option from factscope.commands: that import stays light, so
+    `factscope flow --help` does not wait for torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, factscope.commands, factscope.flow.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_dtype_recorded_in_config_and_report(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from factscope.cli import main
+
+    out = tmp_path / "known"
+    args = ["facts", "known", "--model", "tiny-neox", "--limit", "10", "--out", str(out)]
+    r = CliRunner().invoke(main, [*args, "--dtype", "bfloat16"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dtype"] == "bfloat16" and cfg["weights"] == "random (tiny test model)"
+    assert "weights random (tiny test model), run in bfloat16" in (out / "report.html").read_text()
+    r = CliRunner().invoke(main, [*args, "--resume"])  # float32 now: a different analysis
+    assert r.exit_code == 2 and "dtype" in r.output
+    flow = tmp_path / "flow"
+    r = CliRunner().invoke(main, ["flow", "knockout", "--model", "tiny-gptj", "--all-facts", "--limit", "2",
+                                  "--dtype", "float16", "--no-progress", "--out", str(flow)])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((flow / "config.json").read_text())
+    assert cfg["dtype"] == "float16" and cfg["weights"] == "random (tiny test model)"
+    assert models.default_dtype() == "float32"  # the option's setting ends with the command
+    # the command really computes in the chosen dtype: predict's numbers are those of a bfloat16 model
+    from factscope.predict import top_k
+
+    prompt = "The Eiffel Tower is located in"
+    probs = {}
+    for dt in ("float32", "bfloat16"):
+        r = CliRunner().invoke(main, ["predict", "--model", "tiny-neox", "--json", "--dtype", dt, prompt])
+        assert r.exit_code == 0, r.output
+        probs[dt] = [row["prob"] for row in json.loads(r.output)["top"]]
+    assert probs["bfloat16"] == top_k(load_model("tiny-neox", dtype="bfloat16"), [prompt], k=10)[0].probs
+    assert probs["bfloat16"] != probs["float32"]
+
+
+def test_float16_overflow_is_one_clear_cli_error(tmp_path):
+    from click.testing import CliRunner
+
+    from factscope.cli import main
+
+    d = _overflowing_model_dir(tmp_path / "overflow")
+    r = CliRunner().invoke(main, ["predict", "--model", str(d), "--dtype", "float16", "Paris is"])
+    assert r.exit_code == 2 and "error: overflow does not run in float16" in r.output
+    assert "Traceback" not in r.output
 
 
 def test_tokenizer_conventions():

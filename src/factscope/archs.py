@@ -31,6 +31,8 @@ class ArchSpec:
     conv1d: bool = False  # GPT-2 style Conv1D weights ([in, out]) and fused c_attn (q|k|v)
     post_attn_norm: bool = False  # attn_out is an RMSNorm of o_proj's output (Gemma 2/3)
     rms_offset: bool = False  # RMSNorm multiplies by (1 + w) (Gemma)
+    qkv_per_head: bool = False  # v_proj is one fused q|k|v Linear laid out per head: [q_h k_h v_h] (GPT-NeoX)
+    parallel: bool = False  # attention and MLP both read resid_pre (GPT-J, GPT-NeoX): the MLP never sees attn_out
 
 
 _LLAMA_LIKE = dict(
@@ -76,6 +78,46 @@ ARCHS: tuple[ArchSpec, ...] = (
         },
         post_attn_norm=True,
         rms_offset=True,
+    ),
+    # Gemma (v1): Llama layout with (1 + w) RMSNorms, the sqrt(d) embedding scale inside the
+    # embedding module, GeGLU MLP and no post-norms.
+    ArchSpec(family="gemma", model_types=("gemma",), **_LLAMA_LIKE, rms_offset=True),
+    # GPT-J: one LayerNorm feeds attention and MLP in parallel; separate q/k/v without bias,
+    # partial rotary embeddings; the unembedding has a bias (Model.unembed calls the module).
+    ArchSpec(
+        family="gptj",
+        model_types=("gptj",),
+        layers="transformer.h",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        lm_head="lm_head",
+        attn="attn",
+        mlp="mlp",
+        o_proj="attn.out_proj",
+        v_proj="attn.v_proj",
+        attn_out="attn",
+        mlp_out="mlp",
+        attn_in_norm="ln_1",
+        parallel=True,
+    ),
+    # GPT-NeoX / Pythia: parallel attention and MLP (two LayerNorms), fused query_key_value with
+    # bias whose output is [q_h k_h v_h] per head, partial rotary embeddings.
+    ArchSpec(
+        family="gpt_neox",
+        model_types=("gpt_neox",),
+        layers="gpt_neox.layers",
+        embed="gpt_neox.embed_in",
+        final_norm="gpt_neox.final_layer_norm",
+        lm_head="lm_head",
+        attn="attention",
+        mlp="mlp",
+        o_proj="attention.dense",
+        v_proj="attention.query_key_value",
+        attn_out="attention",
+        mlp_out="mlp",
+        attn_in_norm="input_layernorm",
+        qkv_per_head=True,
+        parallel=True,
     ),
 )
 

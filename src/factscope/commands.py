@@ -2,23 +2,71 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import time
 from pathlib import Path
+from typing import Any, Mapping
 
 import click
 
+from factscope import DEFAULT_MODEL
 from factscope.errors import FactscopeError
-from factscope.models import DEFAULT_MODEL, REGISTRY, cache_dir, load_model
+from factscope.runs import recording
+
+
+def load_model(*args, **kwargs):
+    """``factscope.models.load_model``, imported when a command runs: importing this module (as
+    flow/ and hijack/ do for ``dtype_option``) does not import torch, so ``--help`` stays fast."""
+    from factscope.models import load_model as load
+
+    return load(*args, **kwargs)
+
 
 model_option = click.option(
     "--model", "model_spec", default=DEFAULT_MODEL, show_default=True,
     help="Registered name, Hugging Face hub id, local model directory or .gguf file.",
 )
 device_option = click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
-dtype_option = click.option(
-    "--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"])
-)
+
+
+def _recorded_model_config(dtype: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``--dtype`` adds to a run's config.json: the dtype and where the weights come from."""
+    from factscope.models import weights_label
+
+    out: dict[str, Any] = {"dtype": dtype}
+    if isinstance(config.get("models"), list):
+        out["weights"] = {str(m): weights_label(str(m)) for m in config["models"]}
+    elif isinstance(config.get("model"), str):
+        out["weights"] = weights_label(config["model"])
+    return out
+
+
+def dtype_option(f):
+    """``--dtype float32|bfloat16|float16`` for a command that loads models; the one place it is defined.
+
+    The command function need not take the value (it gets ``dtype=`` only if it declares it): while it
+    runs, ``load_model`` without an explicit dtype loads in the chosen one (``models.using_dtype``),
+    and every run it creates records ``dtype`` and ``weights`` (e.g. "GGUF Q4_K_M (4-bit quantized),
+    dequantized") in config.json (``runs.recording``), so adding the option to a command is one
+    decorator line. float16 runs on the CPU with this torch; a model whose activations overflow
+    float16 (Gemma 3) is refused when loaded.
+    """
+    wants = "dtype" in inspect.signature(f).parameters
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        from factscope.models import using_dtype
+
+        dtype = kwargs["dtype"] if wants else kwargs.pop("dtype")
+        with using_dtype(dtype), recording(functools.partial(_recorded_model_config, dtype)):
+            return f(*args, **kwargs)
+
+    return click.option(
+        "--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]),
+        help="Weights and activations dtype (bfloat16 halves memory; float16 is refused for models that overflow it).",
+    )(wrapper)
 
 
 # --------------------------------------------------------------------------------------------
@@ -34,6 +82,8 @@ def models() -> None:
 @models.command("list")
 def models_list() -> None:
     """List the registered models and whether their weights are cached."""
+    from factscope.models import REGISTRY, cache_dir
+
     for name, reg in REGISTRY.items():
         if reg.tiny:
             state = "built on demand"
@@ -46,7 +96,7 @@ def models_list() -> None:
 @click.argument("name")
 def models_pull(name: str) -> None:
     """Download or assemble a model and cache its float weights (GGUF: dequantized once)."""
-    from factscope.models import load_tokenizer, resolve
+    from factscope.models import REGISTRY, load_tokenizer, resolve
 
     t = time.time()
     display, folder = resolve(name)
@@ -143,8 +193,8 @@ def facts_known(model_spec, device, dtype, dataset, limit, seed, top_k, batch_si
 
     fs = load_facts(dataset, limit=limit, seed=seed)
     model = load_model(model_spec, device=device, dtype=dtype)
-    config = {"command": "facts known", "model": model.name, "dataset": dataset, "limit": limit, "seed": seed,
-              "top_k": top_k, "runtime": {"device": device, "dtype": dtype, "batch_size": batch_size}}
+    config = {"command": "facts known", "model": model.name, "weights": model.weights, "dataset": dataset,
+              "limit": limit, "seed": seed, "top_k": top_k, "runtime": {"device": device, "batch_size": batch_size}}
     run = Run.create(out, config, resume=resume)
     known = known_section(run, model, fs, top_k=top_k, batch_size=batch_size)
     from factscope.runs import atomic_write_text
@@ -179,8 +229,8 @@ def demo(model_spec, device, dtype, out, n_facts, seed, skip, resume) -> None:
     t0 = time.time()
     fs = load_facts("known_1000", limit=n_facts, seed=seed)
     model = load_model(model_spec, device=device, dtype=dtype)
-    config = {"command": "demo", "model": model.name, "dataset": "known_1000", "n_facts": n_facts, "seed": seed,
-              "skip": sorted(skip), "runtime": {"device": device, "dtype": dtype}}
+    config = {"command": "demo", "model": model.name, "weights": model.weights, "dataset": "known_1000",
+              "n_facts": n_facts, "seed": seed, "skip": sorted(skip), "runtime": {"device": device}}
     run = Run.create(out, config, resume=resume)
     click.echo(f"demo: {model!r}; writing {run.dir}")
     known = known_section(run, model, fs)

@@ -1,8 +1,8 @@
 """Loading real and tiny causal LMs behind one :class:`Model` view.
 
-``load_model(spec)`` takes a registered short name (``gemma-3-270m``, ``smollm2-135m``,
-``tiny-gpt2``, ``tiny-llama``, ``tiny-qwen2``, ``tiny-gemma3``), a Hugging Face hub id or local model
-directory, or a ``.gguf`` file. GGUF weights are dequantized once and cached as safetensors under
+``load_model(spec)`` takes a registered short name (``gemma-3-270m``, ``smollm2-135m``, or a tiny
+random test model: ``tiny-gpt2``, ``tiny-llama``, ``tiny-qwen2``, ``tiny-gemma3``, ``tiny-gemma``,
+``tiny-gptj``, ``tiny-neox``), a Hugging Face hub id or local model directory, or a ``.gguf`` file. GGUF weights are dequantized once and cached as safetensors under
 ``$FACTSCOPE_CACHE`` (default ``~/.cache/factscope``); the cache is written atomically and checked on
 every load. ``trust_remote_code`` is never enabled and weights are never unpickled.
 """
@@ -10,6 +10,7 @@ every load. ``trust_remote_code`` is never enabled and weights are never unpickl
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import importlib.util
 import json
@@ -25,10 +26,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from factscope import DEFAULT_MODEL
 from factscope.archs import ArchSpec, arch_for
 from factscope.errors import FactscopeError
-
-DEFAULT_MODEL = "gemma-3-270m"
 CACHE_FORMAT = 1
 
 
@@ -70,17 +70,23 @@ class Registered:
     description: str
     gguf: Callable[[], Path] | None = None  # real models: where the GGUF file comes from
     tiny: str | None = None  # tiny models: family key in TINY
+    quantization: str | None = None  # real models: the GGUF file type (checked against the file by a test)
 
 
 REGISTRY: dict[str, Registered] = {
     r.name: r
     for r in (
-        Registered("gemma-3-270m", "Gemma 3 270M (Q4_K_M GGUF from PyPI, dequantized to float)", gguf=_gemma_gguf),
-        Registered("smollm2-135m", "SmolLM2-135M-Instruct, Llama architecture (Q4_1 GGUF from PyPI)", gguf=_smollm2_gguf),
+        Registered("gemma-3-270m", "Gemma 3 270M (Q4_K_M GGUF from PyPI, dequantized to float)", gguf=_gemma_gguf,
+                   quantization="Q4_K_M"),
+        Registered("smollm2-135m", "SmolLM2-135M-Instruct, Llama architecture (Q4_1 GGUF from PyPI)", gguf=_smollm2_gguf,
+                   quantization="Q4_1"),
         Registered("tiny-gpt2", "random 4-layer GPT-2 for tests", tiny="gpt2"),
         Registered("tiny-llama", "random 4-layer Llama (grouped-query attention) for tests", tiny="llama"),
         Registered("tiny-qwen2", "random 4-layer Qwen2 (qkv bias, GQA) for tests", tiny="qwen2"),
         Registered("tiny-gemma3", "random 4-layer Gemma 3 (sliding window 4, MQA) for tests", tiny="gemma3"),
+        Registered("tiny-gemma", "random 4-layer Gemma v1 (GeGLU, MQA, no post-norms) for tests", tiny="gemma"),
+        Registered("tiny-gptj", "random 4-layer GPT-J (parallel attention+MLP, partial rotary) for tests", tiny="gptj"),
+        Registered("tiny-neox", "random 4-layer GPT-NeoX/Pythia (parallel, fused per-head qkv) for tests", tiny="neox"),
     )
 }
 
@@ -91,6 +97,10 @@ REGISTRY: dict[str, Registered] = {
 
 TINY_SEED = 0
 TINY_VOCAB = 600
+_BYTE_LEVEL = ("gpt2", "qwen2", "gptj", "neox")  # tiny families with a GPT-2 style byte-level tokenizer
+# tiny families whose biases are drawn at random (HF initializes biases to zero, which would let a
+# wrong per-head bias slice pass every test)
+_RANDOM_BIASES = ("gptj", "neox")
 
 
 def _tiny_corpus() -> list[str]:
@@ -184,17 +194,39 @@ def _tiny_config(family: str, tokenizer):
             layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
             tie_word_embeddings=True,
         )
+    if family == "gemma":  # Gemma v1 (2B-like: one key/value head, GeGLU)
+        return AutoConfig.for_model(
+            "gemma", **{**llama_like, "num_key_value_heads": 1}, head_dim=16, hidden_act="gelu_pytorch_tanh",
+            tie_word_embeddings=True,
+        )
+    if family == "gptj":  # rotary on 8 of the 16 dimensions of each head, as GPT-J (64 of 256)
+        return AutoConfig.for_model(
+            "gptj", n_layer=4, n_head=4, n_embd=64, n_inner=128, rotary_dim=8, n_positions=256,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **common,
+        )
+    if family == "neox":  # Pythia: parallel residual, qkv bias, rotary on a quarter of each head
+        return AutoConfig.for_model(
+            "gpt_neox", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            max_position_embeddings=256, rotary_pct=0.25, use_parallel_residual=True, attention_bias=True,
+            tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            **common,
+        )
     raise FactscopeError(f"no tiny config for family {family!r}")
 
 
 def _build_tiny(family: str):
     from transformers import AutoModelForCausalLM
 
-    tokenizer = _tiny_tokenizer(byte_level=family in ("gpt2", "qwen2"))
+    tokenizer = _tiny_tokenizer(byte_level=family in _BYTE_LEVEL)
     config = _tiny_config(family, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if family in _RANDOM_BIASES:
+            with torch.no_grad():
+                for name, p in hf.named_parameters():
+                    if name.endswith(".bias"):
+                        p.normal_(0.0, config.initializer_range)
     return hf, tokenizer
 
 
@@ -336,7 +368,7 @@ def load_tokenizer(spec: str = DEFAULT_MODEL):
     from transformers import AutoTokenizer
 
     if spec in REGISTRY and REGISTRY[spec].tiny:
-        return _tiny_tokenizer(byte_level=REGISTRY[spec].tiny in ("gpt2", "qwen2"))
+        return _tiny_tokenizer(byte_level=REGISTRY[spec].tiny in _BYTE_LEVEL)
     name, folder = resolve(spec)
     with _quiet():
         tok = AutoTokenizer.from_pretrained(str(folder) if folder else spec)
@@ -386,7 +418,7 @@ class Batch:
 class Model:
     """One view of any supported causal LM; see docs/ARCHITECTURE.md."""
 
-    def __init__(self, hf, tokenizer, name: str):
+    def __init__(self, hf, tokenizer, name: str, weights: str = "unknown"):
         from factscope import hooks
 
         self.hf = hf.eval()
@@ -400,6 +432,9 @@ class Model:
         self.d_model: int = cfg.hidden_size
         self.head_dim: int = getattr(cfg, "head_dim", None) or self.d_model // self.n_heads
         self.vocab_size: int = self.unembed_weight.shape[0]
+        # attention and MLP both read resid_pre (GPT-J, GPT-NeoX unless configured sequential)
+        self.parallel: bool = self.spec.parallel and bool(getattr(cfg, "use_parallel_residual", True))
+        self.weights: str = weights  # provenance of the weights, in words (see weights_label)
         hooks.install(self)
         for p in self.hf.parameters():
             p.requires_grad_(False)
@@ -470,6 +505,9 @@ class Model:
         proj = self.module(l, self.spec.v_proj)
         if self.spec.conv1d:
             w = proj.weight[:, 2 * self.d_model : 3 * self.d_model]  # c_attn = [q | k | v]
+        elif self.spec.qkv_per_head:  # [H * (q_h k_h v_h) * head_dim, d]: take each head's v block
+            w = proj.weight.reshape(self.n_kv_heads, 3, self.head_dim, self.d_model)[:, 2]
+            w = w.permute(2, 0, 1).reshape(self.d_model, self.n_kv_heads * self.head_dim)
         else:
             w = proj.weight.T
         w = w.reshape(self.d_model, self.n_kv_heads, self.head_dim).permute(1, 0, 2)
@@ -480,7 +518,12 @@ class Model:
         proj = self.module(l, self.spec.v_proj)
         if proj.bias is None:
             return torch.zeros(self.n_heads, self.head_dim, device=self.device, dtype=self.dtype)
-        b = proj.bias[2 * self.d_model : 3 * self.d_model] if self.spec.conv1d else proj.bias
+        if self.spec.conv1d:
+            b = proj.bias[2 * self.d_model : 3 * self.d_model]
+        elif self.spec.qkv_per_head:
+            b = proj.bias.reshape(self.n_kv_heads, 3, self.head_dim)[:, 2]
+        else:
+            b = proj.bias
         return b.reshape(self.n_kv_heads, self.head_dim).repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
 
     def attn_input_norm(self, l: int, x: torch.Tensor) -> torch.Tensor:
@@ -549,15 +592,158 @@ class Model:
         return [self.tokenizer.decode([int(i)]) for i in ids]
 
 
-def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32) -> Model:
-    """Load a causal LM by registered name, hub id, local directory or .gguf file."""
+# --------------------------------------------------------------------------------------------
+# dtype and weight provenance
+# --------------------------------------------------------------------------------------------
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DEFAULT_DTYPE: contextvars.ContextVar[str] = contextvars.ContextVar("factscope_dtype", default="float32")
+# One short prompt run once after loading in float16: models whose activations leave float16's
+# range (Gemma 3's residual stream reaches ~1e5 > 65504) give inf/NaN logits, refused clearly.
+_FLOAT16_PROBE = "The Eiffel Tower is located in the city of"
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """Canonical name (``float32``, ``bfloat16``, ``float16``) of a dtype or dtype name."""
+    if isinstance(dtype, torch.dtype):
+        for name, d in DTYPES.items():
+            if d == dtype:
+                return name
+    elif dtype in DTYPES:
+        return dtype
+    raise FactscopeError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+
+
+def default_dtype() -> str:
+    """The dtype ``load_model`` uses when none is given (float32 unless set by :func:`using_dtype`)."""
+    return _DEFAULT_DTYPE.get()
+
+
+@contextlib.contextmanager
+def using_dtype(dtype: torch.dtype | str):
+    """Within the block, ``load_model`` without a dtype loads in ``dtype`` (the CLI's ``--dtype``)."""
+    token = _DEFAULT_DTYPE.set(dtype_name(dtype))
+    try:
+        yield
+    finally:
+        _DEFAULT_DTYPE.reset(token)
+
+
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def _gguf_metadata_value(f, key: str):
+    """The value of one metadata key of an open GGUF (v2/v3, little-endian) file, or None.
+
+    Reads the key/value section only, skipping other values (gguf's GGUFReader parses every
+    field, the 262k-token vocabulary included: half a minute for Gemma's file)."""
+    import struct
+
+    def read(fmt):
+        data = f.read(struct.calcsize(fmt))
+        if len(data) != struct.calcsize(fmt):
+            raise ValueError("truncated file")
+        return struct.unpack("<" + fmt, data)[0]
+
+    def skip(vtype):
+        if vtype in _GGUF_SCALARS:
+            f.seek(struct.calcsize(_GGUF_SCALARS[vtype]), 1)
+        elif vtype == _GGUF_STRING:
+            f.seek(read("Q"), 1)
+        elif vtype == _GGUF_ARRAY:
+            etype, n = read("I"), read("Q")
+            if etype in _GGUF_SCALARS:
+                f.seek(n * struct.calcsize(_GGUF_SCALARS[etype]), 1)
+            else:
+                for _ in range(n):
+                    skip(etype)
+        else:
+            raise ValueError(f"unknown value type {vtype}")
+
+    if f.read(4) != b"GGUF":
+        raise ValueError("not a GGUF file (bad magic)")
+    version = read("I")
+    if version not in (2, 3):
+        raise ValueError(f"unsupported GGUF version {version}")
+    read("Q")  # tensor count
+    for _ in range(read("Q")):
+        name = f.read(read("Q")).decode("utf-8", "replace")
+        vtype = read("I")
+        if name == key:
+            return read(_GGUF_SCALARS[vtype]) if vtype in _GGUF_SCALARS else None
+        skip(vtype)
+    return None
+
+
+def gguf_file_type(path: Path) -> str:
+    """The quantization a GGUF file declares (``general.file_type``), e.g. ``Q4_K_M``."""
+    import gguf
+
+    try:
+        with open(path, "rb") as f:
+            value = _gguf_metadata_value(f, "general.file_type")
+    except (OSError, ValueError) as e:
+        raise FactscopeError(f"cannot read the GGUF header of {path}: {e}") from e
+    if value is None:
+        return "unknown type"
+    try:
+        return gguf.LlamaFileType(int(value)).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return f"file type {value}"
+
+
+def _gguf_label(kind: str) -> str:
+    import re
+
+    bits = re.match(r"I?Q(\d)_", kind)
+    return f"GGUF {kind} ({bits[1]}-bit quantized), dequantized" if bits else f"GGUF {kind}, dequantized"
+
+
+def weights_label(spec: str) -> str:
+    """Where a model's weights come from, in words, for config.json and report headers.
+
+    The embedded models are 4-bit GGUF files dequantized to float: their numbers are not those of
+    the published bf16 weights. Reads nothing heavier than a GGUF header and never loads a model.
+    """
+    if spec in REGISTRY:
+        reg = REGISTRY[spec]
+        return "random (tiny test model)" if reg.tiny else _gguf_label(reg.quantization or "unknown type")
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf") and path.is_file():
+        return _gguf_label(gguf_file_type(path))
+    marker = path / "factscope_cache.json"
+    if path.is_dir() and marker.is_file():  # a factscope cache of a dequantized GGUF file
+        try:
+            source = str(json.loads(marker.read_text())["source"])
+        except (OSError, ValueError, KeyError, TypeError):
+            source = ""
+        if source.endswith(".gguf"):
+            return _gguf_label(gguf_file_type(Path(source)) if Path(source).is_file() else "unknown type")
+    if path.is_dir():
+        return "as stored in the model directory"
+    return "as published on the Hugging Face hub"
+
+
+def _check_float16(model: "Model") -> None:
+    with torch.inference_mode():
+        logits = model.run([_FLOAT16_PROBE])
+    if not torch.isfinite(logits).all():
+        raise FactscopeError(
+            f"{model.name} does not run in float16: its activations leave float16's range (largest finite "
+            "value 65504) and the logits become inf/NaN; use --dtype bfloat16 (same memory) or float32"
+        )
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> Model:
+    """Load a causal LM by registered name, hub id, local directory or .gguf file.
+
+    ``dtype``: float32, bfloat16 or float16 (default: :func:`default_dtype`, float32 unless the CLI's
+    ``--dtype`` set it). A model that overflows in float16 is refused with a clear message.
+    """
     from transformers import AutoModelForCausalLM
 
-    if isinstance(dtype, str):
-        try:
-            dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-        except KeyError:
-            raise FactscopeError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16") from None
+    dtype = DTYPES[dtype_name(default_dtype() if dtype is None else dtype)]
     from factscope import hooks
 
     hooks.register_attention()
@@ -596,4 +782,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dt
     arch_for(hf.config.model_type)
     hf.set_attn_implementation(hooks.ATTN_NAME)
     hf = hf.to(device)
-    return Model(hf, tok, name)
+    model = Model(hf, tok, name, weights=weights_label(spec))
+    if dtype == torch.float16:
+        _check_float16(model)
+    return model

@@ -28,6 +28,8 @@ SIG_DIGITS = 4
 _CONFIG_HEAD = [
     ("command", "command"),
     ("model", "model"),
+    ("weights", "weights"),
+    ("dtype", "dtype"),
     ("data", "data"),
     ("dataset", "dataset"),
     ("seed", "seed"),
@@ -393,6 +395,21 @@ def default_title(run: "Run") -> str:
 # page
 
 
+def _weights_text(config: Mapping[str, Any]) -> str:
+    """Header line naming the weights (e.g. a dequantized 4-bit GGUF file) and the dtype, escaped."""
+    weights, dtype = config.get("weights"), config.get("dtype")
+    if isinstance(weights, Mapping):
+        text = "; ".join(f"{m}: {w}" for m, w in weights.items())
+    else:
+        text = str(weights) if weights else ""
+    if not text and not dtype:
+        return ""
+    parts = [f"weights {esc(text)}"] if text else []
+    if dtype:
+        parts.append(f"run in {esc(dtype)}")
+    return ", ".join(parts)
+
+
 def render_report(run: "Run", title: str | None = None) -> str:
     """The whole report page for ``run`` as an HTML string."""
     title = title or default_title(run)
@@ -450,6 +467,9 @@ def render_report(run: "Run", title: str | None = None) -> str:
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     created = run.config.get("created_utc")
     subtitle_bits = [f"run directory <code>{esc(run.dir.name or str(run.dir))}</code>"]
+    weights = _weights_text(run.config)
+    if weights:
+        subtitle_bits.append(weights)
     if created:
         subtitle_bits.append(f"started {esc(created)}")
     toc_html = (

@@ -17,6 +17,7 @@ so a killed process leaves either the old file or the new one, never half of one
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
 import json
 import os
@@ -25,7 +26,7 @@ import re
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from factscope.errors import FactscopeError
 
@@ -39,6 +40,11 @@ CHECKPOINT_DIR = "checkpoints"
 # Put run-time settings that must not block a resume (device, batch size, progress bars, ...)
 # under config["runtime"]; they are recorded but not compared.
 NON_DEFINING_KEYS = frozenset({"versions", "created_utc", "resumed_utc", "runtime", "out", "resume"})
+
+# Entries the CLI adds to every run created within a command (see ``recording``).
+_RECORDED: contextvars.ContextVar[Callable[[Mapping[str, Any]], Mapping[str, Any]] | None] = contextvars.ContextVar(
+    "factscope_recorded_config", default=None
+)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _TMP_PREFIX = "."
@@ -355,6 +361,22 @@ class Checkpoint:
 # runs
 
 
+
+@contextlib.contextmanager
+def recording(entries: Callable[[Mapping[str, Any]], Mapping[str, Any]]) -> Iterator[None]:
+    """Within the block, :meth:`Run.create` adds ``entries(config)`` to each new run's config (the
+    keys the command's own config lacks; they are analysis-defining, so compared on resume).
+
+    The CLI's ``--dtype`` option uses it to record the dtype and where the weights come from
+    without every command plumbing them through.
+    """
+    token = _RECORDED.set(entries)
+    try:
+        yield
+    finally:
+        _RECORDED.reset(token)
+
+
 class Run:
     """One analysis run directory. Create with ``Run.create`` (writing) or ``Run.open`` (reading)."""
 
@@ -373,6 +395,9 @@ class Run:
         """
         out = Path(out_dir)
         new = _normalize_config(config)
+        extra = _RECORDED.get()
+        if extra is not None:  # e.g. the CLI's --dtype and the weights' provenance
+            new.update({k: v for k, v in _normalize_config(extra(new)).items() if k not in new})
         reserved = {"versions", "created_utc", "resumed_utc"} & set(new)
         if reserved:
             raise ValueError(f"config keys {sorted(reserved)} are reserved for Run")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from factscope.commands import dtype_option
 from factscope.errors import FactscopeError
 
 
@@ -19,6 +20,7 @@ def _common(f):
         click.option("--batch-size", type=int, default=8, show_default=True, help="Facts per batch."),
         click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)."),
         click.option("--device", default="cpu", show_default=True),
+        dtype_option,
         click.option("--no-progress", is_flag=True, help="Hide progress bars."),
     ]
     for o in reversed(options):

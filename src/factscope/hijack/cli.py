@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from factscope.commands import dtype_option
 from factscope.hijack.schemes import BUILTIN
 
 
@@ -43,6 +44,7 @@ def hijack() -> None:
 @click.option("--chunk-size", type=click.IntRange(1), default=256, show_default=True,
               help="Prompts per checkpointed chunk.")
 @click.option("--device", default="cpu", show_default=True)
+@dtype_option
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Output run directory.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--no-progress", is_flag=True)
