@@ -67,6 +67,7 @@ def test_embedding_inner_product_falls_with_hamming_distance(trainer):
     # "all but z*" task, d < V, W_V trained (Theorem 3's setting): a falling line, relative to |W_E(t)|^2
     # measured: slope -1.24 (-0.16 of the squared norm) per unit distance, R² 0.83; W_V = I: -0.40 / -0.37
     f = fits.loc[("all", "trained")]
+    assert (norm > 0).all() and f.slope < 0
     assert f.slope / norm[("all", "trained")] < -0.1
     assert f.r2 > 0.6
     # also with W_V = I, on both tasks
