@@ -251,7 +251,8 @@ def plot_constructed(r: ConstructedResult, bayes: float):
         a1.text(i, v + e + 0.01, f"{v:.3f}" + (f"\n±{e:.3f}" if n_seeds > 1 else ""), ha="center", va="bottom",
                 fontsize=8)
     a1.axhline(bayes, color="grey", ls="--", label=f"Bayes optimal ({bayes:.3f})")
-    a1.set_ylim(0, 1.15)
+    a1.set_ylim(0, 1.3)
+    a1.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     a1.set_ylabel(f"test accuracy (mean ± std, {n_seeds} seed{'s' if n_seeds > 1 else ''})")
     a1.legend(loc="upper right")
     a1.set_title("accuracy with each W_V (other weights trained)")
@@ -488,7 +489,7 @@ def plot_attention(r: AttentionResult):
                 row[0].text(j, i, f"{H[i, j]:.2f}", ha="center", va="center",
                             color="white" if H[i, j] < np.nanmax(H) * 0.6 else "black")
         what = "first latent" if k == 2 else "first two latents"
-        row[0].set_title(f"{nb} ({k} clusters by the {what}): attention (mean over seeds)")
+        row[0].set_title(f"{nb} ({k} clusters by the {what}):\nattention, mean over seeds", fontsize=10.5)
         S = r.scores[nb]
         V = S.shape[0]
         im = heatmap(row[1], S, xlabel="attended token (id; clusters are contiguous)", ylabel="last token (id)",
@@ -496,7 +497,7 @@ def plot_attention(r: AttentionResult):
         for b in range(1, k):
             row[1].axhline(b * V / k - 0.5, color="black", lw=0.8)
             row[1].axvline(b * V / k - 0.5, color="black", lw=0.8)
-        row[1].set_title(f"{nb}: pre-softmax scores, token by token (first seed)")
+        row[1].set_title(f"{nb}: pre-softmax scores, token by token\n(first seed)", fontsize=10.5)
     return fig
 
 
