@@ -218,14 +218,30 @@ def test_construction_is_an_associative_memory():
         assert torch.allclose(model(x), counts @ torch.as_tensor(A, dtype=torch.float32).T / 10, atol=1e-5)
 
 
-def test_theorem1_error_vanishes_for_large_L():
-    errs = {}
-    for L in (16, 128, 1000):
-        task = LCATask(m=4, L=L, w=1.0, beta=1.0, neighbourhood="all")
-        errs[L] = 1 - evaluate(theorem1_model(task), task, n=2000, seed=5)
-    assert errs[1000] < 0.05
-    assert errs[16] > errs[128] > errs[1000]
-    assert errs[16] > 0.3
+def test_theorem1_hamming1_construction_beats_least_frequent_rule():
+    # Theorem 1: N = all but z*, w = 1, uniform attention, orthonormal W_E and the Hamming-1 construction.
+    # z*'s Hamming-1 neighbours are the most frequent context tokens, so "the token whose neighbours are
+    # most frequent" is z* long before "the least frequent token" (W_V = -I) is.
+    task = LCATask(m=6, L=64, w=1.0, beta=1.0, neighbourhood="all")
+    err = {v: 1 - evaluate(theorem1_model(task, v), task, n=2000, seed=5)
+           for v in ("constructed", "negative-identity")}
+    assert err["constructed"] < 0.01
+    assert err["negative-identity"] > 0.5
+    # and the error vanishes with L (m = 4): 0.14 at L = 16, 0 from L = 256
+    small = LCATask(m=4, L=16, w=1.0, neighbourhood="all")
+    e16 = 1 - evaluate(theorem1_model(small), small, n=2000, seed=5)
+    e256 = 1 - evaluate(theorem1_model(small.with_(L=256)), small.with_(L=256), n=2000, seed=5)
+    assert 0.05 < e16 < 0.3 and e256 == 0.0
+
+
+def test_task_neighbourhood_construction_is_the_least_frequent_rule():
+    # the old (wrong) Theorem 1 model: W_E (J - I) W_E^T has logits 1 - count/L, the ranking of W_V = -I
+    task = LCATask(m=4, L=32, w=1.0, neighbourhood="all")
+    x, _ = task.sample(500, seed=3)
+    with torch.no_grad():
+        own = theorem1_model(task, "constructed", neighbourhood="all")(x)
+        neg = theorem1_model(task, "negative-identity")(x)
+    assert torch.allclose(own, 1 + neg, atol=1e-5)
 
 
 def test_lemma2_hamming1_constructed_exact_identity_fails():
@@ -235,7 +251,7 @@ def test_lemma2_hamming1_constructed_exact_identity_fails():
         acc_c = evaluate(theorem1_model(task, "constructed", d=d, seed=seed), task, n=3000, seed=1)
         acc_i = evaluate(theorem1_model(task, "identity", d=d, seed=seed), task, n=3000, seed=1)
         assert acc_c == 1.0
-        assert 1 - acc_i > 0.5  # z* never appears in the context, so W_V = I cannot pick it
+        assert acc_i == 0.0  # error exactly 1: z* never appears in the context, so W_V = I never picks it
 
 
 def test_principal_angles_and_fit():

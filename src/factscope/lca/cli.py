@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import time
 
 import click
@@ -30,7 +31,9 @@ def _options(f):
         click.option("--w", "w", type=float, default=None, help="Mixing weight of pi vs uniform. [default: 0.2, quick 0.25]"),
         click.option("--d", "d", type=int, default=None, help="Embedding (and attention) dimension of the main model. [default: 32, quick 16]"),
         click.option("--steps", type=int, default=None, help="AdamW steps per model. [default: 800, quick 250]"),
-        click.option("--seed", type=int, default=None, help="Seed for initialization and training data. [default: 0]"),
+        click.option("--seed", type=int, default=None, help="First seed for initialization and training data. [default: 0]"),
+        click.option("--seeds", type=int, default=None,
+                     help="Number of training seeds (seed, seed+1, ...); tables show mean ± std. [default: 3, quick 1]"),
         click.option("--resume", is_flag=True, help="Write into an existing run directory with the same config."),
         click.option("--no-progress", is_flag=True, help="Hide the progress bars."),
     ]
@@ -39,29 +42,29 @@ def _options(f):
     return f
 
 
-def _config(quick, m, L, w, d, steps, seed):
+def _config(quick, m, L, w, d, steps, seed, seeds):
     from factscope.lca.experiments import LCAConfig
 
-    kw = {k: v for k, v in dict(m=m, L=L, w=w, steps=steps, seed=seed).items() if v is not None}
+    kw = {k: v for k, v in dict(m=m, L=L, w=w, steps=steps, seed=seed, seeds=seeds).items() if v is not None}
     if d is not None:
         kw.update(d=d, d_a=d)
     return LCAConfig.quick(**kw) if quick else LCAConfig(**kw)
 
 
-def _run(names, out, quick, m, L, w, d, steps, seed, resume, no_progress):
+def _run(names, out, quick, m, L, w, d, steps, seed, seeds, resume, no_progress):
     from factscope.lca.experiments import run_experiments
     from factscope.runs import Run
 
-    cfg = _config(quick, m, L, w, d, steps, seed)
+    cfg = _config(quick, m, L, w, d, steps, seed, seeds)
     run = Run.create(out, {"analysis": "lca", "experiments": list(names), "quick": bool(quick), **cfg.to_dict()},
                      resume=resume)
     t0 = time.time()
     summary = run_experiments(run, names, cfg, progress=not no_progress)
     run.write_report(title="Latent concept association")
     click.echo(f"wrote {run.dir} in {time.time() - t0:.0f} s")
-    for k in ("value_matrix", "constructed", "embedding_fit_r2", "attention_same_cluster", "attention_other_cluster"):
+    for k in ("value_matrix", "constructed", "embeddings", "attention", "lca_hijack"):
         if k in summary:
-            click.echo(f"  {k}: {summary[k]}")
+            click.echo(f"  {k}: {json.dumps(summary[k], default=str)}")
 
 
 def _make(cmd_name, exp, help_text):

@@ -5,8 +5,12 @@ trained weights.
   (the value matrix as an associative memory from each token to its neighbours);
 * :func:`random_pairing_adjacency` -- the same construction with each token paired with random tokens;
 * :func:`theorem1_model` -- uniform attention (``W_K = W_Q = 0``), orthonormal embeddings and the
-  constructed ``W_V``.  With orthonormal embeddings the logit of token ``t`` is the fraction of context
-  tokens lying in ``N(t)``;
+  Hamming-1 construction ``W_V = sum_t W_E(t) sum_{t' in N1(t)} W_E(t')^T`` of the paper (Theorem 1,
+  Lemma 2, experiment 2), whatever the task's neighbourhood.  With orthonormal embeddings the logit
+  of token ``t`` is the fraction of context tokens at Hamming distance 1 from ``t``.  (Building
+  ``W_V`` from the task's own neighbourhood instead is *not* Theorem 1's model: for the "all but z*"
+  task that is ``W_E (J - I) W_E^T``, whose logits ``1 - count(t)/L`` rank tokens exactly as
+  ``W_V = -I`` does, "predict the least frequent token"; it needs L far beyond ``V`` to work);
 * :func:`principal_angles` between the rank-k approximations of two matrices;
 * :func:`inner_product_by_hamming` and :func:`linear_fit` for the embedding geometry (Theorem 3 of the
   paper predicts that ``<W_E(t), W_E(t')>`` is linear in the Hamming distance of ``t`` and ``t'``).
@@ -66,16 +70,25 @@ def orthonormal_embeddings(V: int, d: int | None = None, seed: int | None = None
 
 
 def theorem1_model(task: LCATask, value: str = "constructed", d: int | None = None, seed: int | None = None,
-                   neighbourhood: str | None = None) -> OneLayerTransformer:
-    """The model of Theorem 1 / Lemma 2: ``W_K = W_Q = 0``, orthonormal embeddings and
-    ``W_V`` = the construction on ``neighbourhood`` (default: the task's) or the identity."""
+                   neighbourhood: str = "hamming1") -> OneLayerTransformer:
+    """The model of Theorem 1 / Lemma 2: ``W_K = W_Q = 0``, orthonormal embeddings and ``W_V`` =
+
+    * ``"constructed"``: ``W_E A W_E^T`` with ``A`` the pairing of ``neighbourhood`` -- by default the
+      paper's Hamming-1 pairing ``t -> N1(t)`` (for any task: Theorem 1's task has N = all but z*,
+      its construction still pairs each token with its Hamming-1 neighbours);
+    * ``"identity"``: ``I`` ("predict the most frequent context token");
+    * ``"negative-identity"``: ``-I`` ("predict the least frequent context token").
+    """
     E = orthonormal_embeddings(task.V, d, seed)
     if value == "constructed":
-        W_V = constructed_value_matrix(E, neighbourhood_adjacency(task.m, neighbourhood or task.neighbourhood))
+        W_V = constructed_value_matrix(E, neighbourhood_adjacency(task.m, neighbourhood))
     elif value == "identity":
         W_V = torch.eye(E.shape[0])
+    elif value == "negative-identity":
+        W_V = -torch.eye(E.shape[0])
     else:
-        raise FactscopeError(f"LCA: value must be 'constructed' or 'identity', got {value!r}")
+        raise FactscopeError(
+            f"LCA: value must be 'constructed', 'identity' or 'negative-identity', got {value!r}")
     return OneLayerTransformer.from_weights(E, W_V)
 
 
