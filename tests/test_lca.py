@@ -234,6 +234,16 @@ def test_theorem1_hamming1_construction_beats_least_frequent_rule():
     assert 0.05 < e16 < 0.3 and e256 == 0.0
 
 
+def test_theorem1_model_pairs_each_token_with_exactly_its_hamming1_neighbours():
+    # E^T W_V E must be the Hamming-1 adjacency itself (not Hamming {1, 2}, not the task's own "all").
+    task = LCATask(m=5, L=16, w=1.0, neighbourhood="all")
+    model = theorem1_model(task)
+    E = model.W_E.detach().double()
+    A = (E.T @ model.W_V.detach().double() @ E).numpy()
+    H = hamming_matrix(task.m)
+    assert np.allclose(A, (H == 1).astype(float), atol=1e-5)
+
+
 def test_task_neighbourhood_construction_is_the_least_frequent_rule():
     # the old (wrong) Theorem 1 model: W_E (J - I) W_E^T has logits 1 - count/L, the ranking of W_V = -I
     task = LCATask(m=4, L=32, w=1.0, neighbourhood="all")
@@ -279,3 +289,16 @@ def test_inner_product_by_hamming_on_sign_embeddings():
 def test_random_pairing_degree():
     A = random_pairing_adjacency(32, 5, seed=0)
     assert (A.sum(1) == 5).all() and np.diag(A).sum() == 0
+
+
+def test_efficacy_counts_logit_of_other_answer_above_true_answer():
+    from factscope.lca.experiments import efficacy
+
+    scores = torch.tensor([[3.0, 2.0, 1.0], [1.0, 3.0, 2.0]])
+    y, y_alt = torch.tensor([2, 0]), torch.tensor([1, 1])
+    # row 0: logit y'=2 > logit y=1; row 1: logit y'=3 > logit y=1 -> efficacy 1.0,
+    # while y' is the top prediction in row 1 only (rate of predicting y' = 0.5)
+    assert efficacy(scores, y, y_alt) == 1.0
+    assert efficacy(scores, torch.tensor([0, 1]), torch.tensor([1, 1])) == 0.0
+    assert efficacy(scores, torch.tensor([0, 1]), torch.tensor([2, 2])) == 0.0
+    assert efficacy(scores, torch.tensor([2, 0]), torch.tensor([0, 2])) == 1.0
