@@ -417,14 +417,15 @@ class Prefix:
         every row, whole). Rows may repeat; the keys/values of a prompt's first m tokens do not
         depend on what follows them, so the result equals prefilling those tokens alone."""
         rows = list(range(len(self))) if rows is None else [int(r) for r in rows]
+        for r in rows:
+            if not 0 <= r < len(self):
+                raise FactscopeError(f"take: row {r} out of range for a prefix of {len(self)} rows")
         if lengths is None:
             lengths = [self.lengths[r] for r in rows]
         lengths = [int(n) for n in lengths]
         if len(lengths) != len(rows):
             raise FactscopeError(f"take: {len(rows)} rows but {len(lengths)} lengths")
         for r, n in zip(rows, lengths):
-            if not 0 <= r < len(self):
-                raise FactscopeError(f"take: row {r} out of range for a prefix of {len(self)} rows")
             if not 0 <= n <= self.lengths[r]:
                 raise FactscopeError(f"take: {n} tokens asked of prefix row {r}, which has {self.lengths[r]}")
         M = max(lengths, default=0)
@@ -608,18 +609,31 @@ class Model:
             return attn.sliding_window
         return getattr(self.hf.config, "sliding_window", None)
 
+    def _live_attn(self) -> list:
+        """Each layer's attention module, or None for a layer that ``hooks.start_at`` skips."""
+        out = []
+        for l in range(self.n_layers):
+            try:
+                out.append(self.attn(l))
+            except AttributeError:
+                out.append(None)
+        return out
+
     def _record_kv(self, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run ``run()`` while every attention layer records the keys/values it attends over."""
+        attns = self._live_attn()
+        if any(a is None for a in attns):
+            raise FactscopeError("prefill/extend run every layer; they cannot run inside hooks.start_at")
         recs = []
         try:
-            for l in range(self.n_layers):
+            for a in attns:
                 rec: list = []
-                self.attn(l)._fs_kv = rec
+                a._fs_kv = rec
                 recs.append(rec)
             out = run()
         finally:
-            for l in range(self.n_layers):
-                self.attn(l)._fs_kv = None
+            for a in attns:
+                a._fs_kv = None
         if any(len(r) != 1 for r in recs):
             raise FactscopeError("prefill: every layer must run its attention exactly once")
         k = torch.stack([r[0][0] for r in recs])
@@ -662,7 +676,9 @@ class Model:
         diff = s_pos.unsqueeze(2) - k_pos.unsqueeze(1)  # [B, S, P + S]
         causal = k_valid.unsqueeze(1) & (diff >= 0)
         masks = {}
-        for l in range(self.n_layers):
+        for l, a in enumerate(self._live_attn()):
+            if a is None:
+                continue
             w = self.attn_window(l)
             if w not in masks:
                 m = causal if w is None else causal & (diff < w)
@@ -679,13 +695,16 @@ class Model:
             raise FactscopeError("every suffix row needs at least one token")
         s_pos, masks = self._prefix_masks(prefix, suffix)
         kd = self.dtype
+        attns = self._live_attn()
         try:
-            for l in range(self.n_layers):
-                self.attn(l)._fs_prefix = (prefix.keys[l].to(kd), prefix.values[l].to(kd), masks[self.attn_window(l)])
+            for l, a in enumerate(attns):
+                if a is not None:
+                    a._fs_prefix = (prefix.keys[l].to(kd), prefix.values[l].to(kd), masks[self.attn_window(l)])
             return run(s_pos)
         finally:
-            for l in range(self.n_layers):
-                self.attn(l)._fs_prefix = None
+            for a in attns:
+                if a is not None:
+                    a._fs_prefix = None
 
     def forward_from(self, prefix: Prefix, suffix: Batch, last_only: bool = True, **kwargs) -> torch.Tensor:
         """Logits of ``suffix`` (a left-padded :class:`Batch` of continuations, one per prefix row)
