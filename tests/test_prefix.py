@@ -189,7 +189,7 @@ def test_gemma_shared_prefix_equals_full_prompts_and_counts_unsplittable_prompts
     assert all(ctx[:mm] + s == f for (mm, s), f in zip(parts, full))
     _, parts = shared_prompts(m, "Do not think of Guam. ", prompt, 3)
     assert all(mm == 0 for mm, _ in parts)
-    facts = load_facts("known_1000", limit=3, seed=0)
+    facts = load_facts("known_1000", limit=2, seed=0)
     schemes = parse_schemes(["generic", "reverse"]) + [custom_scheme("spaced=Do not think of {target}. ")]
-    _, b = _compare_runs(tmp_path, gemma, facts, schemes, 3, batch_size=8)
-    assert b.counts["unshared_prompts"] == {"generic": 0, "reverse": 0, "spaced": 9}
+    _, b = _compare_runs(tmp_path, gemma, facts, schemes, 2, batch_size=8)
+    assert b.counts["unshared_prompts"] == {"generic": 0, "reverse": 0, "spaced": 4}

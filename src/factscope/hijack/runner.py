@@ -2,12 +2,22 @@
 
 For each model (loaded one at a time): every candidate fact's plain prompt is scored first
 ("base" phase, n = 0); by default only facts the model knows (top-1 token is target_true's first
-token) are kept; then every (scheme, n = 1..N, fact) prompt is scored ("hijack" phase). Prompts are
-sorted by token length and cut into chunks; each finished chunk is appended to the run's
-checkpoint ``checkpoints/hijack_<model>.jsonl`` (its record lists the (scheme, n, fact id) keys and
-their scores), so a killed run resumes at the first unfinished chunk. The chunks depend only on
-the run's configuration and the model, so a resumed run computes exactly the same batches and
-gives results identical to an uninterrupted run.
+token) are kept; then every (scheme, n = 1..N, fact) prompt is scored ("hijack" phase). The base
+prompts are sorted by token length and cut into chunks; each finished chunk is appended to the
+run's checkpoint ``checkpoints/hijack_<model>.jsonl`` (its record lists the (scheme, n, fact id)
+keys and their scores), so a killed run resumes at the first unfinished chunk. The chunks depend
+only on the run's configuration and the model, so a resumed run computes exactly the same
+batches and gives results identical to an uninterrupted run.
+
+The hijacked prompts share prefixes: prompt(n) is the first n prepended sentences of prompt(N)
+followed by the query. By default (``shared_prefix=True``, phase "hijack-shared") the prompts of
+a (scheme, fact) stay together, grouped by context length, and each chunk computes the keys and
+values of each of its contexts once (``Model.prefill``) and runs every n's query against the
+first n sentences' keys/values (``Model.forward_from``), batched across facts. The token split is
+checked against the tokenizer (:func:`shared_prompts`); a prompt whose tokens do not split at its
+context is scored whole and counted in ``counts["unshared_prompts"]``. ``shared_prefix=False``
+(phase "hijack") scores every prompt whole, length-sorted; both give the same scores within
+float32 rounding (tests/test_prefix.py).
 """
 
 from __future__ import annotations
