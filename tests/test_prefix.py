@@ -113,6 +113,34 @@ def test_extend_equals_prefilling_the_joined_prompt(tiny):
     assert (_logp(got) - _logp(_full(tiny, ids)[:, -1])).abs().max().item() <= 1e-4
 
 
+def test_hooks_inside_forward_from_see_the_suffix_columns(tiny):
+    """Cached points are the full prompt's activations at the suffix tokens, and an edit at a
+    suffix position acts as in the full prompt (the knockout fast path relies on both)."""
+    from factscope import hooks
+
+    ids = _ids(tiny, TEXTS)
+    cut = [len(x) - k for x, k in zip(ids, SUFFIX_LEN)]
+    full = tiny.batch_from_ids(ids)
+    suffix = tiny.batch_from_ids([x[c:] for x, c in zip(ids, cut)])
+    l = tiny.n_layers // 2
+    with torch.inference_mode():
+        prefix = tiny.prefill(tiny.batch_from_ids([x[:c] for x, c in zip(ids, cut)]))
+        with hooks.cache(tiny, ["resid_pre", "mlp_out"], [l]) as a:
+            tiny.forward(full, last_only=True)
+        with hooks.cache(tiny, ["resid_pre", "mlp_out"], [l]) as b:
+            tiny.forward_from(prefix, suffix)
+        S = suffix.input_ids.shape[1]
+        for i, k in enumerate(SUFFIX_LEN):
+            for point in ("resid_pre", "mlp_out"):
+                assert (a[point, l][i, -k:] - b[point, l][i, S - k :]).abs().max().item() <= 1e-4
+        with hooks.ablate(tiny, "mlp", l, positions=[[full.input_ids.shape[1] - 1]] * 3):
+            want = tiny.forward(full)
+        with hooks.ablate(tiny, "mlp", l, positions=[[S - 1]] * 3):
+            got = tiny.forward_from(prefix, suffix)
+    assert (_logp(got) - _logp(want)).abs().max().item() <= 1e-4
+    assert (_logp(got) - _logp(tiny.forward_from(prefix, suffix))).abs().max().item() > 1e-3
+
+
 def test_prefix_errors_name_the_problem():
     m = _load("tiny-llama")
     ids = _ids(m, TEXTS[:2])
