@@ -56,6 +56,14 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    prefix = getattr(module, "_fs_prefix", None)
+    if prefix is not None:  # Model.forward_from: cached prefix keys/values and a position-based mask
+        key = torch.cat([prefix[0], key], dim=-2)
+        value = torch.cat([prefix[1], value], dim=-2)
+        attention_mask = prefix[2]
+    kv = getattr(module, "_fs_kv", None)
+    if kv is not None:  # Model.prefill / extend: record what this layer attends over
+        kv.append((key, value))
     blocks = getattr(module, "_fs_blocks", None)
     record = getattr(module, "_fs_record", None)
     mask = attention_mask
@@ -108,6 +116,8 @@ def install(model: "Model") -> None:
         attn = model.attn(l)
         attn._fs_blocks = []
         attn._fs_record = None
+        attn._fs_prefix = None  # (keys, values, mask) while Model.forward_from runs
+        attn._fs_kv = None  # a list recording (keys, values) while Model.prefill runs
 
 
 # --------------------------------------------------------------------------------------------

@@ -415,6 +415,66 @@ class Batch:
         return Batch(r(self.input_ids), r(self.attention_mask), r(self.position_ids), [x for x in self.lengths for _ in range(n)])
 
 
+@dataclass
+class Prefix:
+    """Keys and values of a batch of prompt prefixes at every layer, made by :meth:`Model.prefill`
+    (or :meth:`Model.extend`) and consumed by :meth:`Model.forward_from`.
+
+    ``keys``/``values`` are ``[n_layers, B, n_kv_heads, width, head_dim]``: what each layer's
+    attention reads (after rotary embeddings and key norms; key/value heads, not expanded for
+    grouped-query attention). Rows are left-padded like :class:`Batch`: row i's ``lengths[i]``
+    tokens sit at columns ``width - lengths[i] ..``, its token j at position j. Pad columns hold
+    junk that no query ever sees. ``logits`` holds the last position's logits ``[B, V]`` when
+    :meth:`Model.prefill` was asked for them.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    lengths: list[int]
+    logits: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def offset(self) -> list[int]:
+        return [self.width - n for n in self.lengths]
+
+    def __len__(self) -> int:
+        return self.keys.shape[1]
+
+    def take(self, rows: Sequence[int] | None = None, lengths: Sequence[int] | None = None) -> "Prefix":
+        """A new prefix whose row r is the first ``lengths[r]`` tokens of row ``rows[r]`` (default:
+        every row, whole). Rows may repeat; the keys/values of a prompt's first m tokens do not
+        depend on what follows them, so the result equals prefilling those tokens alone."""
+        rows = list(range(len(self))) if rows is None else [int(r) for r in rows]
+        for r in rows:
+            if not 0 <= r < len(self):
+                raise FactscopeError(f"take: row {r} out of range for a prefix of {len(self)} rows")
+        if lengths is None:
+            lengths = [self.lengths[r] for r in rows]
+        lengths = [int(n) for n in lengths]
+        if len(lengths) != len(rows):
+            raise FactscopeError(f"take: {len(rows)} rows but {len(lengths)} lengths")
+        for r, n in zip(rows, lengths):
+            if not 0 <= n <= self.lengths[r]:
+                raise FactscopeError(f"take: {n} tokens asked of prefix row {r}, which has {self.lengths[r]}")
+        M = max(lengths, default=0)
+        off = self.offset
+        src = torch.zeros(len(rows), M, dtype=torch.long)
+        for i, (r, n) in enumerate(zip(rows, lengths)):
+            if n:
+                src[i, M - n :] = torch.arange(off[r], off[r] + n)
+        dev = self.keys.device
+        rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
+        L, _, H, _, hd = self.keys.shape
+        idx = src.to(dev).view(1, len(rows), 1, M, 1).expand(L, len(rows), H, M, hd)
+        k = torch.gather(self.keys.index_select(1, rows_t), 3, idx)
+        v = torch.gather(self.values.index_select(1, rows_t), 3, idx)
+        return Prefix(k, v, lengths)
+
+
 class Model:
     """One view of any supported causal LM; see docs/ARCHITECTURE.md."""
 
@@ -582,6 +642,153 @@ class Model:
             use_cache=False, **kwargs,
         )
         return self.unembed(out.last_hidden_state[:, -1].contiguous())
+
+    # -- shared prefixes: keys/values computed once, queries scored against them ---------------
+    def attn_window(self, l: int) -> int | None:
+        """Layer l's sliding attention window (a query sees itself and the ``window - 1`` tokens
+        before it), or None for full causal attention."""
+        attn = self.attn(l)
+        if hasattr(attn, "sliding_window"):
+            return attn.sliding_window
+        return getattr(self.hf.config, "sliding_window", None)
+
+    def _live_attn(self) -> list:
+        """Each layer's attention module, or None for a layer that ``hooks.start_at`` skips."""
+        out = []
+        for l in range(self.n_layers):
+            try:
+                out.append(self.attn(l))
+            except AttributeError:
+                out.append(None)
+        return out
+
+    def _record_kv(self, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run ``run()`` while every attention layer records the keys/values it attends over."""
+        attns = self._live_attn()
+        if any(a is None for a in attns):
+            raise FactscopeError("prefill/extend run every layer; they cannot run inside hooks.start_at")
+        recs = []
+        try:
+            for a in attns:
+                rec: list = []
+                a._fs_kv = rec
+                recs.append(rec)
+            out = run()
+        finally:
+            for a in attns:
+                a._fs_kv = None
+        if any(len(r) != 1 for r in recs):
+            raise FactscopeError("prefill: every layer must run its attention exactly once")
+        k = torch.stack([r[0][0] for r in recs])
+        v = torch.stack([r[0][1] for r in recs])
+        return out, k, v
+
+    def prefill(self, batch: Batch, logits: bool = False) -> Prefix:
+        """Keys/values of a left-padded batch at every layer, as a :class:`Prefix` (with the last
+        position's logits in ``.logits`` when ``logits``). Hooks active during the call see an
+        ordinary forward of the batch."""
+        if not isinstance(batch, Batch):
+            batch = self.encode(batch)
+
+        def run():
+            out = self.hf.base_model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                use_cache=False,
+            )
+            return out.last_hidden_state[:, -1].contiguous()
+
+        h, k, v = self._record_kv(run)
+        return Prefix(k, v, list(batch.lengths), self.unembed(h) if logits else None)
+
+    def _prefix_masks(self, prefix: Prefix, suffix: Batch) -> tuple[torch.Tensor, dict]:
+        """Position ids of the suffix tokens and, per attention window, the additive mask
+        ``[B, 1, S, width + S]`` over the prefix's and the suffix's columns (computed from token
+        positions, so padding between the prefix and the suffix is never attended and sliding
+        windows count tokens, not columns)."""
+        dev = self.device
+        P, S = prefix.width, suffix.input_ids.shape[1]
+        pl = torch.tensor(prefix.lengths, dtype=torch.long, device=dev)
+        cols = torch.arange(P, device=dev)
+        p_off = (P - pl).unsqueeze(1)
+        p_valid = cols.unsqueeze(0) >= p_off
+        p_pos = cols.unsqueeze(0) - p_off
+        s_valid = suffix.attention_mask.to(dev).bool()
+        s_pos = pl.unsqueeze(1) + suffix.position_ids.to(dev)
+        k_valid = torch.cat([p_valid, s_valid], 1)
+        k_pos = torch.cat([p_pos, s_pos], 1)
+        diff = s_pos.unsqueeze(2) - k_pos.unsqueeze(1)  # [B, S, P + S]
+        causal = k_valid.unsqueeze(1) & (diff >= 0)
+        masks = {}
+        for l, a in enumerate(self._live_attn()):
+            if a is None:
+                continue
+            w = self.attn_window(l)
+            if w not in masks:
+                m = causal if w is None else causal & (diff < w)
+                add = torch.zeros(m.shape, dtype=self.dtype, device=dev).masked_fill(~m, torch.finfo(self.dtype).min)
+                masks[w] = add.unsqueeze(1)
+        return s_pos, masks
+
+    def _run_from(self, prefix: Prefix, suffix: Batch, run: Callable[[torch.Tensor], torch.Tensor]):
+        if not isinstance(prefix, Prefix):
+            raise FactscopeError("forward_from needs a Prefix made by Model.prefill")
+        if len(prefix) != len(suffix):
+            raise FactscopeError(f"prefix has {len(prefix)} rows but the suffix batch has {len(suffix)}")
+        if min(suffix.lengths) < 1:
+            raise FactscopeError("every suffix row needs at least one token")
+        s_pos, masks = self._prefix_masks(prefix, suffix)
+        kd = self.dtype
+        attns = self._live_attn()
+        try:
+            for l, a in enumerate(attns):
+                if a is not None:
+                    a._fs_prefix = (prefix.keys[l].to(kd), prefix.values[l].to(kd), masks[self.attn_window(l)])
+            return run(s_pos)
+        finally:
+            for a in attns:
+                if a is not None:
+                    a._fs_prefix = None
+
+    def forward_from(self, prefix: Prefix, suffix: Batch, last_only: bool = True, **kwargs) -> torch.Tensor:
+        """Logits of ``suffix`` (a left-padded :class:`Batch` of continuations, one per prefix row)
+        run after the prefix's cached keys/values: equal to :meth:`forward` on the joined token
+        sequences, at the suffix's positions (``[B, V]`` at each row's last token when
+        ``last_only``, else ``[B, S, V]``). Positions continue from each row's prefix length;
+        padding and sliding windows are handled. Hooks see activations of the suffix columns only.
+        """
+
+        def run(pos):
+            out = self.hf.base_model(
+                input_ids=suffix.input_ids, attention_mask=suffix.attention_mask, position_ids=pos,
+                use_cache=False, **kwargs,
+            )
+            h = out.last_hidden_state
+            return self.unembed(h[:, -1].contiguous() if last_only else h)
+
+        return self._run_from(prefix, suffix, run)
+
+    def extend(self, prefix: Prefix, suffix: Batch) -> Prefix:
+        """The prefix with ``suffix``'s tokens appended to each row: equal to prefilling the
+        joined sequences. ``.logits`` holds the last position's logits."""
+
+        def run(pos):
+            out = self.hf.base_model(
+                input_ids=suffix.input_ids, attention_mask=suffix.attention_mask, position_ids=pos, use_cache=False,
+            )
+            return out.last_hidden_state[:, -1].contiguous()
+
+        h, k, v = self._record_kv(lambda: self._run_from(prefix, suffix, run))
+        joined = Prefix(k, v, [a + b for a, b in zip(prefix.lengths, suffix.lengths)])
+        # re-pack: row i's real columns are its prefix columns, then its suffix columns
+        P, S = prefix.width, suffix.input_ids.shape[1]
+        M = max(joined.lengths)
+        src = torch.zeros(len(joined), M, dtype=torch.long)
+        for i, (a, b) in enumerate(zip(prefix.lengths, suffix.lengths)):
+            cols = list(range(P - a, P)) + list(range(P + S - b, P + S))
+            src[i, M - len(cols) :] = torch.tensor(cols, dtype=torch.long)
+        L, B, H, _, hd = k.shape
+        idx = src.to(k.device).view(1, B, 1, M, 1).expand(L, B, H, M, hd)
+        return Prefix(torch.gather(k, 3, idx), torch.gather(v, 3, idx), joined.lengths, self.unembed(h))
 
     def run(self, prompts: Sequence[str] | Batch, last_only: bool = True) -> torch.Tensor:
         batch = prompts if isinstance(prompts, Batch) else self.encode(prompts)

@@ -25,8 +25,9 @@ residual stream and the keys/values; for each window, the batch is replicated on
 set and the model is resumed at the window's first layer (:func:`factscope.hooks.start_at`)
 with per-row knockout masks. When only the last position's edges are blocked, no other
 position changes at any layer (causal attention), so only the last position is recomputed,
-attending to the cached keys/values of the others; vocabulary logits are computed at the last
-position only. :func:`naive_knockout` is the reference: one full forward per fact x window x set,
+attending to the cached keys/values of the others (:meth:`Model.prefill` and
+:meth:`Model.forward_from`, which handle padding and sliding windows); vocabulary logits are
+computed at the last position only. :func:`naive_knockout` is the reference: one full forward per fact x window x set,
 logits at every position.
 """
 
@@ -53,7 +54,7 @@ from factscope.flow.common import (
     prob_of,
     usable,
 )
-from factscope.models import Model
+from factscope.models import Model, Prefix
 
 SETS = ("subject", "non_subject", "last", "subject_first", "subject_last", "non_subject_bos")
 MAIN_SETS = ("subject", "non_subject", "last")
@@ -109,53 +110,26 @@ class _Clean:
     top: torch.Tensor  # [F] top-1 token ids
     p: torch.Tensor  # [F] its probability
     resid: dict  # hooks cache of resid_pre
-    kv: list  # per layer (keys, values) of all tokens but the last
+    kv: Prefix | None  # keys/values of all tokens but the last
 
 
 def _clean_pass(model: Model, batch, want_kv: bool) -> _Clean:
-    from transformers import DynamicCache
-
-    kv = DynamicCache() if want_kv else None
     with hooks.cache(model, "resid_pre") as c:
-        out = model.hf(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            past_key_values=kv,
-            use_cache=want_kv,
-            logits_to_keep=1,
-        )
-    logits = out.logits[:, -1]
+        if want_kv:
+            prefix = model.prefill(batch, logits=True)
+            logits = prefix.logits
+        else:
+            logits = model.forward(batch, last_only=True)
     top = logits.argmax(-1)
-    pairs = []
-    if want_kv:
-        for layer in kv.layers:
-            pairs.append((layer.keys[..., :-1, :], layer.values[..., :-1, :]))
-    return _Clean(top, prob_of(logits, top), c, pairs)
+    kv = prefix.take(lengths=[n - 1 for n in batch.lengths]) if want_kv else None
+    return _Clean(top, prob_of(logits, top), c, kv)
 
 
-def _resume_last(model: Model, rep, start: int, resid_last: torch.Tensor, kv_rep: list) -> torch.Tensor:
+def _resume_last(model: Model, rep, start: int, resid_last: torch.Tensor, kv_rep: Prefix) -> torch.Tensor:
     """Logits of the last token run from layer ``start`` on, attending to cached keys/values."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(ddp_cache_data=kv_rep)
+    last = model.batch_from_ids([[i] for i in rep.input_ids[:, -1].tolist()])
     with hooks.start_at(model, start, resid_last):
-        out = model.hf(
-            input_ids=rep.input_ids[:, -1:],
-            attention_mask=rep.attention_mask,
-            position_ids=rep.position_ids[:, -1:],
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-    return out.logits[:, -1]
-
-
-def _supports_kv(model: Model, T: int) -> bool:
-    """The last-position fast path feeds plain (non-sliding) cached keys; it needs every sliding
-    window to cover the prompt (true for Gemma 3's 512) or the mask and keys would disagree."""
-    sw = getattr(model.hf.config, "sliding_window", None)
-    return sw is None or sw >= T
+        return model.forward_from(kv_rep, last)
 
 
 def knockout_batch(
@@ -178,9 +152,8 @@ def knockout_batch(
     layers = list(range(model.n_layers)) if layers is None else list(layers)
     S = len(sets)
     batch = encode(model, items)
-    T = batch.input_ids.shape[1]
     queries = [_query_positions(t, from_positions) for t in items]
-    last_only = all(q == [t.last] for q, t in zip(queries, items)) and _supports_kv(model, T)
+    last_only = all(q == [t.last] for q, t in zip(queries, items))
     with torch.inference_mode():
         clean = _clean_pass(model, batch, want_kv=last_only)
         rep = batch.repeat(S)
@@ -189,7 +162,7 @@ def knockout_batch(
         block = hooks.edge_mask(rep, from_pos, to_pos)  # [R, T, T]
         if last_only:
             block = block[:, -1:, :]  # [R, 1, T]: the last query row only
-            kv_rep = [(k_.repeat_interleave(S, 0), v_.repeat_interleave(S, 0)) for k_, v_ in clean.kv]
+            kv_rep = clean.kv.take([f for f in range(len(items)) for _ in range(S)])
         top_rep = clean.top.repeat_interleave(S)
         probs = torch.empty(len(layers), len(rep))
         for i, l in enumerate(layers):

@@ -2,12 +2,22 @@
 
 For each model (loaded one at a time): every candidate fact's plain prompt is scored first
 ("base" phase, n = 0); by default only facts the model knows (top-1 token is target_true's first
-token) are kept; then every (scheme, n = 1..N, fact) prompt is scored ("hijack" phase). Prompts are
-sorted by token length and cut into chunks; each finished chunk is appended to the run's
-checkpoint ``checkpoints/hijack_<model>.jsonl`` (its record lists the (scheme, n, fact id) keys and
-their scores), so a killed run resumes at the first unfinished chunk. The chunks depend only on
-the run's configuration and the model, so a resumed run computes exactly the same batches and
-gives results identical to an uninterrupted run.
+token) are kept; then every (scheme, n = 1..N, fact) prompt is scored ("hijack" phase). The base
+prompts are sorted by token length and cut into chunks; each finished chunk is appended to the
+run's checkpoint ``checkpoints/hijack_<model>.jsonl`` (its record lists the (scheme, n, fact id)
+keys and their scores), so a killed run resumes at the first unfinished chunk. The chunks depend
+only on the run's configuration and the model, so a resumed run computes exactly the same
+batches and gives results identical to an uninterrupted run.
+
+The hijacked prompts share prefixes: prompt(n) is the first n prepended sentences of prompt(N)
+followed by the query. By default (``shared_prefix=True``, phase "hijack-shared") the prompts of
+a (scheme, fact) stay together, grouped by context length, and each chunk computes the keys and
+values of each of its contexts once (``Model.prefill``) and runs every n's query against the
+first n sentences' keys/values (``Model.forward_from``), batched across facts. The token split is
+checked against the tokenizer (:func:`shared_prompts`); a prompt whose tokens do not split at its
+context is scored whole and counted in ``counts["unshared_prompts"]``. ``shared_prefix=False``
+(phase "hijack") scores every prompt whole, length-sorted; both give the same scores within
+float32 rounding (tests/test_prefix.py).
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ from tqdm.auto import tqdm
 from factscope.errors import FactscopeError
 from factscope.facts import Fact, load_facts, target_ids
 from factscope.hijack.schemes import Scheme, build_prompt, relation_sentence, related_words, scheme_sentence
-from factscope.hijack.scoring import METRICS, Score, efficacy_table, score_ids, tokenize
+from factscope.hijack.scoring import METRICS, Score, efficacy_table, score_ids, score_shared, tokenize
 from factscope.models import Model, load_model
 from factscope.runs import Run
 
@@ -221,6 +231,88 @@ def _execute(
     return out
 
 
+def shared_prompts(model: Model, sentence: str, prompt: str, max_prepends: int) -> tuple[list[int], list[tuple[int, list[int]]]]:
+    """Token ids of the longest prepended context (``sentence`` N times) and, for n = 1..N,
+    (m, suffix): prompt(n) tokenizes to the context's first m tokens followed by ``suffix``.
+
+    The split is checked against the tokenizer: the context text of n sentences must tokenize to
+    the first tokens of both the full prompt(n) and the N-sentence context (joining the tokenized
+    pieces gives the tokenized joined text). Where it does not (a merge across the boundary),
+    m = 0 and the suffix is the whole prompt: it is then scored without a shared prefix.
+    """
+    n_all = range(1, max_prepends + 1)
+    ctx = tokenize(model, [" ".join([sentence] * n) for n in n_all])
+    full = tokenize(model, [build_prompt(sentence, prompt, n) for n in n_all])
+    longest = ctx[-1]
+    out = []
+    for c, f in zip(ctx, full):
+        m = len(c)
+        if 0 < m < len(f) and f[:m] == c and longest[:m] == c:
+            out.append((m, f[m:]))
+        else:
+            out.append((0, f))
+    return longest, out
+
+
+def _execute_shared(
+    model: Model,
+    ck,
+    phase: str,
+    groups: list[tuple[list[int], list[tuple[tuple, int, list[int], Prepared]]]],
+    *,
+    metric: str,
+    batch_size: int,
+    max_tokens: int | None,
+    chunk_size: int,
+    bar,
+    on_chunk: Callable[[str], None] | None,
+) -> dict[tuple, Score]:
+    """Score prompts that share prefixes: ``groups`` = [(context ids, [(key, m, suffix ids,
+    prepared fact)])], the prompts of one (scheme, fact). Groups are sorted by context length,
+    their prompts cut into chunks of ``chunk_size`` (checkpointed like :func:`_execute`), and
+    each chunk runs through :func:`score_shared` (each context's keys/values computed once per
+    chunk, up to the longest prefix its prompts read)."""
+    order = sorted(range(len(groups)), key=lambda g: (-len(groups[g][0]), g))
+    flat = [(g, it) for g in order for it in groups[g][1]]
+    out: dict[tuple, Score] = {}
+    for c, start in enumerate(range(0, len(flat), chunk_size)):
+        part = flat[start : start + chunk_size]
+        keys = [list(it[0]) for _, it in part]
+        ckey = f"{phase}:{c}"
+        rec = ck.get(ckey)
+        if rec is not None:
+            if [r[:3] for r in rec["items"]] != keys:
+                raise FactscopeError(
+                    f"checkpoint {ck.path} does not match this run (chunk {ckey} holds other prompts); "
+                    "was the model or the data changed? Use a new --out directory"
+                )
+            for r in rec["items"]:
+                out[tuple(r[:3])] = Score(r[3], r[4], r[5])
+            bar.update(len(part))
+            continue
+        ctx_index: dict[int, int] = {}
+        for g, _ in part:
+            ctx_index.setdefault(g, len(ctx_index))
+        contexts = [groups[g][0] for g in ctx_index]
+        scores = score_shared(
+            model,
+            contexts,
+            [(ctx_index[g], it[1], it[2]) for g, it in part],
+            [it[3].true_ids for _, it in part],
+            [it[3].false_ids for _, it in part],
+            metric=metric,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+        )
+        ck.append(ckey, {"items": [k + [s.lp_true, s.lp_false, s.top1] for k, s in zip(keys, scores)]})
+        for k, s in zip(keys, scores):
+            out[tuple(k)] = s
+        bar.update(len(part))
+        if on_chunk is not None:
+            on_chunk(ckey)
+    return out
+
+
 def run_model(
     run: Run,
     model: Model,
@@ -236,8 +328,12 @@ def run_model(
     chunk_size: int = 256,
     progress: bool = True,
     on_chunk: Callable[[str], None] | None = None,
+    shared_prefix: bool = True,
 ) -> ModelResult:
-    """The benchmark for one loaded model (see the module docstring)."""
+    """The benchmark for one loaded model (see the module docstring). With ``shared_prefix`` (the
+    default) the prompts of a (scheme, fact) share the keys/values of their prepended sentences
+    (:func:`shared_prompts`, :func:`factscope.hijack.scoring.score_shared`); without, every
+    prompt runs whole. Both give the same scores (within float32 rounding)."""
     if metric not in METRICS:
         raise FactscopeError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
     if max_prepends < 0:
@@ -262,11 +358,13 @@ def run_model(
         by_rel[p.fact.relation_id] = by_rel.get(p.fact.relation_id, 0) + 1
     counts["kept_by_relation"] = dict(sorted(by_rel.items(), key=lambda kv: _rel_key(kv[0])))
 
-    items, sentences = [], {}
+    items, sentences, groups = [], {}, []
     counts["skipped"] = {}
     counts["fallback_template"] = {}
+    if shared_prefix:
+        counts["unshared_prompts"] = {}  # prompts whose tokens do not split at the prepended context
     for s in schemes:
-        n_skip = n_fb = 0
+        n_skip = n_fb = n_whole = 0
         for p in kept:
             sent = scheme_sentence(s, p.fact, related)
             if sent is None:
@@ -275,14 +373,27 @@ def run_model(
             if s.kind == "relation":
                 n_fb += relation_sentence(p.fact, "x")[1]
             sentences[(s.name, p.fact.id)] = sent
+            if shared_prefix:
+                if max_prepends:
+                    ctx, parts = shared_prompts(model, sent, p.fact.prompt, max_prepends)
+                    n_whole += sum(m == 0 for m, _ in parts)
+                    groups.append((ctx, [((s.name, n, p.fact.id), m, suf, p) for n, (m, suf) in enumerate(parts, 1)]))
+                continue
             for n in range(1, max_prepends + 1):
                 items.append(((s.name, n, p.fact.id), build_prompt(sent, p.fact.prompt, n), p))
         counts["skipped"][s.name] = n_skip
+        if shared_prefix:
+            counts["unshared_prompts"][s.name] = n_whole
         if s.kind == "relation":
             counts["fallback_template"][s.name] = n_fb
-    bar = tqdm(total=len(items), desc=f"hijack {model.name}", unit="prompt", disable=not progress)
-    scores = _execute(model, ck, "hijack", items, metric=metric, batch_size=batch_size, max_tokens=max_tokens,
-                      chunk_size=chunk_size, bar=bar, on_chunk=on_chunk)
+    total = sum(len(g[1]) for g in groups) if shared_prefix else len(items)
+    bar = tqdm(total=total, desc=f"hijack {model.name}", unit="prompt", disable=not progress)
+    if shared_prefix:
+        scores = _execute_shared(model, ck, "hijack-shared", groups, metric=metric, batch_size=batch_size,
+                                 max_tokens=max_tokens, chunk_size=chunk_size, bar=bar, on_chunk=on_chunk)
+    else:
+        scores = _execute(model, ck, "hijack", items, metric=metric, batch_size=batch_size, max_tokens=max_tokens,
+                          chunk_size=chunk_size, bar=bar, on_chunk=on_chunk)
     bar.close()
 
     tok = model.tokenizer
@@ -326,6 +437,7 @@ def run_benchmark(
     on_chunk: Callable[[str], None] | None = None,
     device: str = "cpu",
     figures: bool = True,
+    shared_prefix: bool = True,
 ) -> HijackResult:
     """Run the benchmark for each model in turn (names are loaded one at a time, then freed) and
     write ``hijack_results.csv``, ``hijack_efficacy.csv``, ``hijack_relations.csv``, the figures
@@ -343,7 +455,8 @@ def run_benchmark(
         model = load_model(m, device=device) if isinstance(m, str) else m
         out.append(run_model(run, model, facts, schemes, max_prepends, metric=metric, known_only=known_only,
                              related=related, batch_size=batch_size, max_tokens=max_tokens,
-                             chunk_size=chunk_size, progress=progress, on_chunk=on_chunk))
+                             chunk_size=chunk_size, progress=progress, on_chunk=on_chunk,
+                             shared_prefix=shared_prefix))
         del model
     return finish(run, out, schemes, max_prepends, metric=metric, n_boot=n_boot, seed=seed, figures=figures)
 

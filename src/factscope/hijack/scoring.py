@@ -25,7 +25,7 @@ import torch
 from factscope.errors import FactscopeError
 from factscope.facts import _n_trailing_special
 from factscope.models import Model
-from factscope.predict import map_last
+from factscope.predict import length_batches, map_last
 
 METRICS = ("first", "full", "full-sum")
 
@@ -61,34 +61,47 @@ def score_ids(
         raise FactscopeError(f"unknown metric {metric!r}: use {' or '.join(METRICS)}")
     if not (len(seqs) == len(true_ids) == len(false_ids)):
         raise ValueError("seqs, true_ids and false_ids must have the same length")
-    # unique sequences to run, and for each the token ids whose log-probs we want
-    run_seqs: list[tuple[int, ...]] = []
-    wants: list[list[int]] = []
-    index: dict[tuple[int, ...], int] = {}
+    if any(len(s) == 0 for s in seqs):
+        raise FactscopeError("empty prompt")
+    run_seqs, wants, plans = _plan([tuple(int(x) for x in s) for s in seqs], true_ids, false_ids, metric,
+                                   lambda base, toks: base + toks)
+    res = map_last(model, run_seqs, _reducer(wants), batch_size=batch_size, max_tokens=max_tokens)
+    return _scores(plans, res, metric)
 
-    def want(seq: tuple[int, ...], tid: int) -> tuple[int, int]:
-        j = index.get(seq)
+
+def _plan(bases: Sequence, true_ids, false_ids, metric: str, extend):
+    """The unique runs (hashable keys) and, for each, the token ids whose log-probs we want.
+
+    ``bases[i]`` is prompt i's run key; ``extend(key, tokens)`` the key of that prompt followed by
+    the target tokens (teacher forcing for the "full" metrics). Returns (runs, wants, plans), a
+    plan per prompt being (base run index, [(run, slot)] for true, [(run, slot)] for false)."""
+    runs: list = []
+    wants: list[list[int]] = []
+    index: dict = {}
+
+    def want(key, tid: int) -> tuple[int, int]:
+        j = index.get(key)
         if j is None:
-            j = index[seq] = len(run_seqs)
-            run_seqs.append(seq)
+            j = index[key] = len(runs)
+            runs.append(key)
             wants.append([])
         if tid not in wants[j]:
             wants[j].append(tid)
         return j, wants[j].index(tid)
 
-    plans = []  # per prompt: (base seq index, [(seq, slot) for true], [(seq, slot) for false])
-    for s, t, f in zip(seqs, true_ids, false_ids):
-        s = tuple(int(x) for x in s)
-        if not s:
-            raise FactscopeError("empty prompt")
+    plans = []
+    for b, t, f in zip(bases, true_ids, false_ids):
         if not t or not f:
             raise FactscopeError("empty target token ids")
         k_t = 1 if metric == "first" else len(t)
         k_f = 1 if metric == "first" else len(f)
-        tp = [want(s + tuple(t[:j]), int(t[j])) for j in range(k_t)]
-        fp = [want(s + tuple(f[:j]), int(f[j])) for j in range(k_f)]
-        plans.append((index[s], tp, fp))
+        tp = [want(extend(b, tuple(int(x) for x in t[:j])), int(t[j])) for j in range(k_t)]
+        fp = [want(extend(b, tuple(int(x) for x in f[:j])), int(f[j])) for j in range(k_f)]
+        plans.append((index[b], tp, fp))
+    return runs, wants, plans
 
+
+def _reducer(wants: list[list[int]]):
     def reduce(lg: torch.Tensor, idx: list[int]) -> list:
         logp = torch.log_softmax(lg, dim=-1)
         top = lg.argmax(-1).tolist()
@@ -98,7 +111,10 @@ def score_ids(
             out.append((logp[row, w].tolist(), int(top[row])))
         return out
 
-    res = map_last(model, run_seqs, reduce, batch_size=batch_size, max_tokens=max_tokens)
+    return reduce
+
+
+def _scores(plans, res: list, metric: str) -> list[Score]:
     scores = []
     for base, tp, fp in plans:
         lt = sum(res[j][0][slot] for j, slot in tp)
@@ -107,6 +123,63 @@ def score_ids(
             lt, lf = lt / len(tp), lf / len(fp)
         scores.append(Score(float(lt), float(lf), res[base][1]))
     return scores
+
+
+def score_shared(
+    model: Model,
+    contexts: Sequence[Sequence[int]],
+    prompts: Sequence[tuple[int, int, Sequence[int]]],
+    true_ids: Sequence[Sequence[int]],
+    false_ids: Sequence[Sequence[int]],
+    metric: str = "first",
+    batch_size: int = 32,
+    max_tokens: int | None = 4096,
+) -> list[Score]:
+    """:func:`score_ids` for prompts that share prefixes: prompt i is ``contexts[c][:m] + suffix``
+    for ``prompts[i] = (c, m, suffix)``. The keys/values of each context are computed once
+    (:meth:`Model.prefill`, in length-sorted batches of contexts) and every prompt's suffix is run
+    against the first ``m`` tokens of its context (:meth:`Model.forward_from`); prompts with
+    ``m = 0`` run whole. Equals :func:`score_ids` on the joined token sequences."""
+    if metric not in METRICS:
+        raise FactscopeError(f"unknown metric {metric!r}: use {' or '.join(METRICS)}")
+    if not (len(prompts) == len(true_ids) == len(false_ids)):
+        raise ValueError("prompts, true_ids and false_ids must have the same length")
+    bases = []
+    for c, m, suffix in prompts:
+        if not 0 <= c < len(contexts) or not 0 <= m <= len(contexts[c]):
+            raise FactscopeError(f"prompt ({c}, {m}, ...) does not fit the {len(contexts)} contexts given")
+        if not suffix:
+            raise FactscopeError("empty suffix: every prompt needs at least one token after its context")
+        bases.append((int(c), int(m) if m else -1, tuple(int(x) for x in suffix)))
+    runs, wants, plans = _plan(bases, true_ids, false_ids, metric, lambda b, toks: (b[0], b[1], b[2] + toks))
+    reduce = _reducer(wants)
+    res: list = [None] * len(runs)
+    # runs without a shared context (m = 0): ordinary forwards
+    whole = [j for j, (c, m, _) in enumerate(runs) if m < 0]
+    if whole:
+        part = map_last(model, [runs[j][2] for j in whole], lambda lg, idx: reduce(lg, [whole[i] for i in idx]),
+                        batch_size=batch_size, max_tokens=max_tokens)
+        for j, r in zip(whole, part):
+            res[j] = r
+    by_ctx: dict[int, list[int]] = {}
+    for j, (c, m, _) in enumerate(runs):
+        if m > 0:
+            by_ctx.setdefault(c, []).append(j)
+    used = sorted(by_ctx)
+    need = [max(runs[j][1] for j in by_ctx[c]) for c in used]  # tokens of each context any prompt reads
+    with torch.inference_mode():
+        for cb in length_batches(need, batch_size, max_tokens):
+            prefix = model.prefill(model.batch_from_ids([list(contexts[used[i]][: need[i]]) for i in cb]))
+            row = {used[i]: r for r, i in enumerate(cb)}
+            todo = [j for i in cb for j in by_ctx[used[i]]]
+            widths = [len(runs[j][2]) for j in todo]
+            for qb in length_batches(widths, batch_size, max_tokens):
+                js = [todo[q] for q in qb]
+                sub = prefix.take([row[runs[j][0]] for j in js], [runs[j][1] for j in js])
+                logits = model.forward_from(sub, model.batch_from_ids([runs[j][2] for j in js])).float()
+                for j, r in zip(js, reduce(logits, js)):
+                    res[j] = r
+    return _scores(plans, res, metric)
 
 
 def score_prompts(
