@@ -24,7 +24,7 @@ from factscope.models import load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CF_SAMPLE = SHARED / "counterfact_sample.json"
-# Record case_id 0 of CounterFact (trimmed lists), for when ../shared/data is not around.
+# Record case_id 0 of CounterFact (trimmed lists): the embedded one-record sample, always tested.
 CF_RECORD = {
     "case_id": 0, "pararel_idx": 2796,
     "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
@@ -35,14 +35,18 @@ CF_RECORD = {
 }
 
 
-@pytest.fixture
-def cf_file(tmp_path):
-    """The shared five-record CounterFact sample, or a one-record file in the same schema."""
-    if CF_SAMPLE.is_file():
+@pytest.fixture(params=["embedded-record", "shared-sample"])
+def cf_file(request, tmp_path):
+    """A CounterFact-schema file and its record count: the embedded one-record file, then the shared
+    five-record sample from ../shared/data (skipped, with the reason shown, when it is not there)."""
+    if request.param == "shared-sample":
+        if not CF_SAMPLE.is_file():
+            pytest.skip(f"shared CounterFact sample not found at {CF_SAMPLE} (the embedded record is tested instead)")
         return CF_SAMPLE, 5
     p = tmp_path / "cf_sample.json"
     p.write_text(json.dumps([CF_RECORD]))
     return p, 1
+
 
 LRE_COUNTS = {"factual": (26, 9696), "linguistic": (6, 806), "commonsense": (8, 374), "bias": (7, 213)}
 
@@ -342,7 +346,7 @@ def test_subject_span_tricky_cases_tiny(request, name):
             assert s == bos
 
 
-@pytest.mark.gemma
+@pytest.mark.realmodel
 def test_subject_span_gemma_exact_tokens(gemma_tok):
     t = gemma_tok
     assert subject_span(t, "Émile Zola was born in", "Émile Zola") == (1, 5)  # BOS at 0
@@ -400,7 +404,7 @@ def test_fact_spans_match_offset_free_fallback_on_real_facts(gpt2_tok, llama_tok
                 assert F._span_by_prefix(tok, f.prompt, s, s + len(f.subject)) == span, f
 
 
-@pytest.mark.gemma
+@pytest.mark.realmodel
 def test_fact_spans_gemma_offsets_and_fallback_agree(gemma_tok):
     facts = load_facts("known_1000", limit=100, seed=3) + load_facts("lre", limit=100, seed=3)
     for f in facts:
@@ -437,7 +441,7 @@ def test_target_ids_continue_the_prompt(request, name):
         assert tok.decode(t).strip() == target.strip()
 
 
-@pytest.mark.gemma
+@pytest.mark.realmodel
 def test_target_ids_gemma_leading_space_convention(gemma_tok):
     t = gemma_tok
     first = lambda p, x: t.convert_ids_to_tokens(target_ids(t, p, x))  # noqa: E731

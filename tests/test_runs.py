@@ -334,6 +334,61 @@ def test_report_is_self_contained(tmp_path):
     assert 'href="#sec-main"' in html and 'id="sec-main"' in html
 
 
+# tags the page itself uses; anything else in the HTML came from data that was not escaped
+_PAGE_TAGS = {"html", "head", "meta", "title", "link", "style", "body", "main", "header", "h1", "h2", "h3", "div",
+              "nav", "strong", "ol", "ul", "li", "a", "p", "dl", "dt", "dd", "section", "figure", "img", "figcaption",
+              "span", "table", "caption", "thead", "tbody", "tr", "th", "td", "code", "br", "footer"}
+
+
+def test_report_escapes_captions_summary_config_and_files(tmp_path):
+    """Every place that shows run data escapes it: figure and table captions (and the img alt),
+    summary keys and values (cards and the long list), config values, file names and the directory."""
+    evil = 'r<i>&"x'
+    run = Run.create(tmp_path / evil, {**CONFIG, "model": "<u>m</u>", "note": "<blink>cfg</blink>"})
+    fig, ax = new_figure()
+    ax.plot([0, 1], [0, 1])
+    run.save_figure("curve", fig)
+    run.save_table("effects", pd.DataFrame({"x": [1.5]}))
+    run.update_summary({"short": "<em>s</em>", "long": "<script>alert('x')</script> " + "and more words " * 3,
+                        "k<marquee>": 1, "nested": {"v": "<i>n</i>"}})
+    run.add_section("main", "S <blink>t</blink>", "", figures=[{"name": "curve", "caption": "<em>cap</em> & more"}],
+                    tables=[{"name": "effects", "caption": "<u>tab</u> caption"}])
+    (run.dir / "x<y>&.json").write_text("{}")
+    html = run.write_report().read_text()
+    tags = {t.lower() for t in re.findall(r"<\s*/?\s*([A-Za-z][A-Za-z0-9]*)", html)}
+    assert tags <= _PAGE_TAGS, tags - _PAGE_TAGS
+    assert "<figcaption>&lt;em&gt;cap&lt;/em&gt; &amp; more" in html
+    assert 'alt="S &lt;blink&gt;t&lt;/blink&gt;: &lt;em&gt;cap&lt;/em&gt; &amp; more"' in html
+    assert "<h3>&lt;u&gt;tab&lt;/u&gt; caption</h3>" in html
+    assert '<div class="v">&lt;em&gt;s&lt;/em&gt;</div>' in html
+    assert "<dd>&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; and more" in html
+    assert '<div class="k">k&lt;marquee&gt;</div>' in html and "&lt;i&gt;n&lt;/i&gt;" in html
+    assert "&lt;u&gt;m&lt;/u&gt;" in html and "&lt;blink&gt;cfg&lt;/blink&gt;" in html
+    assert "<dt>x&lt;y&gt;&amp;.json</dt>" in html
+    assert "r&lt;i&gt;&amp;&quot;x" in html  # the directory in the subtitle, the files block and the footer
+
+
+def test_report_files_block_counts_only_finished_checkpoint_lines(tmp_path):
+    """A torn last checkpoint line (killed mid-write) is not a finished unit, whether or not it
+    parses; rendering the report does not touch the checkpoint."""
+    run = Run.create(tmp_path / "out", CONFIG)
+    ck = run.checkpoint("units")
+    for k in ("a", "b"):
+        ck.append(k, {"x": 1.0})
+    torn = run.dir / "checkpoints" / "units.jsonl"
+    with open(torn, "ab") as f:
+        f.write(b'{"key": "c", "x": 3.0')
+    (run.dir / "checkpoints" / "one.jsonl").write_bytes(b'{"key": "a"}\n{"key": "b"}')  # parses, no newline
+    (run.dir / "checkpoints" / "none.jsonl").write_bytes(b"")
+    before = torn.read_bytes()
+    html = run.write_report().read_text()
+    assert "<dt>checkpoints/units.jsonl</dt><dd>2 finished units</dd>" in html
+    assert "<dt>checkpoints/one.jsonl</dt><dd>1 finished unit</dd>" in html
+    assert "<dt>checkpoints/none.jsonl</dt><dd>0 finished units</dd>" in html
+    assert torn.read_bytes() == before
+    assert Checkpoint(torn).done() == {"a", "b"}  # the same count a resume sees
+
+
 def test_report_marks_missing_files_instead_of_failing(tmp_path):
     run = Run.create(tmp_path / "out", CONFIG)
     run.add_section("s", "S", "", figures=["nofig"], tables=["notab"])

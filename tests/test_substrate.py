@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import pytest
 import torch
 
@@ -233,3 +236,189 @@ def test_local_dir_roundtrip(tmp_path):
     m2 = load_model(str(tmp_path / "m"))
     assert m2.spec.family == "llama"
     assert torch.allclose(m.run(PROMPTS), m2.run(PROMPTS), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Patching, mean ablation and attention probabilities against independent constructions
+# ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _raw_perturbation(model, point, l):
+    """A corrupted run built with a plain PyTorch hook (not factscope's patch code) that changes
+    layer ``l`` from ``point`` on and nothing upstream of it: the value projection's output for
+    ``z``/``attn_out``, the MLP's input for ``mlp_out``."""
+    if point in ("z", "attn_out"):
+        h = model.module(l, model.spec.v_proj).register_forward_hook(lambda m, a, out: out * 1.7 + 0.3)
+    else:
+        h = model.mlp(l).register_forward_pre_hook(lambda m, args: (args[0] * 1.7 + 0.3, *args[1:]))
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+def _clean_and_corrupted(model, point, l):
+    """Batches and logits (all positions) of a clean and a corrupted run that differ from ``point``
+    at layer ``l`` on, with both runs' activations at that point."""
+    ids = [model.tokenizer(p)["input_ids"] for p in PROMPTS]
+    a = model.batch_from_ids(ids)
+    if point in ("resid_pre", "resid_post"):  # corrupt a token: everything from layer 0 differs
+        other = [list(s) for s in ids]
+        for s in other:
+            s[-2] = (s[-2] + 7) % len(model.tokenizer)
+        b = model.batch_from_ids(other)
+        corrupt = contextlib.nullcontext()
+    else:
+        b, corrupt = a, _raw_perturbation(model, point, l)
+    with hooks.cache(model, point, [l]) as ca:
+        logits_a = model.run(a, last_only=False)
+    with corrupt, hooks.cache(model, point, [l]) as cb:
+        logits_b = model.run(b, last_only=False)
+    return a, b, logits_a, logits_b, ca[point, l], cb[point, l]
+
+
+def test_patch_every_point_from_corrupted_run_gives_its_logits(tiny):
+    """For every editable point and layer: patching all positions with a corrupted run's values
+    gives the corrupted run's logits; ``mode="add"`` with (b - a) gives the same."""
+    mask = None
+    for point in hooks.EDITABLE:
+        for l in range(tiny.n_layers):
+            a, b, logits_a, logits_b, va, vb = _clean_and_corrupted(tiny, point, l)
+            mask = _real(a)
+            # the corruption is visible, so a patch that does nothing cannot pass
+            assert _max_diff(logits_a, logits_b, mask) > 1e-3, (point, l)
+            assert not torch.allclose(va, vb, atol=1e-4)
+            with hooks.patch(tiny, point, l, vb), hooks.cache(tiny, point, [l]) as c:
+                patched = tiny.run(a, last_only=False)
+            assert _max_diff(patched, logits_b, mask) <= 1e-4, (point, l)
+            assert torch.equal(c[point, l], vb)  # hooks entered later see the patched value
+            with hooks.patch(tiny, point, l, vb - va, mode="add"):
+                added = tiny.run(a, last_only=False)
+            assert _max_diff(added, logits_b, mask) <= 1e-4, (point, l, "add")
+            # the clean run is untouched after the blocks
+            assert _max_diff(tiny.run(a, last_only=False), logits_a, mask) == 0
+
+
+def test_patch_add_is_a_sum_and_positions_select_columns(tiny):
+    """``add`` with a vector adds it at the chosen columns only; ``replace`` with a vector puts it there."""
+    batch = tiny.encode(PROMPTS)
+    l = tiny.n_layers - 1
+    with hooks.cache(tiny, "resid_post", [l]) as c:
+        base = tiny.run(batch, last_only=False)
+    x = c["resid_post", l]
+    vec = torch.linspace(-1, 1, tiny.d_model)
+    cols = hooks.columns(batch, [[0, -1], [1], [-2]])
+    sel = torch.zeros(x.shape[:2], dtype=torch.bool)
+    for i, cc in enumerate(cols):
+        sel[i, cc] = True
+    for mode, expect in (("add", x + vec), ("replace", vec.expand_as(x))):
+        want = torch.where(sel[..., None], expect, x)
+        with hooks.patch(tiny, "resid_post", l, vec, positions=cols, mode=mode), hooks.cache(tiny, "resid_post", [l]) as cp:
+            out = tiny.run(batch, last_only=False)
+        assert torch.allclose(cp["resid_post", l], want, atol=1e-6), mode
+        # an edit of the last layer's output takes effect: the logits are the lens of the new stream
+        assert _max_diff(out, tiny.logit_lens(want), _real(batch)) <= 1e-4, mode
+        assert _max_diff(out, base, sel) > 1e-3 and _max_diff(out, base, _real(batch) & ~sel) <= 1e-5, mode
+    with pytest.raises(FactscopeError, match="mode"):
+        with hooks.patch(tiny, "resid_post", l, vec, mode="mul"):
+            pass
+
+
+def _masked_mean(x, attention_mask):
+    """Mean over the real (non-pad) tokens of a cached [B, T, ...] activation, written out longhand."""
+    rows = [x[i, t] for i in range(x.shape[0]) for t in range(x.shape[1]) if attention_mask[i, t]]
+    return torch.stack(rows).mean(0)
+
+
+REFERENCE = ["Paris is the capital of France", "Tokyo is in", "The Colosseum is located in the city of Rome"]
+
+
+def test_mean_ablation_uses_the_masked_mean_of_real_tokens(tiny):
+    batch = tiny.encode(PROMPTS)
+    ref = tiny.encode(REFERENCE)  # of different lengths: padding must not enter the mean
+    assert not ref.attention_mask.bool().all()
+    with hooks.cache(tiny, ["attn_out", "mlp_out", "z"]) as cref:
+        tiny.run(ref, last_only=False)
+    with hooks.cache(tiny, ["attn_out", "mlp_out", "z"]) as clean:
+        base = tiny.run(batch, last_only=False)
+    real = _real(batch)
+    for kind, point, l in (("attn", "attn_out", 2), ("mlp", "mlp_out", 1)):
+        mean = _masked_mean(cref[point, l], ref.attention_mask)
+        with hooks.ablate(tiny, kind, l, how="mean", reference=ref), hooks.cache(tiny, point, [l]) as c:
+            tiny.run(batch, last_only=False)
+        assert torch.allclose(c[point, l], mean.expand_as(c[point, l]), atol=1e-5), kind
+        # only some positions: the others keep the clean run's values, earlier positions' logits too
+        pos = [[-1], [-1, -2], [-3]]
+        cols = hooks.columns(batch, pos)
+        sel = torch.zeros(real.shape, dtype=torch.bool)
+        for i, cc in enumerate(cols):
+            sel[i, cc] = True
+        with hooks.ablate(tiny, kind, l, how="mean", reference=ref, positions=cols), hooks.cache(tiny, point, [l]) as c:
+            out = tiny.run(batch, last_only=False)
+        assert torch.allclose(c[point, l][sel], mean.expand_as(c[point, l][sel]), atol=1e-5), kind
+        assert torch.equal(c[point, l][~sel], clean[point, l][~sel]), kind
+        before = torch.zeros_like(real)
+        for i, cc in enumerate(cols):
+            before[i, batch.offset[i] : min(cc)] = True
+        assert _max_diff(out, base, before) <= 1e-5 and _max_diff(out, base, sel) > 1e-4, kind
+
+
+def test_head_mean_ablation_replaces_only_chosen_heads_and_positions(tiny):
+    batch = tiny.encode(PROMPTS)
+    ref = tiny.encode(REFERENCE)
+    l, heads = 1, [0, 3]
+    with hooks.cache(tiny, "z", [l]) as cref:
+        tiny.run(ref, last_only=False)
+    mean = _masked_mean(cref["z", l], ref.attention_mask)  # [H, hd]
+    with hooks.cache(tiny, "z", [l]) as clean:
+        base = tiny.run(batch, last_only=False)
+    z0 = clean["z", l]
+    with hooks.ablate(tiny, "head", l, heads=heads, how="mean", reference=ref), hooks.cache(tiny, "z", [l]) as c:
+        out = tiny.run(batch, last_only=False)
+    z = c["z", l]
+    others = [h for h in range(tiny.n_heads) if h not in heads]
+    assert torch.allclose(z[:, :, heads], mean[heads].expand_as(z[:, :, heads]), atol=1e-5)
+    assert torch.equal(z[:, :, others], z0[:, :, others])
+    assert _max_diff(out, base, _real(batch)) > 1e-4
+    cols = hooks.columns(batch, [[-1]] * len(batch))
+    with hooks.ablate(tiny, "head", l, heads=[2], how="mean", reference=ref, positions=cols), hooks.cache(tiny, "z", [l]) as c:
+        out = tiny.run(batch, last_only=False)
+    z = c["z", l]
+    assert torch.allclose(z[:, -1, 2], mean[2].expand_as(z[:, -1, 2]), atol=1e-5)
+    assert torch.equal(z[:, :-1], z0[:, :-1]) and torch.equal(z[:, -1, [0, 1, 3]], z0[:, -1, [0, 1, 3]])
+    # the last column is every prompt's last token: all earlier positions keep their logits
+    assert _max_diff(out[:, :-1], base[:, :-1], _real(batch)[:, :-1]) <= 1e-5
+    assert (out[:, -1] - base[:, -1]).abs().max() > 1e-4
+    # zero ablation of one head at some positions
+    with hooks.ablate(tiny, "head", l, heads=[1], positions=cols), hooks.cache(tiny, "z", [l]) as c:
+        tiny.run(batch, last_only=False)
+    assert c["z", l][:, -1, 1].abs().max() == 0 and torch.equal(c["z", l][:, :-1], z0[:, :-1])
+    with pytest.raises(FactscopeError, match="head 4 out of range"):
+        with hooks.ablate(tiny, "head", l, heads=[4]):
+            pass
+
+
+def test_attention_probabilities_match_eager_attention_at_every_layer(tiny):
+    """Recorded probabilities equal Hugging Face's own eager attention (output_attentions) on a copy
+    of the model, at every layer: causal, padding and (tiny-gemma3) sliding-window masks included."""
+    batch = tiny.encode(PROMPTS + ["The Eiffel Tower is located in the city of Paris, France, in Europe"])
+    with hooks.cache(tiny, "attn_probs") as c:
+        tiny.run(batch, last_only=False)
+    ref = copy.deepcopy(tiny.hf)
+    ref.set_attn_implementation("eager")
+    with torch.inference_mode():
+        out = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  use_cache=False, output_attentions=True)
+    real = _real(batch)
+    q = real[:, None, :, None]  # rows of real query tokens
+    for l in range(tiny.n_layers):
+        mine, theirs = c["attn_probs", l], out.attentions[l]
+        assert mine.shape == theirs.shape == (len(batch), tiny.n_heads, *batch.input_ids.shape[1:] * 2)
+        d = (mine - theirs).abs().masked_fill(~q, 0).max().item()
+        assert d <= 1e-5, (l, d)
+        rows = mine.sum(-1)[real[:, None, :].expand(-1, tiny.n_heads, -1)]
+        assert torch.allclose(rows, torch.ones_like(rows), atol=1e-5)
+        for i in range(len(batch)):  # no real token attends to padding
+            if not real[i].all():
+                assert mine[i][:, real[i]][..., ~real[i]].abs().max().item() == 0
