@@ -524,6 +524,10 @@ def test_fetch_counterfact_downloads_atomically(tmp_path, monkeypatch, cf_file):
     bad.write_text('{"not": "counterfact"}')
     with pytest.raises(FactscopeError, match="not CounterFact JSON"):
         fetch_counterfact(url=bad.as_uri())
+    for wrong in ("[]", '[{"subject": "Paris", "target_true": "France"}]'):  # JSON lists, but not CounterFact
+        bad.write_text(wrong)
+        with pytest.raises(FactscopeError, match="not CounterFact JSON"):
+            fetch_counterfact(url=bad.as_uri())
     assert list((tmp_path / "cache").iterdir()) == []
     path = fetch_counterfact(url=sample.as_uri())
     assert path == counterfact_path() and path.read_bytes() == sample.read_bytes()

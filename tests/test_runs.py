@@ -104,6 +104,16 @@ def test_resume_with_matching_config_keeps_work(tmp_path):
     assert again.load_table("t")["x"].tolist() == [1, 2]
     assert again.config["created_utc"] == run.config["created_utc"]
     assert len(again.config["resumed_utc"]) == 1
+    # the runtime settings of the resumed run are recorded (not compared)
+    assert again.config["runtime"] == {"device": "cuda"}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["runtime"] == {"device": "cuda"}
+
+
+def test_reserved_config_keys_are_refused(tmp_path):
+    for key in ("versions", "created_utc", "resumed_utc"):
+        with pytest.raises(ValueError, match=key):
+            Run.create(tmp_path / key, {**CONFIG, key: "mine"})
+        assert not (tmp_path / key).exists()
 
 
 def test_resume_with_different_config_names_the_keys(tmp_path):
@@ -189,6 +199,11 @@ def test_writes_leave_no_temp_files(tmp_path):
     assert names == ["checkpoints", "config.json", "curve.png", "effects.csv", "report.html",
                      "sections.json", "summary.json"]
     assert (run.dir / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # atomic writes give ordinary permissions (mkstemp's 0600 would hide results from others)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "curve.png", "effects.csv", "report.html"):
+        assert (run.dir / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_failed_atomic_write_keeps_old_file_and_no_temp(tmp_path):
@@ -387,6 +402,24 @@ def test_report_files_block_counts_only_finished_checkpoint_lines(tmp_path):
     assert "<dt>checkpoints/none.jsonl</dt><dd>0 finished units</dd>" in html
     assert torn.read_bytes() == before
     assert Checkpoint(torn).done() == {"a", "b"}  # the same count a resume sees
+
+
+def test_report_table_limits_and_unique_anchors(tmp_path):
+    run = Run.create(tmp_path / "out", CONFIG)
+    run.save_table("exact", pd.DataFrame({"x": range(30)}))
+    run.save_table("long", pd.DataFrame({"text": ["y" * 300]}))
+    # three section keys with the same slug, and one that collides with a page anchor
+    for key in ("a b", "a-b", "a_b", "summary"):
+        run.add_section(key, f"S {key}", "", tables=["exact"] if key == "a b" else ["long"] if key == "a-b" else [])
+    html = run.write_report().read_text()
+    assert "30 rows, 1 column; <code>exact.csv</code>" in html and "first 30 of 30" not in html
+    cell = re.search(r"<td title=\"(y+)\">(y+)…</td>", html)
+    assert cell and len(cell.group(1)) == 300 and len(cell.group(2)) == 119
+    ids = re.findall(r'id="([^"]+)"', html)
+    assert len(ids) == len(set(ids)), ids
+    assert {"sec-a-b", "sec-a-b-2", "sec-a-b-3", "sec-summary"} <= set(ids)
+    for a in re.findall(r'<a href="#([^"]+)"', html):
+        assert a in ids
 
 
 def test_report_marks_missing_files_instead_of_failing(tmp_path):

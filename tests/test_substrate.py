@@ -422,3 +422,138 @@ def test_attention_probabilities_match_eager_attention_at_every_layer(tiny):
         for i in range(len(batch)):  # no real token attends to padding
             if not real[i].all():
                 assert mine[i][:, real[i]][..., ~real[i]].abs().max().item() == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Smaller contracts the mutation audit (docs/testing.md) found unguarded
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bad_layers_and_positions_are_clear_errors(tiny):
+    batch = tiny.encode(PROMPTS[:2])
+    L = tiny.n_layers
+    for point in ("resid_pre", "attn_probs", "head_out"):
+        with pytest.raises(FactscopeError, match=f"layer {L} out of range"):
+            with hooks.cache(tiny, point, [L]):
+                pass
+    with pytest.raises(FactscopeError, match=f"layer {L} out of range"):
+        with hooks.patch(tiny, "resid_post", L, torch.zeros(tiny.d_model)):
+            pass
+    with pytest.raises(FactscopeError, match="read-only"):
+        with hooks.patch(tiny, "attn_probs", 0, torch.zeros(1)):
+            pass
+    n = batch.lengths[1]
+    assert hooks.columns(batch, [[0], [-1, -n, n - 1]]) == [[batch.offset[0]], [batch.offset[1] + n - 1, batch.offset[1], batch.offset[1] + n - 1]]
+    for bad in (n, -n - 1):
+        with pytest.raises(FactscopeError, match=f"position {bad} outside prompt 1 of {n} tokens"):
+            hooks.columns(batch, [[0], [bad]])
+
+
+def test_cache_stack_detach_and_repeated_forwards(tiny):
+    batch = tiny.encode(PROMPTS)
+    with hooks.cache(tiny, "resid_pre", [3, 1, 2]) as c:
+        tiny.run(batch)
+    stacked = c.stack("resid_pre")
+    assert [torch.equal(stacked[i], c["resid_pre", l]) for i, l in enumerate((1, 2, 3))] == [True] * 3
+    # detach=False keeps the autograd graph (attribution), detach=True cuts it
+    delta = torch.zeros(tiny.d_model, requires_grad=True)
+    for detach in (True, False):
+        with hooks.patch(tiny, "resid_pre", 0, delta, mode="add"), hooks.cache(tiny, "resid_post", [1], detach=detach) as c:
+            tiny.forward(batch)
+        assert c["resid_post", 1].requires_grad is (not detach)
+    # two forwards inside one cache block: the last one is kept, attention probabilities included
+    short = tiny.encode(PROMPTS[1:2])
+    with hooks.cache(tiny, ["attn_probs", "resid_pre"], [1]) as c:
+        tiny.run(batch)
+        tiny.run(short)
+    T = short.input_ids.shape[1]
+    assert c["attn_probs", 1].shape == (1, tiny.n_heads, T, T) and c["resid_pre", 1].shape[:2] == (1, T)
+
+
+def test_query_with_every_key_blocked_reads_nothing(tiny):
+    """Blocking all keys (itself included) of the last query: it attends to nothing (z = 0 there, no
+    NaN), rather than to the masked-out padding or future keys."""
+    batch = tiny.encode(PROMPTS)
+    block = hooks.edge_mask(batch, [[-1]] * len(batch), [range(n) for n in batch.lengths])
+    with hooks.knockout(tiny, [1], block), hooks.cache(tiny, ["z", "attn_probs"], [1]) as c:
+        out = tiny.run(batch)
+    assert torch.isfinite(out).all()
+    assert c["z", 1][:, -1].abs().max() == 0 and c["z", 1][:, :-1].abs().max() > 0
+    assert c["attn_probs", 1][:, :, -1].abs().max() == 0
+
+
+def test_forward_equals_plain_hf_forward_on_an_unpadded_prompt(tiny):
+    """Our batch layout (positions from the attention mask) gives the model's own unhooked logits."""
+    ids = tiny.tokenizer(PROMPTS[0])["input_ids"]
+    batch = tiny.batch_from_ids([ids])
+    assert batch.position_ids[0].tolist() == list(range(len(ids)))
+    with torch.inference_mode():
+        plain = tiny.hf(input_ids=torch.tensor([ids])).logits
+    assert _max_diff(tiny.run(batch, last_only=False), plain, _real(batch)) <= 1e-5
+    with pytest.raises(FactscopeError, match="no prompts given"):
+        tiny.encode([])
+
+
+def test_load_model_dtype_names():
+    m = load_model("tiny-gpt2", dtype="bfloat16")
+    assert m.dtype == torch.bfloat16 and m.run(["Paris is"]).dtype == torch.bfloat16
+    assert load_model("tiny-gpt2", dtype="float16").dtype == torch.float16
+
+
+def test_length_batches_exact():
+    from factscope.predict import length_batches
+
+    lengths = [3, 5, 5, 2, 7]
+    assert length_batches(lengths, 2) == [[4, 1], [2, 0], [3]]  # longest first, ties by index
+    # max_tokens bounds padded tokens: the batch's width (its longest prompt) times its size
+    assert length_batches(lengths, 10, max_tokens=10) == [[4], [1, 2], [0, 3]]
+    assert length_batches(lengths, 10, max_tokens=15) == [[4, 1], [2, 0, 3]]
+    with pytest.raises(FactscopeError, match="batch size"):
+        length_batches(lengths, 0)
+
+
+def test_top_k_and_known_facts_match_single_prompt_runs(tiny):
+    """Batched (two per batch, sorted by length) prediction equals one unbatched run per prompt:
+    top-k probabilities, the target's first token, its rank, and known = rank < top-k."""
+    from factscope.facts import Fact, target_ids
+    from factscope.predict import known_facts, known_rate_by_relation, top_k
+
+    prompts = ["The Eiffel Tower is located in the city of", "Toyota is headquartered in", "Danielle Darrieux speaks",
+               "The mother tongue of Danielle Darrieux is", "Paris is the capital of"]
+    single = torch.stack([tiny.run([p])[0] for p in prompts]).float()
+    preds = top_k(tiny, prompts, k=3, batch_size=2)
+    for p, lg in zip(preds, single):
+        probs, ix = lg.softmax(-1).topk(3)
+        assert p.token_ids == ix.tolist() and p.tokens == tiny.to_str_tokens(ix.tolist())
+        assert torch.allclose(torch.tensor(p.probs), probs, atol=1e-5)
+    # facts whose (multi-token) targets start with one of the model's top tokens (even prompts) or
+    # with a token far down its list (odd prompts): only the target's first token counts
+    facts, ranks = [], []
+    for i, (p, lg) in enumerate(zip(prompts, single)):
+        order = lg.argsort(descending=True).tolist()
+        for r, t in enumerate(order[:60] if i % 2 == 0 else order[100:], start=0 if i % 2 == 0 else 100):
+            word = tiny.tokenizer.decode([t]).strip()
+            if word.isalpha() and target_ids(tiny.tokenizer, p, word + " Bridge")[0] == t:
+                break
+        else:
+            pytest.fail(f"no usable target token for {p!r}")
+        subject = p.split()[0]
+        facts.append(Fact(subject, f"r{i % 2}", f"rel {i % 2}", p.replace(subject, "{}", 1), p, word + " Bridge", id=str(i)))
+        ranks.append(r)
+    k_all = max(ranks[0::2]) + 1  # every even fact known, no odd one
+    assert k_all <= 60
+    for k in (1, 3, k_all):
+        known, table = known_facts(tiny, facts, top_k=k, batch_size=2, progress=False)
+        for f, row, lg, r in zip(facts, table.to_dict("records"), single, ranks):
+            first = target_ids(tiny.tokenizer, f.prompt, f.target_true)[0]
+            assert len(target_ids(tiny.tokenizer, f.prompt, f.target_true)) > 1
+            rank = int((lg > lg[first]).sum())
+            assert (row["rank"], row["known"]) == (rank, rank < k) == (r, r < k), (f.prompt, k)
+            assert row["prob"] == pytest.approx(float(lg.softmax(-1)[first]), abs=1e-6)
+            assert row["top1"] == tiny.tokenizer.decode([int(lg.argmax())])
+        assert [f.id for f in known] == [r["id"] for r in table.to_dict("records") if r["known"]]
+    assert [f.id for f in known] == ["0", "2", "4"]
+    by_rel = known_rate_by_relation(table).set_index("relation_id")
+    for rid, g in table.groupby("relation_id"):
+        assert (by_rel.loc[rid, "n"], by_rel.loc[rid, "known"]) == (len(g), g["known"].sum())
+        assert by_rel.loc[rid, "rate"] == pytest.approx(g["known"].mean())
