@@ -163,6 +163,7 @@ def main() -> None:
     ap.add_argument("--only", default="")
     ap.add_argument("--timeout", type=int, default=600)
     ap.add_argument("--whole-files", action="store_true", help="items: run the whole test file, not only the item's tests")
+    ap.add_argument("--suite", action="store_true", help="run every tiny-model test file, not only the mutated file's")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))  # restore the file on kill
     only = set(filter(None, args.only.split(",")))
@@ -179,6 +180,8 @@ def main() -> None:
             print(f"| {mid} | {fname} | {what} | NOT APPLIED ({original.count(old)} matches) | |", flush=True)
             continue
         files, k = (TESTS[fname], None) if args.group == "audit" else ([row[5]], None if args.whole_files else row[6])
+        if args.suite:
+            files = sorted(p.name for p in args.tests.glob("test_*.py") if p.name != "test_report_browser.py")
         try:
             path.write_text(original.replace(old, new))
             result, secs = run_tests(args.tests, files, k, args.timeout)

@@ -189,20 +189,34 @@ def test_batched_equals_single(tiny):
         assert (tiny.run([p])[0] - together[i]).abs().max().item() <= 1e-5
 
 
+def _with_random_biases(model):
+    """A copy of the model whose every bias is random (the tiny models' biases start at zero, which
+    would hide a bias taken from the wrong head)."""
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mod in m.hf.modules():
+            b = getattr(mod, "bias", None)
+            if isinstance(b, torch.nn.Parameter):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.5)
+    return m
+
+
 def test_weights_views_match_hooks(tiny):
-    """W_V/W_O/b_V reproduce z and head_out from the attended vectors."""
-    batch = tiny.encode(PROMPTS[:1])
-    l = 1
-    with hooks.cache(tiny, ["resid_pre", "attn_probs", "z", "head_out"], [l]) as c:
-        tiny.run(batch)
-    x = tiny.attn_input_norm(l, c["resid_pre", l])[0]  # [T, d]
-    v = torch.einsum("td,hde->hte", x, tiny.W_V(l)) + tiny.b_V(l)[:, None]  # [H, T, hd]
-    z = torch.einsum("hqk,hke->qhe", c["attn_probs", l][0], v)
-    assert torch.allclose(z, c["z", l][0], atol=1e-5)
-    out = torch.einsum("qhe,hed->qhd", z, tiny.W_O(l))
-    scale = tiny.post_attn_scale(l, out.sum(1))  # Gemma's post-attention norm factor, else 1.0
-    out = out * (scale.unsqueeze(1) if isinstance(scale, torch.Tensor) else scale)
-    assert torch.allclose(out, c["head_out", l][0], atol=1e-5)
+    """W_V/W_O/b_V reproduce z and head_out from the attended vectors (also with nonzero biases)."""
+    for model in (tiny, _with_random_biases(tiny)):
+        batch = model.encode(PROMPTS[:1])
+        l = 1
+        with hooks.cache(model, ["resid_pre", "attn_probs", "z", "head_out"], [l]) as c:
+            model.run(batch)
+        x = model.attn_input_norm(l, c["resid_pre", l])[0]  # [T, d]
+        v = torch.einsum("td,hde->hte", x, model.W_V(l)) + model.b_V(l)[:, None]  # [H, T, hd]
+        z = torch.einsum("hqk,hke->qhe", c["attn_probs", l][0], v)
+        assert torch.allclose(z, c["z", l][0], atol=1e-5)
+        out = torch.einsum("qhe,hed->qhd", z, model.W_O(l))
+        scale = model.post_attn_scale(l, out.sum(1))  # Gemma's post-attention norm factor, else 1.0
+        out = out * (scale.unsqueeze(1) if isinstance(scale, torch.Tensor) else scale)
+        assert torch.allclose(out, c["head_out", l][0], atol=1e-5)
 
 
 def test_gemma_knows_paris(gemma):
