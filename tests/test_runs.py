@@ -377,6 +377,7 @@ def test_report_escapes_captions_summary_config_and_files(tmp_path):
     assert "<h3>&lt;u&gt;tab&lt;/u&gt; caption</h3>" in html
     assert '<div class="v">&lt;em&gt;s&lt;/em&gt;</div>' in html
     assert "<dd>&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; and more" in html
+    assert html.count("alert(&#x27;x&#x27;)") == 1  # long values in the list only, not also in a card
     assert '<div class="k">k&lt;marquee&gt;</div>' in html and "&lt;i&gt;n&lt;/i&gt;" in html
     assert "&lt;u&gt;m&lt;/u&gt;" in html and "&lt;blink&gt;cfg&lt;/blink&gt;" in html
     assert "<dt>x&lt;y&gt;&amp;.json</dt>" in html
