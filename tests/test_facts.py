@@ -194,6 +194,18 @@ def test_limit_is_seeded_subset_in_order():
     ids = [int(f.id.split(":")[1]) for f in a]
     assert ids == sorted(ids)
     assert load_facts("known_1000", limit=0) == []
+    for bad in (-1, -5):
+        with pytest.raises(FactscopeError, match=f"limit must be >= 0, got {bad}"):
+            load_facts("known_1000", limit=bad)
+
+
+def test_object_column_aliases(tmp_path):
+    """LRE/known_1000 names of the object column are accepted for target_true."""
+    for alias in ("object", "attribute", "target"):
+        p = tmp_path / f"{alias}.jsonl"
+        p.write_text(json.dumps({"subject": "Rome", "prompt": "Rome is in", alias: "Italy"}) + "\n", encoding="utf-8")
+        (f,) = load_facts(str(p))
+        assert (f.subject, f.target_true, f.template) == ("Rome", "Italy", "{} is in"), alias
 
 
 # ------------------------------------------------------------------------------ user files
@@ -431,6 +443,7 @@ def test_target_ids_continue_the_prompt(request, name):
         ("Danielle Darrieux's mother is named", "Jacqueline Darrieux", None),
         ("He lives in Washington", ", D.C.", "He lives in Washington, D.C."),
         ("X is", " Y", "X is Y"),
+        ("He was born in ", "New York City", "He was born in New York City"),  # merge, then more tokens
     ]
     for prompt, target, full in cases:
         t = target_ids(tok, prompt, target)

@@ -39,7 +39,7 @@ def _make_run(tmp_path: Path, n_rows: int = 45) -> Run:
                        "token": ["<b>tok</b>"] * n_rows})
     run.save_table("effects", df)
     run.update_summary({"accuracy": 0.712345678, "n_facts": 45, "peak": {"layer": 7}})
-    run.add_section("main", "Main result", "First paragraph <script>alert(1)</script>.\n\n- a **bold** item",
+    run.add_section("main", "Main result", "First paragraph <script>alert(1)</script>.\nSame paragraph.\n\n- a **bold** item",
                     figures=["curve"], tables=["effects"])
     run.write_report()
     return run
@@ -330,7 +330,7 @@ def test_report_is_self_contained(tmp_path):
     html = (run.dir / "report.html").read_text()
     assert "http://" not in html and "https://" not in html
     assert "<script" not in html  # section text is escaped, and the page has no scripts
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<p>First paragraph &lt;script&gt;alert(1)&lt;/script&gt;.<br>\nSame paragraph.</p>" in html
     srcs = re.findall(r'src="([^"]*)"', html)
     assert len(srcs) == 1 and srcs[0].startswith("data:image/png;base64,")
     hrefs = re.findall(r'href="([^"]*)"', html)
@@ -346,6 +346,9 @@ def test_report_is_self_contained(tmp_path):
     assert "0.7123" in html and "peak.layer" in html
     assert "tiny-llama" in html and "known_1000" in html and "torch" in html
     assert "<strong>bold</strong>" in html and "<li>" in html
+    # config rows: the head keys in their order, then the other defining keys, then runtime ones
+    labels = re.findall(r"<dt>([^<]+)</dt>", re.search(r'id="config".*?</dl>', html, re.S).group(0))
+    assert labels == ["command", "model", "data", "seed", "layers", "created"], labels
     assert 'href="#sec-main"' in html and 'id="sec-main"' in html
 
 
@@ -446,6 +449,7 @@ def test_format_number():
     assert format_number(1.5e-7) == "1.500e-07"
     assert format_number(float("nan")) == "NaN"
     assert format_number(True) == "True"
+    assert (format_number(float("inf")), format_number(float("-inf"))) == ("∞", "−∞")
 
 
 # ---- CLI -----------------------------------------------------------------------------------

@@ -508,6 +508,15 @@ def test_forward_equals_plain_hf_forward_on_an_unpadded_prompt(tiny):
         tiny.encode([])
 
 
+def test_batch_repeat_is_each_prompt_n_times_in_a_row(tiny):
+    batch = tiny.encode(PROMPTS)
+    rep = batch.repeat(2)
+    want = tiny.encode([p for p in PROMPTS for _ in range(2)])
+    for name in ("input_ids", "attention_mask", "position_ids"):
+        assert torch.equal(getattr(rep, name), getattr(want, name)), name
+    assert rep.lengths == want.lengths and rep.offset == want.offset
+
+
 def test_load_model_dtype_names():
     m = load_model("tiny-gpt2", dtype="bfloat16")
     assert m.dtype == torch.bfloat16 and m.run(["Paris is"]).dtype == torch.bfloat16
@@ -567,7 +576,9 @@ def test_top_k_and_known_facts_match_single_prompt_runs(tiny):
             assert row["top1"] == tiny.tokenizer.decode([int(lg.argmax())])
         assert [f.id for f in known] == [r["id"] for r in table.to_dict("records") if r["known"]]
     assert [f.id for f in known] == ["0", "2", "4"]
-    by_rel = known_rate_by_relation(table).set_index("relation_id")
+    rates = known_rate_by_relation(table)
+    assert rates["relation_id"].tolist() == ["r0", "r1"] and rates["rate"].tolist() == [1.0, 0.0]  # best first
+    by_rel = rates.set_index("relation_id")
     for rid, g in table.groupby("relation_id"):
         assert (by_rel.loc[rid, "n"], by_rel.loc[rid, "known"]) == (len(g), g["known"].sum())
         assert by_rel.loc[rid, "rate"] == pytest.approx(g["known"].mean())
