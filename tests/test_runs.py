@@ -362,7 +362,7 @@ def test_report_escapes_captions_summary_config_and_files(tmp_path):
     """Every place that shows run data escapes it: figure and table captions (and the img alt),
     summary keys and values (cards and the long list), config values, file names and the directory."""
     evil = 'r<i>&"x'
-    run = Run.create(tmp_path / evil, {**CONFIG, "model": "<u>m</u>", "note": "<blink>cfg</blink>"})
+    run = Run.create(tmp_path / evil, {**CONFIG, "runtime": {"device": "cpu"}, "model": "<u>m</u>", "note": "<blink>cfg</blink>"})
     fig, ax = new_figure()
     ax.plot([0, 1], [0, 1])
     run.save_figure("curve", fig)
@@ -385,6 +385,9 @@ def test_report_escapes_captions_summary_config_and_files(tmp_path):
     assert "&lt;u&gt;m&lt;/u&gt;" in html and "&lt;blink&gt;cfg&lt;/blink&gt;" in html
     assert "<dt>x&lt;y&gt;&amp;.json</dt>" in html
     assert "r&lt;i&gt;&amp;&quot;x" in html  # the directory in the subtitle, the files block and the footer
+    # config rows: head keys in their order, other defining keys, then run-time settings, then times
+    labels = re.findall(r"<dt>([^<]+)</dt>", re.search(r'id="config".*?</dl>', html, re.S).group(0))
+    assert labels == ["command", "model", "data", "seed", "layers", "note", "runtime", "created"], labels
 
 
 def test_report_files_block_counts_only_finished_checkpoint_lines(tmp_path):
