@@ -24,7 +24,7 @@ from factscope.models import load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CF_SAMPLE = SHARED / "counterfact_sample.json"
-# Record case_id 0 of CounterFact (trimmed lists), for when ../shared/data is not around.
+# Record case_id 0 of CounterFact (trimmed lists): the embedded one-record sample, always tested.
 CF_RECORD = {
     "case_id": 0, "pararel_idx": 2796,
     "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
@@ -35,14 +35,18 @@ CF_RECORD = {
 }
 
 
-@pytest.fixture
-def cf_file(tmp_path):
-    """The shared five-record CounterFact sample, or a one-record file in the same schema."""
-    if CF_SAMPLE.is_file():
+@pytest.fixture(params=["embedded-record", "shared-sample"])
+def cf_file(request, tmp_path):
+    """A CounterFact-schema file and its record count: the embedded one-record file, then the shared
+    five-record sample from ../shared/data (skipped, with the reason shown, when it is not there)."""
+    if request.param == "shared-sample":
+        if not CF_SAMPLE.is_file():
+            pytest.skip(f"shared CounterFact sample not found at {CF_SAMPLE} (the embedded record is tested instead)")
         return CF_SAMPLE, 5
     p = tmp_path / "cf_sample.json"
     p.write_text(json.dumps([CF_RECORD]))
     return p, 1
+
 
 LRE_COUNTS = {"factual": (26, 9696), "linguistic": (6, 806), "commonsense": (8, 374), "bias": (7, 213)}
 
@@ -190,6 +194,18 @@ def test_limit_is_seeded_subset_in_order():
     ids = [int(f.id.split(":")[1]) for f in a]
     assert ids == sorted(ids)
     assert load_facts("known_1000", limit=0) == []
+    for bad in (-1, -5):
+        with pytest.raises(FactscopeError, match=f"limit must be >= 0, got {bad}"):
+            load_facts("known_1000", limit=bad)
+
+
+def test_object_column_aliases(tmp_path):
+    """LRE/known_1000 names of the object column are accepted for target_true."""
+    for alias in ("object", "attribute", "target"):
+        p = tmp_path / f"{alias}.jsonl"
+        p.write_text(json.dumps({"subject": "Rome", "prompt": "Rome is in", alias: "Italy"}) + "\n", encoding="utf-8")
+        (f,) = load_facts(str(p))
+        assert (f.subject, f.target_true, f.template) == ("Rome", "Italy", "{} is in"), alias
 
 
 # ------------------------------------------------------------------------------ user files
@@ -342,7 +358,7 @@ def test_subject_span_tricky_cases_tiny(request, name):
             assert s == bos
 
 
-@pytest.mark.gemma
+@pytest.mark.realmodel
 def test_subject_span_gemma_exact_tokens(gemma_tok):
     t = gemma_tok
     assert subject_span(t, "Émile Zola was born in", "Émile Zola") == (1, 5)  # BOS at 0
@@ -400,7 +416,7 @@ def test_fact_spans_match_offset_free_fallback_on_real_facts(gpt2_tok, llama_tok
                 assert F._span_by_prefix(tok, f.prompt, s, s + len(f.subject)) == span, f
 
 
-@pytest.mark.gemma
+@pytest.mark.realmodel
 def test_fact_spans_gemma_offsets_and_fallback_agree(gemma_tok):
     facts = load_facts("known_1000", limit=100, seed=3) + load_facts("lre", limit=100, seed=3)
     for f in facts:
@@ -427,6 +443,7 @@ def test_target_ids_continue_the_prompt(request, name):
         ("Danielle Darrieux's mother is named", "Jacqueline Darrieux", None),
         ("He lives in Washington", ", D.C.", "He lives in Washington, D.C."),
         ("X is", " Y", "X is Y"),
+        ("He was born in ", "New York City", "He was born in New York City"),  # merge, then more tokens
     ]
     for prompt, target, full in cases:
         t = target_ids(tok, prompt, target)
@@ -437,7 +454,7 @@ def test_target_ids_continue_the_prompt(request, name):
         assert tok.decode(t).strip() == target.strip()
 
 
-@pytest.mark.gemma
+@pytest.mark.realmodel
 def test_target_ids_gemma_leading_space_convention(gemma_tok):
     t = gemma_tok
     first = lambda p, x: t.convert_ids_to_tokens(target_ids(t, p, x))  # noqa: E731
@@ -520,6 +537,10 @@ def test_fetch_counterfact_downloads_atomically(tmp_path, monkeypatch, cf_file):
     bad.write_text('{"not": "counterfact"}')
     with pytest.raises(FactscopeError, match="not CounterFact JSON"):
         fetch_counterfact(url=bad.as_uri())
+    for wrong in ("[]", '[{"subject": "Paris", "target_true": "France"}]'):  # JSON lists, but not CounterFact
+        bad.write_text(wrong)
+        with pytest.raises(FactscopeError, match="not CounterFact JSON"):
+            fetch_counterfact(url=bad.as_uri())
     assert list((tmp_path / "cache").iterdir()) == []
     path = fetch_counterfact(url=sample.as_uri())
     assert path == counterfact_path() and path.read_bytes() == sample.read_bytes()

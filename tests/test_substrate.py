@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import pytest
 import torch
 
@@ -186,20 +189,34 @@ def test_batched_equals_single(tiny):
         assert (tiny.run([p])[0] - together[i]).abs().max().item() <= 1e-5
 
 
+def _with_random_biases(model):
+    """A copy of the model whose every bias is random (the tiny models' biases start at zero, which
+    would hide a bias taken from the wrong head)."""
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mod in m.hf.modules():
+            b = getattr(mod, "bias", None)
+            if isinstance(b, torch.nn.Parameter):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.5)
+    return m
+
+
 def test_weights_views_match_hooks(tiny):
-    """W_V/W_O/b_V reproduce z and head_out from the attended vectors."""
-    batch = tiny.encode(PROMPTS[:1])
-    l = 1
-    with hooks.cache(tiny, ["resid_pre", "attn_probs", "z", "head_out"], [l]) as c:
-        tiny.run(batch)
-    x = tiny.attn_input_norm(l, c["resid_pre", l])[0]  # [T, d]
-    v = torch.einsum("td,hde->hte", x, tiny.W_V(l)) + tiny.b_V(l)[:, None]  # [H, T, hd]
-    z = torch.einsum("hqk,hke->qhe", c["attn_probs", l][0], v)
-    assert torch.allclose(z, c["z", l][0], atol=1e-5)
-    out = torch.einsum("qhe,hed->qhd", z, tiny.W_O(l))
-    scale = tiny.post_attn_scale(l, out.sum(1))  # Gemma's post-attention norm factor, else 1.0
-    out = out * (scale.unsqueeze(1) if isinstance(scale, torch.Tensor) else scale)
-    assert torch.allclose(out, c["head_out", l][0], atol=1e-5)
+    """W_V/W_O/b_V reproduce z and head_out from the attended vectors (also with nonzero biases)."""
+    for model in (tiny, _with_random_biases(tiny)):
+        batch = model.encode(PROMPTS[:1])
+        l = 1
+        with hooks.cache(model, ["resid_pre", "attn_probs", "z", "head_out"], [l]) as c:
+            model.run(batch)
+        x = model.attn_input_norm(l, c["resid_pre", l])[0]  # [T, d]
+        v = torch.einsum("td,hde->hte", x, model.W_V(l)) + model.b_V(l)[:, None]  # [H, T, hd]
+        z = torch.einsum("hqk,hke->qhe", c["attn_probs", l][0], v)
+        assert torch.allclose(z, c["z", l][0], atol=1e-5)
+        out = torch.einsum("qhe,hed->qhd", z, model.W_O(l))
+        scale = model.post_attn_scale(l, out.sum(1))  # Gemma's post-attention norm factor, else 1.0
+        out = out * (scale.unsqueeze(1) if isinstance(scale, torch.Tensor) else scale)
+        assert torch.allclose(out, c["head_out", l][0], atol=1e-5)
 
 
 def test_gemma_knows_paris(gemma):
@@ -233,3 +250,335 @@ def test_local_dir_roundtrip(tmp_path):
     m2 = load_model(str(tmp_path / "m"))
     assert m2.spec.family == "llama"
     assert torch.allclose(m.run(PROMPTS), m2.run(PROMPTS), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Patching, mean ablation and attention probabilities against independent constructions
+# ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _raw_perturbation(model, point, l):
+    """A corrupted run built with a plain PyTorch hook (not factscope's patch code) that changes
+    layer ``l`` from ``point`` on and nothing upstream of it: the value projection's output for
+    ``z``/``attn_out``, the MLP's input for ``mlp_out``."""
+    if point in ("z", "attn_out"):
+        h = model.module(l, model.spec.v_proj).register_forward_hook(lambda m, a, out: out * 1.7 + 0.3)
+    else:
+        h = model.mlp(l).register_forward_pre_hook(lambda m, args: (args[0] * 1.7 + 0.3, *args[1:]))
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+def _clean_and_corrupted(model, point, l):
+    """Batches and logits (all positions) of a clean and a corrupted run that differ from ``point``
+    at layer ``l`` on, with both runs' activations at that point."""
+    ids = [model.tokenizer(p)["input_ids"] for p in PROMPTS]
+    a = model.batch_from_ids(ids)
+    if point in ("resid_pre", "resid_post"):  # corrupt a token: everything from layer 0 differs
+        other = [list(s) for s in ids]
+        for s in other:
+            s[-2] = (s[-2] + 7) % len(model.tokenizer)
+        b = model.batch_from_ids(other)
+        corrupt = contextlib.nullcontext()
+    else:
+        b, corrupt = a, _raw_perturbation(model, point, l)
+    with hooks.cache(model, point, [l]) as ca:
+        logits_a = model.run(a, last_only=False)
+    with corrupt, hooks.cache(model, point, [l]) as cb:
+        logits_b = model.run(b, last_only=False)
+    return a, b, logits_a, logits_b, ca[point, l], cb[point, l]
+
+
+def test_patch_every_point_from_corrupted_run_gives_its_logits(tiny):
+    """For every editable point and layer: patching all positions with a corrupted run's values
+    gives the corrupted run's logits; ``mode="add"`` with (b - a) gives the same."""
+    mask = None
+    for point in hooks.EDITABLE:
+        for l in range(tiny.n_layers):
+            a, b, logits_a, logits_b, va, vb = _clean_and_corrupted(tiny, point, l)
+            mask = _real(a)
+            # the corruption is visible, so a patch that does nothing cannot pass
+            assert _max_diff(logits_a, logits_b, mask) > 1e-3, (point, l)
+            assert not torch.allclose(va, vb, atol=1e-4)
+            with hooks.patch(tiny, point, l, vb), hooks.cache(tiny, point, [l]) as c:
+                patched = tiny.run(a, last_only=False)
+            assert _max_diff(patched, logits_b, mask) <= 1e-4, (point, l)
+            assert torch.equal(c[point, l], vb)  # hooks entered later see the patched value
+            with hooks.patch(tiny, point, l, vb - va, mode="add"):
+                added = tiny.run(a, last_only=False)
+            assert _max_diff(added, logits_b, mask) <= 1e-4, (point, l, "add")
+            # the clean run is untouched after the blocks
+            assert _max_diff(tiny.run(a, last_only=False), logits_a, mask) == 0
+
+
+def test_patch_add_is_a_sum_and_positions_select_columns(tiny):
+    """``add`` with a vector adds it at the chosen columns only; ``replace`` with a vector puts it there."""
+    batch = tiny.encode(PROMPTS)
+    l = tiny.n_layers - 1
+    with hooks.cache(tiny, "resid_post", [l]) as c:
+        base = tiny.run(batch, last_only=False)
+    x = c["resid_post", l]
+    vec = torch.linspace(-1, 1, tiny.d_model)
+    cols = hooks.columns(batch, [[0, -1], [1], [-2]])
+    sel = torch.zeros(x.shape[:2], dtype=torch.bool)
+    for i, cc in enumerate(cols):
+        sel[i, cc] = True
+    for mode, expect in (("add", x + vec), ("replace", vec.expand_as(x))):
+        want = torch.where(sel[..., None], expect, x)
+        with hooks.patch(tiny, "resid_post", l, vec, positions=cols, mode=mode), hooks.cache(tiny, "resid_post", [l]) as cp:
+            out = tiny.run(batch, last_only=False)
+        assert torch.allclose(cp["resid_post", l], want, atol=1e-6), mode
+        # an edit of the last layer's output takes effect: the logits are the lens of the new stream
+        assert _max_diff(out, tiny.logit_lens(want), _real(batch)) <= 1e-4, mode
+        assert _max_diff(out, base, sel) > 1e-3 and _max_diff(out, base, _real(batch) & ~sel) <= 1e-5, mode
+    with pytest.raises(FactscopeError, match="mode"):
+        with hooks.patch(tiny, "resid_post", l, vec, mode="mul"):
+            pass
+
+
+def _masked_mean(x, attention_mask):
+    """Mean over the real (non-pad) tokens of a cached [B, T, ...] activation, written out longhand."""
+    rows = [x[i, t] for i in range(x.shape[0]) for t in range(x.shape[1]) if attention_mask[i, t]]
+    return torch.stack(rows).mean(0)
+
+
+REFERENCE = ["Paris is the capital of France", "Tokyo is in", "The Colosseum is located in the city of Rome"]
+
+
+def test_mean_ablation_uses_the_masked_mean_of_real_tokens(tiny):
+    batch = tiny.encode(PROMPTS)
+    ref = tiny.encode(REFERENCE)  # of different lengths: padding must not enter the mean
+    assert not ref.attention_mask.bool().all()
+    with hooks.cache(tiny, ["attn_out", "mlp_out", "z"]) as cref:
+        tiny.run(ref, last_only=False)
+    with hooks.cache(tiny, ["attn_out", "mlp_out", "z"]) as clean:
+        base = tiny.run(batch, last_only=False)
+    real = _real(batch)
+    for kind, point, l in (("attn", "attn_out", 2), ("mlp", "mlp_out", 1)):
+        mean = _masked_mean(cref[point, l], ref.attention_mask)
+        with hooks.ablate(tiny, kind, l, how="mean", reference=ref), hooks.cache(tiny, point, [l]) as c:
+            tiny.run(batch, last_only=False)
+        assert torch.allclose(c[point, l], mean.expand_as(c[point, l]), atol=1e-5), kind
+        # only some positions: the others keep the clean run's values, earlier positions' logits too
+        pos = [[-1], [-1, -2], [-3]]
+        cols = hooks.columns(batch, pos)
+        sel = torch.zeros(real.shape, dtype=torch.bool)
+        for i, cc in enumerate(cols):
+            sel[i, cc] = True
+        with hooks.ablate(tiny, kind, l, how="mean", reference=ref, positions=cols), hooks.cache(tiny, point, [l]) as c:
+            out = tiny.run(batch, last_only=False)
+        assert torch.allclose(c[point, l][sel], mean.expand_as(c[point, l][sel]), atol=1e-5), kind
+        assert torch.equal(c[point, l][~sel], clean[point, l][~sel]), kind
+        before = torch.zeros_like(real)
+        for i, cc in enumerate(cols):
+            before[i, batch.offset[i] : min(cc)] = True
+        assert _max_diff(out, base, before) <= 1e-5 and _max_diff(out, base, sel) > 1e-4, kind
+
+
+def test_head_mean_ablation_replaces_only_chosen_heads_and_positions(tiny):
+    batch = tiny.encode(PROMPTS)
+    ref = tiny.encode(REFERENCE)
+    l, heads = 1, [0, 3]
+    with hooks.cache(tiny, "z", [l]) as cref:
+        tiny.run(ref, last_only=False)
+    mean = _masked_mean(cref["z", l], ref.attention_mask)  # [H, hd]
+    with hooks.cache(tiny, "z", [l]) as clean:
+        base = tiny.run(batch, last_only=False)
+    z0 = clean["z", l]
+    with hooks.ablate(tiny, "head", l, heads=heads, how="mean", reference=ref), hooks.cache(tiny, "z", [l]) as c:
+        out = tiny.run(batch, last_only=False)
+    z = c["z", l]
+    others = [h for h in range(tiny.n_heads) if h not in heads]
+    assert torch.allclose(z[:, :, heads], mean[heads].expand_as(z[:, :, heads]), atol=1e-5)
+    assert torch.equal(z[:, :, others], z0[:, :, others])
+    assert _max_diff(out, base, _real(batch)) > 1e-4
+    cols = hooks.columns(batch, [[-1]] * len(batch))
+    with hooks.ablate(tiny, "head", l, heads=[2], how="mean", reference=ref, positions=cols), hooks.cache(tiny, "z", [l]) as c:
+        out = tiny.run(batch, last_only=False)
+    z = c["z", l]
+    assert torch.allclose(z[:, -1, 2], mean[2].expand_as(z[:, -1, 2]), atol=1e-5)
+    assert torch.equal(z[:, :-1], z0[:, :-1]) and torch.equal(z[:, -1, [0, 1, 3]], z0[:, -1, [0, 1, 3]])
+    # the last column is every prompt's last token: all earlier positions keep their logits
+    assert _max_diff(out[:, :-1], base[:, :-1], _real(batch)[:, :-1]) <= 1e-5
+    assert (out[:, -1] - base[:, -1]).abs().max() > 1e-4
+    # zero ablation of one head at some positions
+    with hooks.ablate(tiny, "head", l, heads=[1], positions=cols), hooks.cache(tiny, "z", [l]) as c:
+        tiny.run(batch, last_only=False)
+    assert c["z", l][:, -1, 1].abs().max() == 0 and torch.equal(c["z", l][:, :-1], z0[:, :-1])
+    with pytest.raises(FactscopeError, match="head 4 out of range"):
+        with hooks.ablate(tiny, "head", l, heads=[4]):
+            pass
+
+
+def test_attention_probabilities_match_eager_attention_at_every_layer(tiny):
+    """Recorded probabilities equal Hugging Face's own eager attention (output_attentions) on a copy
+    of the model, at every layer: causal, padding and (tiny-gemma3) sliding-window masks included."""
+    batch = tiny.encode(PROMPTS + ["The Eiffel Tower is located in the city of Paris, France, in Europe"])
+    with hooks.cache(tiny, "attn_probs") as c:
+        tiny.run(batch, last_only=False)
+    ref = copy.deepcopy(tiny.hf)
+    ref.set_attn_implementation("eager")
+    with torch.inference_mode():
+        out = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  use_cache=False, output_attentions=True)
+    real = _real(batch)
+    q = real[:, None, :, None]  # rows of real query tokens
+    for l in range(tiny.n_layers):
+        mine, theirs = c["attn_probs", l], out.attentions[l]
+        assert mine.shape == theirs.shape == (len(batch), tiny.n_heads, *batch.input_ids.shape[1:] * 2)
+        d = (mine - theirs).abs().masked_fill(~q, 0).max().item()
+        assert d <= 1e-5, (l, d)
+        rows = mine.sum(-1)[real[:, None, :].expand(-1, tiny.n_heads, -1)]
+        assert torch.allclose(rows, torch.ones_like(rows), atol=1e-5)
+        for i in range(len(batch)):  # no real token attends to padding
+            if not real[i].all():
+                assert mine[i][:, real[i]][..., ~real[i]].abs().max().item() == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Smaller contracts the mutation audit (docs/testing.md) found unguarded
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bad_layers_and_positions_are_clear_errors(tiny):
+    batch = tiny.encode(PROMPTS[:2])
+    L = tiny.n_layers
+    for point in ("resid_pre", "attn_probs", "head_out"):
+        with pytest.raises(FactscopeError, match=f"layer {L} out of range"):
+            with hooks.cache(tiny, point, [L]):
+                pass
+    with pytest.raises(FactscopeError, match=f"layer {L} out of range"):
+        with hooks.patch(tiny, "resid_post", L, torch.zeros(tiny.d_model)):
+            pass
+    with pytest.raises(FactscopeError, match="read-only"):
+        with hooks.patch(tiny, "attn_probs", 0, torch.zeros(1)):
+            pass
+    n = batch.lengths[1]
+    assert hooks.columns(batch, [[0], [-1, -n, n - 1]]) == [[batch.offset[0]], [batch.offset[1] + n - 1, batch.offset[1], batch.offset[1] + n - 1]]
+    for bad in (n, -n - 1):
+        with pytest.raises(FactscopeError, match=f"position {bad} outside prompt 1 of {n} tokens"):
+            hooks.columns(batch, [[0], [bad]])
+
+
+def test_cache_stack_detach_and_repeated_forwards(tiny):
+    batch = tiny.encode(PROMPTS)
+    with hooks.cache(tiny, "resid_pre", [3, 1, 2]) as c:
+        tiny.run(batch)
+    stacked = c.stack("resid_pre")
+    assert [torch.equal(stacked[i], c["resid_pre", l]) for i, l in enumerate((1, 2, 3))] == [True] * 3
+    # detach=False keeps the autograd graph (attribution), detach=True cuts it
+    delta = torch.zeros(tiny.d_model, requires_grad=True)
+    for detach in (True, False):
+        with hooks.patch(tiny, "resid_pre", 0, delta, mode="add"), hooks.cache(tiny, "resid_post", [1], detach=detach) as c:
+            tiny.forward(batch)
+        assert c["resid_post", 1].requires_grad is (not detach)
+    # two forwards inside one cache block: the last one is kept, attention probabilities included
+    short = tiny.encode(PROMPTS[1:2])
+    with hooks.cache(tiny, ["attn_probs", "resid_pre"], [1]) as c:
+        tiny.run(batch)
+        tiny.run(short)
+    T = short.input_ids.shape[1]
+    assert c["attn_probs", 1].shape == (1, tiny.n_heads, T, T) and c["resid_pre", 1].shape[:2] == (1, T)
+
+
+def test_query_with_every_key_blocked_reads_nothing(tiny):
+    """Blocking all keys (itself included) of the last query: it attends to nothing (z = 0 there, no
+    NaN), rather than to the masked-out padding or future keys."""
+    batch = tiny.encode(PROMPTS)
+    block = hooks.edge_mask(batch, [[-1]] * len(batch), [range(n) for n in batch.lengths])
+    with hooks.knockout(tiny, [1], block), hooks.cache(tiny, ["z", "attn_probs"], [1]) as c:
+        out = tiny.run(batch)
+    assert torch.isfinite(out).all()
+    assert c["z", 1][:, -1].abs().max() == 0 and c["z", 1][:, :-1].abs().max() > 0
+    assert c["attn_probs", 1][:, :, -1].abs().max() == 0
+
+
+def test_forward_equals_plain_hf_forward_on_an_unpadded_prompt(tiny):
+    """Our batch layout (positions from the attention mask) gives the model's own unhooked logits."""
+    ids = tiny.tokenizer(PROMPTS[0])["input_ids"]
+    batch = tiny.batch_from_ids([ids])
+    assert batch.position_ids[0].tolist() == list(range(len(ids)))
+    with torch.inference_mode():
+        plain = tiny.hf(input_ids=torch.tensor([ids])).logits
+    assert _max_diff(tiny.run(batch, last_only=False), plain, _real(batch)) <= 1e-5
+    with pytest.raises(FactscopeError, match="no prompts given"):
+        tiny.encode([])
+
+
+def test_batch_repeat_is_each_prompt_n_times_in_a_row(tiny):
+    batch = tiny.encode(PROMPTS)
+    rep = batch.repeat(2)
+    want = tiny.encode([p for p in PROMPTS for _ in range(2)])
+    for name in ("input_ids", "attention_mask", "position_ids"):
+        assert torch.equal(getattr(rep, name), getattr(want, name)), name
+    assert rep.lengths == want.lengths and rep.offset == want.offset
+
+
+def test_load_model_dtype_names():
+    m = load_model("tiny-gpt2", dtype="bfloat16")
+    assert m.dtype == torch.bfloat16 and m.run(["Paris is"]).dtype == torch.bfloat16
+    assert load_model("tiny-gpt2", dtype="float16").dtype == torch.float16
+
+
+def test_length_batches_exact():
+    from factscope.predict import length_batches
+
+    lengths = [3, 5, 5, 2, 7]
+    assert length_batches(lengths, 2) == [[4, 1], [2, 0], [3]]  # longest first, ties by index
+    # max_tokens bounds padded tokens: the batch's width (its longest prompt) times its size
+    assert length_batches(lengths, 10, max_tokens=10) == [[4], [1, 2], [0, 3]]
+    assert length_batches(lengths, 10, max_tokens=15) == [[4, 1], [2, 0, 3]]
+    with pytest.raises(FactscopeError, match="batch size"):
+        length_batches(lengths, 0)
+
+
+def test_top_k_and_known_facts_match_single_prompt_runs(tiny):
+    """Batched (two per batch, sorted by length) prediction equals one unbatched run per prompt:
+    top-k probabilities, the target's first token, its rank, and known = rank < top-k."""
+    from factscope.facts import Fact, target_ids
+    from factscope.predict import known_facts, known_rate_by_relation, top_k
+
+    prompts = ["The Eiffel Tower is located in the city of", "Toyota is headquartered in", "Danielle Darrieux speaks",
+               "The mother tongue of Danielle Darrieux is", "Paris is the capital of"]
+    single = torch.stack([tiny.run([p])[0] for p in prompts]).float()
+    preds = top_k(tiny, prompts, k=3, batch_size=2)
+    for p, lg in zip(preds, single):
+        probs, ix = lg.softmax(-1).topk(3)
+        assert p.token_ids == ix.tolist() and p.tokens == tiny.to_str_tokens(ix.tolist())
+        assert torch.allclose(torch.tensor(p.probs), probs, atol=1e-5)
+    # facts whose (multi-token) targets start with one of the model's top tokens (even prompts) or
+    # with a token far down its list (odd prompts): only the target's first token counts
+    facts, ranks = [], []
+    for i, (p, lg) in enumerate(zip(prompts, single)):
+        order = lg.argsort(descending=True).tolist()
+        for r, t in enumerate(order[:60] if i % 2 == 0 else order[100:], start=0 if i % 2 == 0 else 100):
+            word = tiny.tokenizer.decode([t]).strip()
+            if word.isalpha() and target_ids(tiny.tokenizer, p, word + " Bridge")[0] == t:
+                break
+        else:
+            pytest.fail(f"no usable target token for {p!r}")
+        subject = p.split()[0]
+        facts.append(Fact(subject, f"r{i % 2}", f"rel {i % 2}", p.replace(subject, "{}", 1), p, word + " Bridge", id=str(i)))
+        ranks.append(r)
+    k_all = max(ranks[0::2]) + 1  # every even fact known, no odd one
+    assert k_all <= 60
+    for k in (1, 3, k_all):
+        known, table = known_facts(tiny, facts, top_k=k, batch_size=2, progress=False)
+        for f, row, lg, r in zip(facts, table.to_dict("records"), single, ranks):
+            first = target_ids(tiny.tokenizer, f.prompt, f.target_true)[0]
+            assert len(target_ids(tiny.tokenizer, f.prompt, f.target_true)) > 1
+            rank = int((lg > lg[first]).sum())
+            assert (row["rank"], row["known"]) == (rank, rank < k) == (r, r < k), (f.prompt, k)
+            assert row["prob"] == pytest.approx(float(lg.softmax(-1)[first]), abs=1e-6)
+            assert row["top1"] == tiny.tokenizer.decode([int(lg.argmax())])
+        assert [f.id for f in known] == [r["id"] for r in table.to_dict("records") if r["known"]]
+    assert [f.id for f in known] == ["0", "2", "4"]
+    rates = known_rate_by_relation(table)
+    assert rates["relation_id"].tolist() == ["r0", "r1"] and rates["rate"].tolist() == [1.0, 0.0]  # best first
+    by_rel = rates.set_index("relation_id")
+    for rid, g in table.groupby("relation_id"):
+        assert (by_rel.loc[rid, "n"], by_rel.loc[rid, "known"]) == (len(g), g["known"].sum())
+        assert by_rel.loc[rid, "rate"] == pytest.approx(g["known"].mean())

@@ -245,7 +245,8 @@ def render_table(df: Any, name: str, max_rows: int = MAX_TABLE_ROWS, caption: st
     if n > max_rows:
         note = f"first {max_rows} of {n} rows; full table in <code>{esc(fname)}</code>"
     else:
-        note = f"{n} row{'s' if n != 1 else ''}, {len(df.columns)} columns; <code>{esc(fname)}</code>"
+        m = len(df.columns)
+        note = f"{n} row{'s' if n != 1 else ''}, {m} column{'s' if m != 1 else ''}; <code>{esc(fname)}</code>"
     return table + f'<p class="table-note">{note}</p>'
 
 
