@@ -31,6 +31,8 @@ class ArchSpec:
     conv1d: bool = False  # GPT-2 style Conv1D weights ([in, out]) and fused c_attn (q|k|v)
     post_attn_norm: bool = False  # attn_out is an RMSNorm of o_proj's output (Gemma 2/3)
     rms_offset: bool = False  # RMSNorm multiplies by (1 + w) (Gemma)
+    mlp_down: str | None = None  # the MLP's second (down/output) matrix inside a layer; its input is the
+    # MLP's hidden activation (GPT-2: GELU(c_fc x); gated MLPs: act(gate x) * up x)
 
 
 _LLAMA_LIKE = dict(
@@ -45,6 +47,7 @@ _LLAMA_LIKE = dict(
     attn_out="self_attn",
     mlp_out="mlp",
     attn_in_norm="input_layernorm",
+    mlp_down="mlp.down_proj",
 )
 
 ARCHS: tuple[ArchSpec, ...] = (
@@ -63,6 +66,7 @@ ARCHS: tuple[ArchSpec, ...] = (
         mlp_out="mlp",
         attn_in_norm="ln_1",
         conv1d=True,
+        mlp_down="mlp.c_proj",
     ),
     ArchSpec(family="llama", model_types=("llama", "mistral"), **_LLAMA_LIKE),
     ArchSpec(family="qwen2", model_types=("qwen2", "qwen3"), **_LLAMA_LIKE),
