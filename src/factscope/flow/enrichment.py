@@ -187,7 +187,7 @@ def plot(df: pd.DataFrame, model_name: str, n_facts: int, n_layers: int, source:
     ax.set_title("by position", fontsize=10)
     ax2.set_title("last subject token: what the rate means", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
-    ax2.legend(loc="upper left", fontsize=8)
+    ax2.legend(loc="upper left", fontsize=8, handlelength=3.5)
     size = f"; mean set size {mean_set_size:.0f} tokens" if mean_set_size is not None else ""
     fig.suptitle(f"Subject enrichment - {model_name}, {n_facts} facts\nattributes: {source}{size}", fontsize=10)
     return fig
