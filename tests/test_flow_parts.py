@@ -4,6 +4,7 @@ sublayer zeroing equals ablation, attributes rate bookkeeping, and the CLI end t
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 
 import pytest
@@ -208,6 +209,14 @@ def test_attribute_cleaning_and_rate(tiny):
     assert A.rate([], {"paris"}) != A.rate([], {"paris"})  # nan
 
 
+def _hf_hidden_states(model, batch):
+    """Hugging Face's output_hidden_states, from a copy of the model: transformers 5 leaves output
+    capturing hooks on the layers it records, which would stay on the shared test model."""
+    hf = copy.deepcopy(model.hf)
+    return hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+              output_hidden_states=True).hidden_states
+
+
 def test_hidden_states_equal_hugging_face(tiny, facts):
     """Every hidden state equals HF's output_hidden_states (whose last entry has the final norm
     applied) on a padded batch."""
@@ -216,8 +225,7 @@ def test_hidden_states_equal_hugging_face(tiny, facts):
     assert len(set(batch.lengths)) > 1
     with torch.inference_mode():
         hs = hidden_states(tiny, batch)
-        ref = tiny.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                      output_hidden_states=True).hidden_states
+        ref = _hf_hidden_states(tiny, batch)
     real = batch.attention_mask.bool()
     assert len(hs) == len(ref) == tiny.n_layers + 1
     for i in range(tiny.n_layers):
@@ -234,7 +242,7 @@ def test_enrichment_record_alone_equals_in_a_padded_batch(tiny, facts):
     assert any(t.n > short.n for t in items)  # the short fact gets padded in the batch
     batch = tiny.batch_from_ids([short.ids])
     with torch.inference_mode():
-        ref = tiny.hf(input_ids=batch.input_ids, output_hidden_states=True).hidden_states
+        ref = _hf_hidden_states(tiny, batch)
         lg = tiny.logit_lens(torch.stack([ref[l][0, short.subject_last] for l in range(tiny.n_layers)]))
     vocab = A.top_clean(tiny, lg.float())
     attrs = {t.fact.subject: set(vocab[1][:5]) | {"located"} for t in items}
