@@ -141,20 +141,17 @@ def test_mlp_hidden_ablation_leaves_the_output_bias(tiny):
 def test_ablation_choices_are_checked(tiny):
     from factscope.errors import FactscopeError
 
-    with pytest.raises(FactscopeError, match="mlp ablation"):
-        with hooks.ablate(tiny, "mlp", 0, how="uniform"):
-            pass
-    with pytest.raises(FactscopeError, match="attn ablation"):
-        with hooks.ablate(tiny, "attn", 0, how="hidden"):
-            pass
+    with pytest.raises(FactscopeError, match="mlp ablation"), hooks.ablate(tiny, "mlp", 0, how="uniform"):
+        pass
+    with pytest.raises(FactscopeError, match="attn ablation"), hooks.ablate(tiny, "attn", 0, how="hidden"):
+        pass
 
 
 def test_uniform_is_removed_even_on_exceptions(tiny):
     batch = tiny.encode(PROMPTS[:1])
     base = tiny.run(batch)
-    with pytest.raises(RuntimeError):
-        with hooks.ablate(tiny, "attn", range(tiny.n_layers), how="uniform"), hooks.ablate(tiny, "mlp", 0, how="hidden"):
-            assert (tiny.run(batch) - base).abs().max() > 1e-3
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), hooks.ablate(tiny, "attn", range(tiny.n_layers), how="uniform"), hooks.ablate(tiny, "mlp", 0, how="hidden"):
+        assert (tiny.run(batch) - base).abs().max() > 1e-3
+        raise RuntimeError("boom")
     assert torch.equal(tiny.run(batch), base)
     assert all(tiny.attn(l)._fs_uniform == [] for l in range(tiny.n_layers))

@@ -171,7 +171,7 @@ def test_sublayer_every_window_equals_ablate_and_a_cached_read(tiny, facts, how)
         ids = A.attribute_ids(tiny, some)
         mass = [r["mass"]["none"], *r["mass"]["mlp"], *r["mass"]["attn"]]
         assert mass == pytest.approx([A.mass(lg, ids) for lg in logits], rel=1e-4, abs=1e-7)
-        assert len(set(round(m, 6) for m in mass)) > len(configs) // 2  # the configurations differ
+        assert len({round(m, 6) for m in mass}) > len(configs) // 2  # the configurations differ
         # sets only one configuration reaches
         hits = 0
         for j in range(len(configs)):

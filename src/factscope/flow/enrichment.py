@@ -18,9 +18,8 @@ behaviour) next to removed (our default).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import random
+from collections.abc import Sequence
 
 import pandas as pd
 import torch
