@@ -279,6 +279,14 @@ def test_cli_all_and_resume(tmp_path):
     assert all(len(v) == 4 for v in s["curves"].values())
     for name in ("knockout", "enrichment", "sublayer", "extraction", "heads"):
         assert (out / f"{name}.png").is_file()
+    sub, enr = s["sublayer"], s["enrichment"]
+    assert sub["ablation"] == {"attn": "uniform", "mlp": "hidden"}  # the paper's ablations by default
+    curves_min = {kind: min(sub["curves"][kind]) for kind in ("attn", "mlp")}
+    assert sub["attn_min_rate"] == curves_min["attn"] and sub["mlp_min_rate"] == curves_min["mlp"]
+    assert 0 <= sub["none_rate"] <= 100 and 0 <= sub["none_mass"] <= 100
+    assert enr["peak_rate"] == max(enr["curves"]["subject_last"])
+    assert enr["chance_rate"] == enr["chance_curve"][enr["peak_hidden_state"]]
+    assert enr["mean_set_size"] > 0 and enr["n_shuffles"] == 3
     before = (out / "knockout.csv").read_text()
     # resuming recomputes nothing and reproduces the tables
     res = CliRunner().invoke(main, args + ["--resume"])
