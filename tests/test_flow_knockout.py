@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from factscope.facts import load_facts
-from factscope.flow.common import usable
+from factscope.flow.common import fact_tokens, usable
 from factscope.flow.knockout import (
     SETS,
     critical_points,
@@ -20,6 +20,32 @@ from factscope.flow.knockout import (
 @pytest.fixture(scope="module")
 def facts():
     return load_facts("known_1000")[:4]
+
+
+@pytest.mark.gemma
+@pytest.mark.parametrize(
+    "name, want",
+    [
+        # <bos> In | Marshall Islands | , the language spoken is a mixture | of
+        ("gemma-3-270m", {"subject": [2, 3], "non_subject": [1, 4, 5, 6, 7, 8, 9, 10], "last": [11], "subject_first": [2],
+                          "subject_last": [3], "non_subject_bos": [0, 1, 4, 5, 6, 7, 8, 9, 10], "bos": [0]}),
+        # In | Marshall Islands | , the language spoken is a mixture | of   (no BOS)
+        ("smollm2-135m", {"subject": [1, 2], "non_subject": [0, 3, 4, 5, 6, 7, 8, 9], "last": [10], "subject_first": [1],
+                          "subject_last": [2], "non_subject_bos": [0, 3, 4, 5, 6, 7, 8, 9], "bos": []}),
+    ],
+)
+def test_position_sets_exact(name, want):
+    """Exact token indices of every position set for one fact whose subject sits mid-prompt, on a
+    tokenizer that prepends BOS (Gemma) and one that does not (SmolLM2)."""
+    from types import SimpleNamespace
+
+    from factscope.flow.knockout import set_positions
+    from factscope.models import load_tokenizer
+
+    fact = load_facts("known_1000")[7]
+    assert fact.prompt == "In Marshall Islands, the language spoken is a mixture of"
+    t = fact_tokens(SimpleNamespace(tokenizer=load_tokenizer(name)), fact)
+    assert {s: set_positions(t, s) for s in want} == want
 
 
 def test_windows_clip_at_edges():

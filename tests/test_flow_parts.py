@@ -3,8 +3,9 @@ sublayer zeroing equals ablation, attributes rate bookkeeping, and the CLI end t
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
-import math
 
 import pytest
 import torch
@@ -14,10 +15,10 @@ from factscope import hooks
 from factscope.facts import load_facts
 from factscope.flow import attributes as A
 from factscope.flow.common import usable
-from factscope.flow.enrichment import POSITIONS, enrichment_batch, hidden_states
+from factscope.flow.enrichment import chance_sets, enrichment_batch, hidden_states
 from factscope.flow.extraction import extraction_batch, project_rank
 from factscope.flow.heads import head_ranks_batch, head_vectors
-from factscope.flow.sublayer import block_windows, resid_at, sublayer_batch
+from factscope.flow.sublayer import ablations, block_windows, sublayer_batch
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +75,38 @@ def test_local_extraction_without_blocking_equals_clean(tiny, facts):
     assert recs[0]["attn_local_rank"]["subject"][1] == int((lg > lg[top]).sum())
 
 
-def test_extraction_knockout_changes_events_only_with_blocking(tiny, facts):
+def test_extraction_blocked_equals_hand_built_knockout(tiny, facts):
+    """A blocked case against a hand-built knockout: last -> subject edges (from the subject span)
+    blocked in layers >= 1 of each prompt alone, sublayer outputs read from a cache and projected with
+    the logit lens; ranks of the clean top-1 token, and whether the prediction survives."""
+    from factscope.facts import fact_subject_span
+
     items, _ = usable(tiny, facts)
-    recs = extraction_batch(tiny, items, ko_sets=("subject", "non_subject"), ko_from_layer=tiny.n_layers, heads=False)
-    for r in recs:  # no layer >= n_layers: nothing blocked
-        assert r["attn_rank"]["subject"] == r["attn_rank"]["none"] == r["attn_rank"]["non_subject"]
-        assert all(r["ko_top1_kept"].values())
+    recs = extraction_batch(tiny, items, ko_sets=("subject", "non_subject"), ko_from_layer=1, heads=False, local=False)
+    L = tiny.n_layers
+    changed = 0
+    for t, r in zip(items, recs):
+        ids = list(tiny.tokenizer(t.fact.prompt)["input_ids"])
+        s0, e0 = fact_subject_span(tiny.tokenizer, t.fact)
+        batch = tiny.batch_from_ids([ids])
+        block = torch.zeros(1, len(ids), len(ids), dtype=torch.bool)
+        block[0, len(ids) - 1, s0:e0] = True
+        with torch.inference_mode():
+            top = tiny.forward(batch).argmax(-1)[0]
+            with hooks.knockout(tiny, range(1, L), block), hooks.cache(tiny, ["attn_out", "mlp_out"]) as c:
+                ko_top = tiny.forward(batch).argmax(-1)[0]
+        assert r["top1_id"] == int(top)
+        assert r["ko_top1_kept"]["subject"] == bool(ko_top == top)
+        for kind, point in (("attn", "attn_out"), ("mlp", "mlp_out")):
+            lg = tiny.logit_lens(torch.stack([c[point, l][0, -1] for l in range(L)]))
+            want = [int((lg[l] > lg[l, top]).sum()) for l in range(L)]
+            assert r[f"{kind}_rank"]["subject"] == want
+            assert r[kind]["subject"] == [int(w == 0) for w in want]
+        changed += r["attn_rank"]["subject"] != r["attn_rank"]["none"]
+    assert changed  # the knockout took effect
+    # blocking above the last layer blocks nothing
+    for r in extraction_batch(tiny, items, ko_sets=("subject",), ko_from_layer=L, heads=False, local=False):
+        assert r["attn_rank"]["subject"] == r["attn_rank"]["none"] and r["ko_top1_kept"]["subject"]
 
 
 def test_wvo_projection_equals_running_the_head(tiny, facts):
@@ -114,21 +141,63 @@ def test_head_ranks_match_direct_projection(tiny, facts):
     assert ranks[i, l].tolist() == [int((lg[h] > lg[h, targets[i]]).sum()) for h in range(tiny.n_heads)]
 
 
-def test_sublayer_zeroing_equals_ablation(tiny, facts):
+@pytest.mark.parametrize("how", ["paper", "zero"])
+def test_sublayer_every_window_equals_ablate_and_a_cached_read(tiny, facts, how):
+    """Every configuration (no ablation, each MLP window, each attention window) of a padded batch
+    against hooks.ablate on the prompt alone plus the cached resid_post of block U (a full forward).
+    For each configuration, an attribute set only it reaches (tokens of its own top 50 that no
+    other configuration has) must give a positive rate there and zero everywhere else."""
     items, _ = usable(tiny, facts[:2])
-    t = items[0]
-    batch = tiny.batch_from_ids([t.ids[: t.subject_last + 1]])
-    with torch.inference_mode(), hooks.ablate(tiny, "mlp", [0, 1]):
-        want = tiny.logit_lens(resid_at(tiny, batch, 2)[:, -1])
-    vocab = A.top_clean(tiny, want.float())[0]
-    attrs = {t.fact.subject: set(vocab[:10])}
-    r = sublayer_batch(tiny, [t], attrs, upper=2, window=2)[0]
-    assert block_windows(2, 2) == [[0, 1], [1]]
-    assert r["mlp"][0] == pytest.approx(A.rate(vocab, attrs[t.fact.subject]))
-    # with nothing zeroed the rate comes from the clean hidden state
-    with torch.inference_mode():
-        clean = A.top_clean(tiny, tiny.logit_lens(resid_at(tiny, batch, 2)[:, -1]).float())[0]
-    assert r["none"] == pytest.approx(A.rate(clean, attrs[t.fact.subject]))
+    U, k = 3, 2
+    abl = ablations(how)
+    assert block_windows(U, k) == [[0, 1], [1, 2], [2]]
+    configs = [("none", [])] + [(kind, w) for kind in ("mlp", "attn") for w in block_windows(U, k)]
+    for f, t in enumerate(items):
+        seq = t.ids[: t.subject_last + 1]
+        batch = tiny.batch_from_ids([seq])
+        logits = []
+        for kind, w in configs:
+            with torch.inference_mode(), contextlib.ExitStack() as st:
+                if kind != "none":
+                    st.enter_context(hooks.ablate(tiny, kind, w, how=abl[kind]))
+                c = st.enter_context(hooks.cache(tiny, "resid_post", [U]))
+                tiny.forward(batch)
+                logits.append(tiny.logit_lens(c["resid_post", U][0, -1]).float())
+        toks = A.top_clean(tiny, torch.stack(logits))
+        # every window: rate and mass against a set from the clean top tokens
+        some = set(toks[0][:25])
+        r = sublayer_batch(tiny, items, {x.fact.subject: some for x in items}, upper=U, window=k, how=how)[f]
+        assert [r["none"], *r["mlp"], *r["attn"]] == pytest.approx([A.rate(x, some) for x in toks], abs=1e-9)
+        ids = A.attribute_ids(tiny, some)
+        mass = [r["mass"]["none"], *r["mass"]["mlp"], *r["mass"]["attn"]]
+        assert mass == pytest.approx([A.mass(lg, ids) for lg in logits], rel=1e-4, abs=1e-7)
+        assert len({round(m, 6) for m in mass}) > len(configs) // 2  # the configurations differ
+        # sets only one configuration reaches
+        hits = 0
+        for j in range(len(configs)):
+            only = set(toks[j]) - set().union(*(toks[i] for i in range(len(configs)) if i != j))
+            if not only:
+                continue
+            hits += 1
+            attrs = {x.fact.subject: set() for x in items} | {t.fact.subject: only}
+            r = sublayer_batch(tiny, items, attrs, upper=U, window=k, how=how)[f]
+            got = [r["none"], *r["mlp"], *r["attn"]]
+            want = [A.rate(toks[i], only) for i in range(len(configs))]
+            assert got == pytest.approx(want, abs=1e-9)
+            assert got[j] > 0 and sum(got) == got[j]
+            ids = A.attribute_ids(tiny, only)
+            mass = [r["mass"]["none"], *r["mass"]["mlp"], *r["mass"]["attn"]]
+            assert mass == pytest.approx([A.mass(lg, ids) for lg in logits], rel=1e-4, abs=1e-7)
+        assert hits >= 3
+
+
+def test_sublayer_paper_ablation_is_not_zeroing(tiny, facts):
+    """how="paper" (uniform attention) and how="zero" (zeroed attention output) differ."""
+    items, _ = usable(tiny, facts[:1])
+    attrs = {items[0].fact.subject: {"located"}}
+    p = sublayer_batch(tiny, items, attrs, upper=3, window=2, how="paper")[0]["mass"]["attn"]
+    z = sublayer_batch(tiny, items, attrs, upper=3, window=2, how="zero")[0]["mass"]["attn"]
+    assert max(abs(a - b) for a, b in zip(p, z)) > 1e-6
 
 
 def test_attribute_cleaning_and_rate(tiny):
@@ -140,15 +209,61 @@ def test_attribute_cleaning_and_rate(tiny):
     assert A.rate([], {"paris"}) != A.rate([], {"paris"})  # nan
 
 
-def test_enrichment_rates_are_in_range(tiny, facts):
+def _hf_hidden_states(model, batch):
+    """Hugging Face's output_hidden_states, from a copy of the model: transformers 5 leaves output
+    capturing hooks on the layers it records, which would stay on the shared test model."""
+    hf = copy.deepcopy(model.hf)
+    return hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+              output_hidden_states=True).hidden_states
+
+
+def test_hidden_states_equal_hugging_face(tiny, facts):
+    """Every hidden state equals HF's output_hidden_states (whose last entry has the final norm
+    applied) on a padded batch."""
     items, _ = usable(tiny, facts)
-    attrs = {t.fact.subject: {"located", "country", "city"} for t in items}
-    recs = enrichment_batch(tiny, items, attrs, show_layers=[0, tiny.n_layers])
-    for r in recs:
-        assert set(r["rates"]) == set(POSITIONS)
-        assert all(len(v) == tiny.n_layers + 1 for v in r["rates"].values())
-        assert all(0.0 <= x <= 1.0 for v in r["rates"].values() for x in v if not math.isnan(x))
-        assert 0.0 <= r["baseline"] <= 1.0
+    batch = tiny.batch_from_ids([t.ids for t in items])
+    assert len(set(batch.lengths)) > 1
+    with torch.inference_mode():
+        hs = hidden_states(tiny, batch)
+        ref = _hf_hidden_states(tiny, batch)
+    real = batch.attention_mask.bool()
+    assert len(hs) == len(ref) == tiny.n_layers + 1
+    for i in range(tiny.n_layers):
+        torch.testing.assert_close(hs[i][real], ref[i][real])
+    torch.testing.assert_close(tiny.final_norm(hs[-1])[real], ref[-1][real])
+
+
+def test_enrichment_record_alone_equals_in_a_padded_batch(tiny, facts):
+    """A fact's record (rates at every position and hidden state, baseline, controls) is the same
+    alone and inside a padded batch, and its rates are those of the logit lens of HF's hidden states
+    at the fact's own token indices."""
+    items, _ = usable(tiny, facts)
+    short = min(items, key=lambda t: t.n)
+    assert any(t.n > short.n for t in items)  # the short fact gets padded in the batch
+    batch = tiny.batch_from_ids([short.ids])
+    with torch.inference_mode():
+        ref = _hf_hidden_states(tiny, batch)
+        lg = tiny.logit_lens(torch.stack([ref[l][0, short.subject_last] for l in range(tiny.n_layers)]))
+    vocab = A.top_clean(tiny, lg.float())
+    attrs = {t.fact.subject: set(vocab[1][:5]) | {"located"} for t in items}
+    controls = {"chance": chance_sets(attrs, 2, seed=0)}
+    alone = enrichment_batch(tiny, [short], attrs, show_layers=[0, 1], controls=controls)[0]
+    batched = enrichment_batch(tiny, items, attrs, show_layers=[0, 1], controls=controls)[items.index(short)]
+    assert alone == batched
+    a = attrs[short.fact.subject]
+    assert alone["rates"]["subject_last"][: tiny.n_layers] == pytest.approx([A.rate(v, a) for v in vocab])
+    assert alone["rates"]["subject_last"][1] >= 0.1  # hidden state 1 holds 5 of its own top tokens
+
+
+def test_chance_sets_are_other_subjects_sets():
+    attrs = {"a": {"x"}, "b": {"y"}, "c": {"z"}, "d": set()}
+    maps = chance_sets(attrs, 3, seed=0)
+    assert len(maps) == 3
+    for m in maps:
+        assert set(m) == {"a", "b", "c"}  # subjects without a set get none
+        assert all(m[s] is not attrs[s] for s in m)  # never the subject's own
+        assert sorted(map(sorted, m.values())) == [["x"], ["y"], ["z"]]  # a permutation of the sets
+    assert chance_sets({"a": {"x"}}, 3) == []
 
 
 def test_cli_all_and_resume(tmp_path):
@@ -164,6 +279,14 @@ def test_cli_all_and_resume(tmp_path):
     assert all(len(v) == 4 for v in s["curves"].values())
     for name in ("knockout", "enrichment", "sublayer", "extraction", "heads"):
         assert (out / f"{name}.png").is_file()
+    sub, enr = s["sublayer"], s["enrichment"]
+    assert sub["ablation"] == {"attn": "uniform", "mlp": "hidden"}  # the paper's ablations by default
+    curves_min = {kind: min(sub["curves"][kind]) for kind in ("attn", "mlp")}
+    assert sub["attn_min_rate"] == curves_min["attn"] and sub["mlp_min_rate"] == curves_min["mlp"]
+    assert 0 <= sub["none_rate"] <= 100 and 0 <= sub["none_mass"] <= 100
+    assert enr["peak_rate"] == max(enr["curves"]["subject_last"])
+    assert enr["chance_rate"] == enr["chance_curve"][enr["peak_hidden_state"]]
+    assert enr["mean_set_size"] > 0 and enr["n_shuffles"] == 3
     before = (out / "knockout.csv").read_text()
     # resuming recomputes nothing and reproduces the tables
     res = CliRunner().invoke(main, args + ["--resume"])

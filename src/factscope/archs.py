@@ -33,6 +33,8 @@ class ArchSpec:
     rms_offset: bool = False  # RMSNorm multiplies by (1 + w) (Gemma)
     qkv_per_head: bool = False  # v_proj is one fused q|k|v Linear laid out per head: [q_h k_h v_h] (GPT-NeoX)
     parallel: bool = False  # attention and MLP both read resid_pre (GPT-J, GPT-NeoX): the MLP never sees attn_out
+    mlp_down: str | None = None  # the MLP's second (down/output) matrix inside a layer; its input is the
+    # MLP's hidden activation (GPT-2: GELU(c_fc x); gated MLPs: act(gate x) * up x)
 
 
 _LLAMA_LIKE = dict(
@@ -47,6 +49,7 @@ _LLAMA_LIKE = dict(
     attn_out="self_attn",
     mlp_out="mlp",
     attn_in_norm="input_layernorm",
+    mlp_down="mlp.down_proj",
 )
 
 ARCHS: tuple[ArchSpec, ...] = (
@@ -65,6 +68,7 @@ ARCHS: tuple[ArchSpec, ...] = (
         mlp_out="mlp",
         attn_in_norm="ln_1",
         conv1d=True,
+        mlp_down="mlp.c_proj",
     ),
     ArchSpec(family="llama", model_types=("llama", "mistral"), **_LLAMA_LIKE),
     ArchSpec(family="qwen2", model_types=("qwen2", "qwen3"), **_LLAMA_LIKE),
@@ -99,6 +103,7 @@ ARCHS: tuple[ArchSpec, ...] = (
         mlp_out="mlp",
         attn_in_norm="ln_1",
         parallel=True,
+        mlp_down="mlp.fc_out",
     ),
     # GPT-NeoX / Pythia: parallel attention and MLP (two LayerNorms), fused query_key_value with
     # bias whose output is [q_h k_h v_h] per head, partial rotary embeddings.
@@ -118,6 +123,7 @@ ARCHS: tuple[ArchSpec, ...] = (
         attn_in_norm="input_layernorm",
         qkv_per_head=True,
         parallel=True,
+        mlp_down="mlp.dense_4h_to_h",
     ),
 )
 

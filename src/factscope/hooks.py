@@ -8,6 +8,7 @@ Points, per layer ``l`` (shapes for a batch of ``B`` left-padded prompts of ``T`
 ``mlp_out``    what the MLP adds to the residual (after Gemma's post-norm)        ``[B, T, d]``
 ``resid_post`` residual stream leaving layer l                                   ``[B, T, d]``
 ``z``          each head's value-weighted sum, the input of the output proj.   ``[B, T, H, hd]``
+``mlp_hidden`` the MLP's hidden activation, the input of its down projection  ``[B, T, d_mlp]``
 ``head_out``   each head's share of ``attn_out`` (read only)                    ``[B, T, H, d]``
 ``attn_probs`` attention probabilities (read only)                             ``[B, H, T, T]``
 ============== =================================================================================
@@ -16,7 +17,8 @@ Points, per layer ``l`` (shapes for a batch of ``B`` left-padded prompts of ``T`
 full attention output, so the shares are exact): the heads' shares plus the output bias sum to
 ``attn_out``. Attention runs through one registered Hugging Face attention function
 (``"factscope"``), which folds attention-edge knockout masks into the model's own causal, padding
-and sliding-window masks and records probabilities on request. Its output always comes from
+and sliding-window masks, gives chosen queries uniform attention over their visible keys
+(``ablate(..., how="uniform")``) and records probabilities on request. Its output always comes from
 PyTorch's scaled-dot-product attention, so an idle factscope model runs at normal speed and an
 empty intervention reproduces the model's logits exactly.
 
@@ -37,8 +39,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from factscope.models import Batch, Model
 
 ATTN_NAME = "factscope"
-POINTS = ("resid_pre", "attn_out", "mlp_out", "resid_post", "z", "head_out", "attn_probs")
-EDITABLE = ("resid_pre", "attn_out", "mlp_out", "resid_post", "z")
+POINTS = ("resid_pre", "attn_out", "mlp_out", "resid_post", "z", "mlp_hidden", "head_out", "attn_probs")
+EDITABLE = ("resid_pre", "attn_out", "mlp_out", "resid_post", "z", "mlp_hidden")
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,6 +68,14 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         kv.append((key, value))
     blocks = getattr(module, "_fs_blocks", None)
     record = getattr(module, "_fs_record", None)
+    uniform = getattr(module, "_fs_uniform", None)
+    if uniform:
+        # A zero query scores every key 0: softmax then spreads the query's attention evenly over
+        # the keys the masks leave visible (causal, non-pad, in-window, not knocked out).
+        sel = torch.zeros((), dtype=torch.bool, device=query.device)
+        for u in uniform:
+            sel = sel | u(query)
+        query = query.masked_fill(sel, 0.0)
     mask = attention_mask
     if mask is not None:
         mask = mask[:, :, :, : key.shape[-2]]
@@ -118,6 +128,7 @@ def install(model: "Model") -> None:
         attn._fs_record = None
         attn._fs_prefix = None  # (keys, values, mask) while Model.forward_from runs
         attn._fs_kv = None  # a list recording (keys, values) while Model.prefill runs
+        attn._fs_uniform = []
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,6 +175,15 @@ def _register_edit(model: "Model", point: str, layer: int, fn: Callable[[torch.T
             return None if new is None else (new.reshape(z.shape), *args[1:])
 
         return model.module(layer, spec.o_proj).register_forward_pre_hook(pre_z)
+    if point == "mlp_hidden":
+        if not spec.mlp_down:
+            raise FactscopeError(f"the architecture table has no MLP down-projection path for family {spec.family!r}")
+
+        def pre_hidden(mod, args):
+            new = fn(args[0])
+            return None if new is None else (new, *args[1:])
+
+        return model.module(layer, spec.mlp_down).register_forward_pre_hook(pre_hidden)
     mod = {
         "resid_post": model.layer(layer),
         "attn_out": model.module(layer, spec.attn_out),
@@ -325,6 +345,9 @@ def mean_activations(model: "Model", point: str, layers: Iterable[int], referenc
     return out
 
 
+ABLATIONS = {"mlp": ("zero", "mean", "hidden"), "attn": ("zero", "mean", "uniform"), "head": ("zero", "mean", "uniform")}
+
+
 @contextlib.contextmanager
 def ablate(
     model: "Model",
@@ -337,16 +360,31 @@ def ablate(
 ):
     """Ablate MLP layers (``kind="mlp"``), attention layers (``"attn"``) or single heads (``"head"``).
 
-    ``how="zero"`` zeroes the component's contribution; ``how="mean"`` replaces it by its mean over
-    every token of the ``reference`` prompts. Heads are ablated at ``z`` (their value-weighted sum),
-    so an output bias stays, as in TransformerLens.
+    ``how``:
+
+    - ``"zero"``: the component adds nothing (``mlp_out`` / ``attn_out`` zeroed; heads at ``z``,
+      their value-weighted sum, so an output bias stays, as in TransformerLens);
+    - ``"mean"``: the contribution is replaced by its mean over every token of the ``reference`` prompts;
+    - ``"uniform"`` (attention, heads): every chosen query attends uniformly to the keys it may
+      see (causal, non-pad, in the sliding window), i.e. every attention score is equal. This is
+      what Geva et al. (2023)'s released code does when it blocks all attention edges in a layer
+      (every score gets ``finfo.min``, which under transformers 4.30 leaves uniform attention over
+      the prefix): the layer still adds the mean of the visible values, not nothing;
+    - ``"hidden"`` (MLP): zero the MLP's hidden activation, the input of its down projection
+      (GPT-2: GELU(c_fc x); gated MLPs: act(gate x) * up x), as the paper's code zeroes the first
+      MLP matrix's output: the MLP then adds only its output bias (and, in Gemma, its post-norm
+      of zero, i.e. zero).
+
+    ``positions`` (None for all, a bool ``[B, T]`` mask, or per-prompt lists of padded columns)
+    restricts the ablation to those positions (for ``"uniform"``: those queries).
     """
     layers = [layers] if isinstance(layers, int) else list(layers)
-    point = {"mlp": "mlp_out", "attn": "attn_out", "head": "z"}.get(kind)
-    if point is None:
+    if kind not in ABLATIONS:
         raise FactscopeError(f"ablate kind must be 'mlp', 'attn' or 'head', not {kind!r}")
-    if how not in ("zero", "mean"):
-        raise FactscopeError(f"ablation must be 'zero' or 'mean', not {how!r}")
+    if how not in ABLATIONS[kind]:
+        raise FactscopeError(f"{kind} ablation must be one of {', '.join(ABLATIONS[kind])}, not {how!r}")
+    for l in layers:
+        _check(model, "resid_pre", l)
     if kind == "head":
         if heads is None:
             raise FactscopeError("ablating heads needs heads=[...]")
@@ -354,6 +392,15 @@ def ablate(
         bad = [h for h in heads if not 0 <= h < model.n_heads]
         if bad:
             raise FactscopeError(f"head {bad[0]} out of range for {model.name} ({model.n_heads} heads)")
+    if how == "uniform":
+        with _uniform(model, layers, heads, positions):
+            yield
+        return
+    if how == "hidden":
+        with edit(model, "mlp_hidden", layers, lambda x, l: _mix(x, torch.zeros((), dtype=x.dtype, device=x.device), positions, "replace")):
+            yield
+        return
+    point = {"mlp": "mlp_out", "attn": "attn_out", "head": "z"}[kind]
     if how == "mean":
         if reference is None:
             raise FactscopeError("mean ablation needs reference prompts (reference=model.encode([...]))")
@@ -372,6 +419,36 @@ def ablate(
 
     with edit(model, point, layers, fn):
         yield
+
+
+@contextlib.contextmanager
+def _uniform(model: "Model", layers: list[int], heads: list[int] | None, positions):
+    """Uniform attention for the chosen queries (and heads) in the given layers (see :func:`ablate`)."""
+
+    def select(query: torch.Tensor) -> torch.Tensor:  # query [B, H, T, hd] -> bool, broadcastable
+        B, H, T = query.shape[:3]
+        pm = _position_mask(positions, query[:, 0, :, 0])  # [B, T] of the full prompt
+        pm = pm[:, -T:]  # a cached-key forward runs only the last T queries
+        sel = pm.view(B, 1, T, 1)
+        if heads is not None:
+            hs = torch.zeros(H, dtype=torch.bool, device=query.device)
+            hs[heads] = True
+            sel = sel & hs.view(1, H, 1, 1)
+        return sel
+
+    added = []
+    try:
+        for l in layers:
+            attn = model.attn(l)
+            attn._fs_uniform.append(select)
+            added.append(attn)
+        yield
+    finally:
+        for attn in added:
+            for i, f in enumerate(attn._fs_uniform):
+                if f is select:
+                    del attn._fs_uniform[i]
+                    break
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ Sources of text, in order of preference:
    much of the model's own subject knowledge is readable at a layer and position.
 
 The attributes rate of a projection: the top ``top_n`` (500) tokens, cleaned the same way, the
-first ``keep`` (50) distinct ones kept; the rate is the share of those in the attribute set.
+first ``keep`` (50) distinct ones kept; the rate is the share of those in the attribute set. The
+attribute mass (:func:`mass`) is a continuous companion: the softmax probability of the projection
+summed over every vocabulary token whose cleaned form is in the set.
 """
 
 from __future__ import annotations
@@ -58,10 +60,25 @@ class Vocab:
         self.tok = model.tokenizer
         self._cache: dict[int, str | None] = {}
 
+        self._index: dict[str, list[int]] | None = None
+        self.size = model.vocab_size
+
     def clean(self, i: int) -> str | None:
         if i not in self._cache:
             self._cache[i] = clean_token(self.tok.decode([i]))
         return self._cache[i]
+
+    def ids(self, strings: set[str]) -> list[int]:
+        """Every vocabulary id whose cleaned form is in ``strings`` (the whole vocabulary is decoded
+        once per model: a few seconds for Gemma's 262k tokens)."""
+        if self._index is None:
+            index: dict[str, list[int]] = {}
+            for i in range(min(self.size, len(self.tok))):
+                c = self.clean(i)
+                if c:
+                    index.setdefault(c, []).append(i)
+            self._index = index
+        return sorted(i for s in strings for i in self._index.get(s, ()))
 
 
 @lru_cache(maxsize=4)
@@ -105,6 +122,18 @@ def top_clean(model: Model, logits: torch.Tensor, top_n: int = 500, keep: int = 
 
 def rate(tokens: Sequence[str], attrs: set[str]) -> float:
     return sum(t in attrs for t in tokens) / len(tokens) if tokens else float("nan")
+
+
+def attribute_ids(model: Model, attrs: set[str]) -> list[int]:
+    """Vocabulary ids of the attribute set's tokens (every id that cleans to a member)."""
+    return _vocab(model).ids(attrs)
+
+
+def mass(logits: torch.Tensor, ids: Sequence[int]) -> float:
+    """Softmax probability of ``logits`` ([V]) summed over the token ids (the attribute mass)."""
+    if not len(ids):
+        return 0.0
+    return float(logits.float().softmax(-1)[list(ids)].sum())
 
 
 # --------------------------------------------------------------------------------------------

@@ -144,7 +144,7 @@ def enrichment_cmd(attributes_file, keep_subject_tokens, top_n, keep, **kw):
     s, _ = run_enrichment(run, model, facts, paragraphs_file=attributes_file, keep_subject_tokens=keep_subject_tokens, top_n=top_n,
                           keep=keep, batch_size=kw["batch_size"], progress=not kw["no_progress"])
     if s:
-        click.echo(f"baseline {s['baseline']:.1f}%; " + "; ".join(f"{p} peak {v['max_rate']:.1f}% at {v['hidden_state']}" for p, v in s["peak"].items()))
+        click.echo(f"baseline {s['baseline']:.1f}%; chance {s['chance_rate']:.1f}%; mean set size {s['mean_set_size']:.0f}; " + "; ".join(f"{p} peak {v['max_rate']:.1f}% at {v['hidden_state']}" for p, v in s["peak"].items()))
     _finish(run)
 
 
@@ -152,19 +152,25 @@ def enrichment_cmd(attributes_file, keep_subject_tokens, top_n, keep, **kw):
 @_common
 @_attr_options
 @click.option("--upper", type=int, default=None, help="Layer whose output is measured (default round(0.83 * n_layers)).")
-@click.option("--window", type=int, default=None, help="Consecutive layers zeroed (default max(1, round(n_layers/5))).")
-def sublayer_cmd(attributes_file, keep_subject_tokens, top_n, keep, upper, window, **kw):
-    """Sublayer knockout: zero MLP or attention outputs and measure enrichment at an upper layer."""
+@click.option("--window", type=int, default=None, help="Consecutive layers ablated (default max(1, round(n_layers/5))).")
+@click.option("--attn-ablation", type=click.Choice(["uniform", "zero"]), default="uniform", show_default=True,
+              help="uniform: every query attends uniformly to its visible keys (the paper's code); zero: zero the attention output.")
+@click.option("--mlp-ablation", type=click.Choice(["hidden", "zero"]), default="hidden", show_default=True,
+              help="hidden: zero the MLP's hidden activation, the input of its down projection (the paper's code); zero: zero the MLP output.")
+def sublayer_cmd(attributes_file, keep_subject_tokens, top_n, keep, upper, window, attn_ablation, mlp_ablation, **kw):
+    """Sublayer knockout: ablate MLP or attention sublayers and measure enrichment at an upper layer."""
     from factscope.flow.enrichment import load_or_make_attributes
     from factscope.flow.sublayer import run_sublayer
 
-    extra = {"attributes": attributes_file, "keep_subject_tokens": keep_subject_tokens, "top_n": top_n, "keep": keep, "upper": upper, "window": window}
+    how = {"attn": attn_ablation, "mlp": mlp_ablation}
+    extra = {"attributes": attributes_file, "keep_subject_tokens": keep_subject_tokens, "top_n": top_n, "keep": keep, "upper": upper,
+             "window": window, "ablation": how}
     run, model, facts = _setup(kw, "sublayer", extra)
     attrs, _ = load_or_make_attributes(run, model, facts, attributes_file, keep_subject_tokens, not kw["no_progress"])
-    s = run_sublayer(run, model, facts, attrs, upper=upper, window=window, top_n=top_n, keep=keep, progress=not kw["no_progress"])
+    s = run_sublayer(run, model, facts, attrs, upper=upper, window=window, how=how, top_n=top_n, keep=keep, progress=not kw["no_progress"])
     if s:
-        click.echo(f"no intervention {s['rate_no_intervention']:.1f}%; lowest: MLP {s['strongest_drop']['mlp']['min_rate']:.1f}%, "
-                   f"attention {s['strongest_drop']['attn']['min_rate']:.1f}%")
+        click.echo(f"no intervention {s['none_rate']:.1f}% (mass {s['none_mass']:.2f}%); lowest: MLP {s['mlp_min_rate']:.1f}% "
+                   f"(mass {s['mlp_min_mass']:.2f}%), attention {s['attn_min_rate']:.1f}% (mass {s['attn_min_mass']:.2f}%)")
     _finish(run)
 
 

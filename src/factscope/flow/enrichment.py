@@ -8,10 +8,17 @@ GPT-2 code multiplied by the embedding matrix without the final layer norm, whic
 meaningful for Gemma's RMSNorm weights), and its attributes rate is measured against the
 subject's attribute set (:mod:`factscope.flow.attributes`). Baseline: the mean of the subject
 tokens' input embeddings, projected the same way (as in the paper's code).
+
+What the number means: with small attribute sets few of any 50 tokens can match, so next to the
+rate we report the mean set size and two controls on the same projections: the *chance* rate
+(against another subject's set: a seeded derangement of the subjects, averaged over
+``n_shuffles`` shuffles) and the rate with the subject's own tokens kept in its set (the paper's
+behaviour) next to removed (our default).
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import pandas as pd
@@ -63,9 +70,28 @@ def attribute_sets(model: Model, facts: Sequence[Fact], paragraphs: dict[str, li
     return sets, texts
 
 
+def chance_sets(attrs: dict[str, set[str]], n_shuffles: int = 3, seed: int = 0) -> list[dict[str, set[str]]]:
+    """For each shuffle, subject -> another subject's attribute set (a seeded derangement of the
+    subjects with a non-empty set: shuffle them, then give each the set of the next one). Empty when
+    fewer than two subjects have a set."""
+    subjects = sorted(s for s, a in attrs.items() if a)
+    if len(subjects) < 2:
+        return []
+    out = []
+    for k in range(n_shuffles):
+        order = list(subjects)
+        random.Random(seed + k).shuffle(order)
+        out.append({s: attrs[order[(i + 1) % len(order)]] for i, s in enumerate(order)})
+    return out
+
+
 def enrichment_batch(model: Model, items: Sequence[FactTokens], attrs: dict[str, set[str]], top_n: int = 500, keep: int = 50,
-                     show_layers: Sequence[int] = ()) -> list[dict]:
+                     show_layers: Sequence[int] = (), controls: dict[str, list[dict[str, set[str]]]] | None = None) -> list[dict]:
+    """Per fact: ``rates[position][hidden state]`` against ``attrs``, the embedding ``baseline``,
+    and for each named control (a list of subject -> set maps, e.g. :func:`chance_sets`) the rates
+    averaged over its maps, ``controls[name][position][hidden state]``."""
     L = model.n_layers
+    controls = controls or {}
     batch = encode(model, items)
     out = []
     with torch.inference_mode():
@@ -77,6 +103,13 @@ def enrichment_batch(model: Model, items: Sequence[FactTokens], attrs: dict[str,
             vec = stack[i][:, cols].transpose(0, 1).reshape(len(POSITIONS) * (L + 1), -1)  # position-major
             toks = A.top_clean(model, model.logit_lens(vec).float(), top_n, keep)
             rates = {p: [A.rate(toks[j * (L + 1) + l], a) for l in range(L + 1)] for j, p in enumerate(POSITIONS)}
+            ctrl = {}
+            for name, maps in controls.items():
+                sets = [m.get(t.fact.subject) for m in maps if m.get(t.fact.subject)]
+                ctrl[name] = {
+                    p: [sum(A.rate(toks[j * (L + 1) + l], x) for x in sets) / len(sets) if sets else float("nan") for l in range(L + 1)]
+                    for j, p in enumerate(POSITIONS)
+                }
             emb = model.embed(torch.tensor([t.ids[j] for j in t.subject], device=model.device)).mean(0, keepdim=True)
             base_toks = A.top_clean(model, model.logit_lens(emb).float(), top_n, keep)[0]
             j = POSITIONS.index("subject_last")
@@ -86,6 +119,7 @@ def enrichment_batch(model: Model, items: Sequence[FactTokens], attrs: dict[str,
                     "rates": rates,
                     "baseline": A.rate(base_toks, a),
                     "top_subject_last": {str(l): toks[j * (L + 1) + l][:10] for l in show_layers},
+                    "controls": ctrl,
                 }
             )
     return out
@@ -97,87 +131,140 @@ def enrichment_facts(model: Model, facts: Sequence[Fact], attrs: dict[str, set[s
                      skip=skip, on_result=on_result, progress=progress, desc="enrichment")
 
 
+CONTROLS = ("chance", "subject_kept", "subject_removed")
+CONTROL_LABELS = {
+    "chance": "another subject's set (chance)",
+    "subject_kept": "own set, subject's tokens kept (paper)",
+    "subject_removed": "own set, subject's tokens removed",
+}
+
+
 def curves(records: Sequence[dict]) -> pd.DataFrame:
+    """Mean (95% interval) rate (%) per position and hidden state, and the controls' means (%)."""
     recs = [r for r in records if r["n_attributes"] > 0]
+    cols = ["position", "layer", "mean", "ci95", "n", *CONTROLS]
     if not recs:
-        return pd.DataFrame(columns=["position", "layer", "mean", "ci95", "n"])
+        return pd.DataFrame(columns=cols)
     n_h = len(recs[0]["rates"][POSITIONS[0]])
     rows = []
     for p in POSITIONS:
         for l in range(n_h):
             m, ci, n = mean_ci([100 * r["rates"][p][l] for r in recs])
-            rows.append({"position": p, "layer": l, "mean": m, "ci95": ci, "n": n})
+            row = {"position": p, "layer": l, "mean": m, "ci95": ci, "n": n}
+            for c in CONTROLS:
+                row[c] = mean_ci([100 * r["controls"][c][p][l] for r in recs if c in r.get("controls", {})])[0]
+            rows.append(row)
     m, ci, n = mean_ci([100 * r["baseline"] for r in recs])
     rows.append({"position": "embedding_baseline", "layer": -1, "mean": m, "ci95": ci, "n": n})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=cols)
 
 
-def plot(df: pd.DataFrame, model_name: str, n_facts: int, n_layers: int, source: str):
+def plot(df: pd.DataFrame, model_name: str, n_facts: int, n_layers: int, source: str, mean_set_size: float | None = None):
     from factscope.plotting import COLORS, PALETTE, new_figure
 
     colors = {"subject_first": PALETTE[5], "subject_last": COLORS["subject"], "after_subject": COLORS["relation"], "last": COLORS["last"]}
-    fig, ax = new_figure(width=7.5, height=4.4)
+    fig, (ax, ax2) = new_figure(ncols=2, width=12, height=4.6)
     for p in POSITIONS:
         g = df[df["position"] == p].sort_values("layer")
-        ax.plot(g["layer"], g["mean"], marker="o", color=colors[p], label=POSITION_LABELS[p])
+        ax.plot(g["layer"], g["mean"], marker="o", ms=4, color=colors[p], label=POSITION_LABELS[p])
         ax.fill_between(g["layer"], g["mean"] - g["ci95"].fillna(0), g["mean"] + g["ci95"].fillna(0), color=colors[p], alpha=0.12, lw=0)
     b = df[df["position"] == "embedding_baseline"]
-    if len(b):
-        ax.axhline(float(b["mean"].iloc[0]), color=COLORS["baseline"], ls="--", lw=1.2, label="baseline: subject token embeddings")
     step = max(1, -(-(n_layers + 1) // 12))
-    ax.set_xticks(list(range(0, n_layers + 1, step)))
-    ax.set_xlim(-0.5, n_layers + 0.5)
-    ax.set_xlabel("hidden state (0 = embeddings, i = output of block i)")
+    g = df[df["position"] == "subject_last"].sort_values("layer")
+    styles = {"subject_kept": (COLORS["subject"], "-"), "subject_removed": (COLORS["subject"], "--"), "chance": (COLORS["baseline"], ":")}
+    for c in CONTROLS:
+        if g[c].notna().any():
+            ax2.plot(g["layer"], g[c], color=styles[c][0], ls=styles[c][1], marker="o", ms=3, label=CONTROL_LABELS[c])
+    for a in (ax, ax2):
+        if len(b):
+            a.axhline(float(b["mean"].iloc[0]), color=COLORS["baseline"], ls="--", lw=1.0, label="baseline: subject token embeddings")
+        a.set_xticks(list(range(0, n_layers + 1, step)))
+        a.set_xlim(-0.5, n_layers + 0.5)
+        a.set_xlabel("hidden state (0 = embeddings, i = output of block i)")
+        a.set_ylim(bottom=0)
     ax.set_ylabel("attributes rate (% of top-50 clean tokens)")
-    ax.set_title(f"Subject enrichment - {model_name}, {n_facts} facts\nattributes: {source}", fontsize=10)
-    ax.legend(loc="upper left")
+    ax.set_title("by position", fontsize=10)
+    ax2.set_title("last subject token: what the rate means", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    ax2.legend(loc="upper left", fontsize=8, handlelength=3.5)
+    size = f"; mean set size {mean_set_size:.0f} tokens" if mean_set_size is not None else ""
+    fig.suptitle(f"Subject enrichment - {model_name}, {n_facts} facts\nattributes: {source}{size}", fontsize=10)
     return fig
 
 
 def run_enrichment(run, model: Model, facts: Sequence[Fact], *, paragraphs_file: str | None = None, keep_subject_tokens: bool = False,
-                   top_n: int = 500, keep: int = 50, batch_size: int = 8, progress: bool = True) -> tuple[dict, dict[str, set[str]]]:
-    attrs, source = load_or_make_attributes(run, model, facts, paragraphs_file, keep_subject_tokens, progress)
+                   top_n: int = 500, keep: int = 50, batch_size: int = 8, n_shuffles: int = 3, seed: int = 0,
+                   progress: bool = True) -> tuple[dict, dict[str, set[str]]]:
+    texts, source = load_or_make_texts(run, model, facts, paragraphs_file, progress)
+    sets = {kept: {s: A.attribute_set(model, s, t, kept) for s, t in texts.items()} for kept in (False, True)}
+    attrs = sets[keep_subject_tokens]
+    controls = {"chance": chance_sets(attrs, n_shuffles, seed), "subject_kept": [sets[True]], "subject_removed": [sets[False]]}
     ck = run.checkpoint("enrichment")
     up = upper_layer(model.n_layers)
     show = [0, model.n_layers // 4, model.n_layers // 2, up + 1, model.n_layers]
     enrichment_facts(model, facts, attrs, batch_size=batch_size, skip=ck.done(), on_result=lambda k, r: ck.append(k, r),
-                     progress=progress, top_n=top_n, keep=keep, show_layers=show)
+                     progress=progress, top_n=top_n, keep=keep, show_layers=show, controls=controls)
     wanted = {fact_key(i, f) for i, f in enumerate(facts)}
     recs = [r for r in ck.records() if r["key"] in wanted]
     if not recs:
         return {}, attrs
+    used = [r for r in recs if r["n_attributes"] > 0]
     df = curves(recs)
     run.save_table("enrichment", df)
-    n_used = int(sum(r["n_attributes"] > 0 for r in recs))
-    run.save_figure("enrichment", plot(df, model.name, n_used, model.n_layers, source))
+    n_used = len(used)
+    subjects = {r["subject"] for r in used}
+    mean_size = sum(len(attrs[s]) for s in subjects) / len(subjects) if subjects else 0.0
+    mean_size_kept = sum(len(sets[True][s]) for s in subjects) / len(subjects) if subjects else 0.0
+    run.save_figure("enrichment", plot(df, model.name, n_used, model.n_layers, source, mean_size))
     peak = {}
     for p in POSITIONS:
         g = df[df["position"] == p]
         j = g["mean"].idxmax()
-        peak[p] = {"max_rate": float(g.loc[j, "mean"]), "hidden_state": int(g.loc[j, "layer"])}
+        peak[p] = {"max_rate": float(g.loc[j, "mean"]), "hidden_state": int(g.loc[j, "layer"]), "chance": float(g.loc[j, "chance"]),
+                   "subject_kept": float(g.loc[j, "subject_kept"]), "subject_removed": float(g.loc[j, "subject_removed"])}
     base = float(df[df["position"] == "embedding_baseline"]["mean"].iloc[0])
-    ex = [r for r in recs if r["n_attributes"] > 0][:3]
+    sl = peak["subject_last"]
+    ex = used[:3]
     summ = {
         "n_facts": n_used,
         "source": source,
         "top_n": top_n,
         "keep": keep,
-        "mean_attribute_set_size": sum(r["n_attributes"] for r in recs) / len(recs),
+        "subject_tokens": "kept" if keep_subject_tokens else "removed",
+        "peak_rate": sl["max_rate"],
+        "peak_hidden_state": sl["hidden_state"],
+        "chance_rate": sl["chance"],
+        "n_shuffles": len(controls["chance"]),
+        "mean_set_size": mean_size,
+        "mean_set_size_subject_kept": mean_size_kept,
+        "peak_rate_subject_kept": sl["subject_kept"],
+        "peak_rate_subject_removed": sl["subject_removed"],
         "peak": peak,
         "baseline": base,
         "curves": {p: [float(x) for x in df[df["position"] == p].sort_values("layer")["mean"]] for p in POSITIONS},
+        "chance_curve": [float(x) for x in df[df["position"] == "subject_last"].sort_values("layer")["chance"]],
     }
     run.update_summary({"enrichment": summ})
+    ratio = f" ({sl['max_rate'] / sl['chance']:.1f}x chance)" if sl["chance"] > 0 else ""
     lines = [
         (
             f"Attributes rate (% of the top-{keep} clean tokens among the top {top_n} of the logit-lens projection that belong "
             f"to the subject's attribute set) over {n_used} facts. Attribute source: {source}; mean set size "
-            f"{summ['mean_attribute_set_size']:.0f} tokens. Baseline (subject token embeddings): {base:.1f}%."
+            f"{mean_size:.0f} tokens ({mean_size_kept:.0f} with the subject's own tokens kept). Baseline (subject token "
+            f"embeddings): {base:.1f}%."
+        ),
+        "",
+        (
+            f"What the number means, at the last subject token's peak (hidden state {sl['hidden_state']}): {sl['max_rate']:.1f}%"
+            f"{ratio}; against another subject's set (chance, {len(controls['chance'])} seeded shuffles) {sl['chance']:.1f}%; with the "
+            f"subject's own tokens kept in its set (the paper's behaviour) {sl['subject_kept']:.1f}%, removed {sl['subject_removed']:.1f}%. "
+            "The rate is capped by the set size: the paper's 30-50% used Wikipedia paragraphs (hundreds of tokens per subject); "
+            "pass real paragraphs with --attributes to compare with it."
         ),
         "",
     ]
     for p, v in peak.items():
-        lines.append(f"- {POSITION_LABELS[p]}: peak {v['max_rate']:.1f}% at hidden state {v['hidden_state']}")
+        lines.append(f"- {POSITION_LABELS[p]}: peak {v['max_rate']:.1f}% at hidden state {v['hidden_state']} (chance {v['chance']:.1f}%)")
     lines.append("")
     for r in ex:
         top = r["top_subject_last"]
@@ -188,10 +275,9 @@ def run_enrichment(run, model: Model, facts: Sequence[Fact], *, paragraphs_file:
     return summ, attrs
 
 
-def load_or_make_attributes(run, model: Model, facts: Sequence[Fact], paragraphs_file: str | None, keep_subject_tokens: bool,
-                            progress: bool) -> tuple[dict[str, set[str]], str]:
-    """Attribute sets, cached in the run's ``attributes`` checkpoint (texts per subject) so that a
-    resumed run does not generate again."""
+def load_or_make_texts(run, model: Model, facts: Sequence[Fact], paragraphs_file: str | None, progress: bool) -> tuple[dict[str, list[str]], str]:
+    """Attribute texts per subject, cached in the run's ``attributes`` checkpoint so that a resumed
+    run does not generate again, and a description of their source."""
     ck = run.checkpoint("attributes")
     have = {r["key"]: r["texts"] for r in ck.records()}
     subjects = sorted({f.subject for f in facts})
@@ -204,9 +290,15 @@ def load_or_make_attributes(run, model: Model, facts: Sequence[Fact], paragraphs
     todo = [s for s in subjects if s not in have]
     if todo:
         todo_facts = [f for f in facts if f.subject in set(todo)]
-        _, texts = attribute_sets(model, todo_facts, paragraphs, keep_subject_tokens, progress)
+        _, texts = attribute_sets(model, todo_facts, paragraphs, False, progress)
         for s in todo:
             ck.append(s, {"texts": texts.get(s, [])})
             have[s] = texts.get(s, [])
-    attrs = {s: A.attribute_set(model, s, have[s], keep_subject_tokens) for s in subjects}
-    return attrs, source
+    return {s: have[s] for s in subjects}, source
+
+
+def load_or_make_attributes(run, model: Model, facts: Sequence[Fact], paragraphs_file: str | None, keep_subject_tokens: bool,
+                            progress: bool) -> tuple[dict[str, set[str]], str]:
+    """Attribute sets per subject (from :func:`load_or_make_texts`) and their source."""
+    texts, source = load_or_make_texts(run, model, facts, paragraphs_file, progress)
+    return {s: A.attribute_set(model, s, t, keep_subject_tokens) for s, t in texts.items()}, source

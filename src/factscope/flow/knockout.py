@@ -42,14 +42,13 @@ from tqdm.auto import tqdm
 
 from factscope import hooks
 from factscope.errors import FactscopeError
-from factscope.facts import Fact
+from factscope.facts import Fact, fact_subject_span
 from factscope.flow.common import (
     FactTokens,
     batches,
     default_window,
     encode,
     fact_key,
-    fact_tokens,
     mean_ci,
     prob_of,
     usable,
@@ -207,13 +206,25 @@ def naive_knockout(
     from_positions: Sequence[int | str] = (-1,),
     layers: Sequence[int] | None = None,
 ) -> dict:
-    """The reference method: one full forward per window x set, logits at every position."""
-    t = item if isinstance(item, FactTokens) else fact_tokens(model, item)
+    """The reference method: one full forward per window x set, logits at every position.
+
+    Independent of the fast path's bookkeeping: the prompt is tokenized again and the position sets
+    are built here from the subject span (:func:`factscope.facts.fact_subject_span`), not with
+    :class:`FactTokens` / :func:`set_positions`."""
+    fact = item.fact if isinstance(item, FactTokens) else item
+    ids = list(model.tokenizer(fact.prompt)["input_ids"])
+    n = len(ids)
+    s0, e0 = fact_subject_span(model.tokenizer, fact)
+    bos = [0] if s0 > 0 and model.tokenizer.bos_token_id is not None and ids[0] == model.tokenizer.bos_token_id else []
+    subject = list(range(s0, e0))
+    others = [i for i in range(n - 1) if not s0 <= i < e0 and i not in bos]
+    named = {"subject": subject, "non_subject": others, "last": [n - 1], "subject_first": [s0], "subject_last": [e0 - 1],
+             "non_subject_bos": sorted(bos + others), "bos": bos}
     k = window or default_window(model.n_layers)
     wins = windows(model.n_layers, k)
     layers = list(range(model.n_layers)) if layers is None else list(layers)
-    batch = model.batch_from_ids([t.ids])
-    q = _query_positions(t, from_positions)
+    batch = model.batch_from_ids([ids])
+    q = sorted({i for p in from_positions for i in (named[p] if isinstance(p, str) else [int(p) % n])})
     with torch.inference_mode():
         logits = model.forward(batch, last_only=False)[:, -1]
         top = logits.argmax(-1)
@@ -221,7 +232,7 @@ def naive_knockout(
         prob = {s: [] for s in sets}
         for l in layers:
             for s in sets:
-                block = hooks.edge_mask(batch, [q], [set_positions(t, s)])
+                block = hooks.edge_mask(batch, [q], [named[s]])
                 with hooks.knockout(model, wins[l], block, heads=heads):
                     lg = model.forward(batch, last_only=False)[:, -1]
                 prob[s].append(float(prob_of(lg, top)[0]))
