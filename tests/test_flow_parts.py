@@ -200,6 +200,34 @@ def test_sublayer_paper_ablation_is_not_zeroing(tiny, facts):
     assert max(abs(a - b) for a, b in zip(p, z)) > 1e-6
 
 
+def test_sublayer_paper_preset_is_the_papers_ablations(tiny, facts):
+    """"paper" = uniform attention + zeroed MLP hidden activation (Geva et al.'s code), literally;
+    with a down-projection bias, zeroing the hidden activation (the MLP's update becomes its output
+    bias) differs from zeroing the MLP's output."""
+    from test_substrate import _with_random_biases
+
+    assert ablations("paper") == {"attn": "uniform", "mlp": "hidden"}
+    assert ablations("zero") == {"attn": "zero", "mlp": "zero"}
+    model = _with_random_biases(tiny)
+    if model.module(0, model.spec.mlp_down).bias is None:
+        pytest.skip(f"{tiny.name}: the MLP's down projection has no bias (hidden == zero exactly)")
+    items, _ = usable(model, facts[:1])
+    attrs = {items[0].fact.subject: {"located"}}
+    p = sublayer_batch(model, items, attrs, upper=3, window=2, how="paper")[0]["mass"]["mlp"]
+    z = sublayer_batch(model, items, attrs, upper=3, window=2, how="zero")[0]["mass"]["mlp"]
+    assert max(abs(a - b) for a, b in zip(p, z)) > 1e-6
+
+
+def test_attribute_mass_and_ids_by_hand(tiny):
+    assert A.mass(torch.log(torch.tensor([1.0, 2.0, 3.0])), [1, 2]) == pytest.approx(5 / 6)
+    assert A.mass(torch.log(torch.tensor([1.0, 2.0, 3.0])), []) == 0.0
+    attrs = {"paris", "located", "city"}
+    V = min(tiny.vocab_size, len(tiny.tokenizer))
+    naive = [i for i in range(V) if A.clean_token(tiny.tokenizer.decode([i])) in attrs]
+    got = A.attribute_ids(tiny, attrs)
+    assert got and got == naive
+
+
 def test_attribute_cleaning_and_rate(tiny):
     assert A.clean_token(" The") is None and A.clean_token(" ab") is None and A.clean_token(" Paris") == "paris"
     s = A.attribute_set(tiny, "Eiffel Tower", ["The Eiffel Tower is located in Paris, France."])
@@ -253,6 +281,9 @@ def test_enrichment_record_alone_equals_in_a_padded_batch(tiny, facts):
     a = attrs[short.fact.subject]
     assert alone["rates"]["subject_last"][: tiny.n_layers] == pytest.approx([A.rate(v, a) for v in vocab])
     assert alone["rates"]["subject_last"][1] >= 0.1  # hidden state 1 holds 5 of its own top tokens
+    # the chance control: the rate against each shuffle's (other subject's) set, averaged over shuffles
+    want = [sum(A.rate(v, m[short.fact.subject]) for m in controls["chance"]) / len(controls["chance"]) for v in vocab]
+    assert alone["controls"]["chance"]["subject_last"][: tiny.n_layers] == pytest.approx(want)
 
 
 def test_chance_sets_are_other_subjects_sets():
@@ -261,7 +292,7 @@ def test_chance_sets_are_other_subjects_sets():
     assert len(maps) == 3
     for m in maps:
         assert set(m) == {"a", "b", "c"}  # subjects without a set get none
-        assert all(m[s] is not attrs[s] for s in m)  # never the subject's own
+        assert all(m[s] != attrs[s] for s in m)  # never the subject's own (by value, not identity)
         assert sorted(map(sorted, m.values())) == [["x"], ["y"], ["z"]]  # a permutation of the sets
     assert chance_sets({"a": {"x"}}, 3) == []
 
