@@ -258,6 +258,7 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     [
         ({"subject": "Paris", "prompt": "Rome is in", "target_true": "Italy"}, r"bad\.jsonl:1: subject 'Paris' does not occur"),
         ({"subject": "Rome", "prompt": "Rome is in", "target_true": " "}, r"bad\.jsonl:1: empty target_true for subject 'Rome'"),
+        ({"subject": "Rome", "prompt": "Rome is in", "target_true": ""}, r"bad\.jsonl:1: empty target_true for subject 'Rome'"),
         ({"subject": "Rome", "target_true": "Italy"}, r"bad\.jsonl:1: .*neither prompt nor template"),
         ({"subject": "Rome", "template": "{} {} is", "target_true": "Italy"}, r"bad\.jsonl:1: template .* exactly once"),
         ({"prompt": "Rome is in", "target_true": "Italy"}, r"bad\.jsonl:1: missing field\(s\) \['subject'\]"),

@@ -12,8 +12,10 @@ Errors: a ``FactscopeError`` (bad input, existing output directory, ...) prints
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -104,33 +106,48 @@ class FactscopeGroup(click.Group):
     # ---- errors ------------------------------------------------------------------------------
 
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except KeyboardInterrupt:
-            if _debug():
-                raise
-            click.echo(
-                "\ninterrupted. Results already written are kept; to continue a run, repeat the "
-                "same command with --resume.",
-                err=True,
-            )
-            ctx.exit(130)
-        except FactscopeError as e:
-            if _debug():
-                raise
-            _fail(ctx, str(e))
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-            # a path the user gave us; name it rather than showing a traceback
-            if _debug():
-                raise
-            what = e.strerror or type(e).__name__
-            _fail(ctx, f"{what}: {e.filename}" if e.filename else str(e))
-        except OSError as e:
-            import errno
+        from factscope.runs import discard_unstarted_runs, forget_unstarted_runs
 
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) and not _debug():
-                _fail(ctx, f"{e.strerror}: {e.filename}" if e.filename else str(e))
-            raise
+        def _term(signum, frame):  # SIGTERM (kill, a batch system's time limit) acts as Ctrl-C
+            raise KeyboardInterrupt
+
+        with contextlib.suppress(ValueError):  # not in the main thread
+            signal.signal(signal.SIGTERM, _term)
+        try:
+            result = super().invoke(ctx)
+            forget_unstarted_runs()
+            return result
+        except BaseException:
+            # a failed command leaves no run directory without results behind, so the corrected
+            # command is not refused with "already exists" or "config differs"
+            discard_unstarted_runs()
+            try:
+                raise
+            except KeyboardInterrupt:
+                if _debug():
+                    raise
+                click.echo(
+                    "\ninterrupted. Results already written are kept; to continue a run, repeat the "
+                    "same command with --resume.",
+                    err=True,
+                )
+                ctx.exit(130)
+            except FactscopeError as e:
+                if _debug():
+                    raise
+                _fail(ctx, str(e))
+            except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+                # a path the user gave us; name it rather than showing a traceback
+                if _debug():
+                    raise
+                what = e.strerror or type(e).__name__
+                _fail(ctx, f"{what}: {e.filename}" if e.filename else str(e))
+            except OSError as e:
+                import errno
+
+                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) and not _debug():
+                    _fail(ctx, f"{e.strerror}: {e.filename}" if e.filename else str(e))
+                raise
 
 
 @click.group(cls=FactscopeGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -124,6 +124,8 @@ def predict(model_spec: str, device: str, dtype: str, k: int, as_json: bool, pro
     """Print the next-token distribution after PROMPT."""
     from factscope.predict import top_k
 
+    if not prompt.strip():
+        raise FactscopeError("the prompt is empty: give the text whose next token to predict")
     model = load_model(model_spec, device=device, dtype=dtype)
     pred = top_k(model, [prompt], k=k)[0]
     if as_json:
@@ -180,7 +182,7 @@ def known_section(run, model, facts, top_k: int = 1, batch_size: int = 32) -> li
 @device_option
 @dtype_option
 @click.option("--dataset", default="known_1000", show_default=True, help="Data set name or file.")
-@click.option("--limit", type=int, default=None, help="Random sample of at most N facts (seeded).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Random sample of at most N facts (seeded).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--top-k", type=click.IntRange(1, 1000), default=1, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)

@@ -365,7 +365,7 @@ def _row_fact(row: dict[str, Any], where: str, source: str, default_id: str) -> 
             if alias in row:
                 row["target_true"] = row[alias]
                 break
-    missing = [k for k in ("subject", "target_true") if row.get(k) in (None, "")]
+    missing = [k for k in ("subject", "target_true") if row.get(k) is None]
     if missing:
         raise FactscopeError(f"{where}: missing field(s) {missing} in row {row!r}")
     return _make_fact(

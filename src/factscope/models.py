@@ -284,6 +284,9 @@ def _dequantize_to_cache(gguf_path: Path, dest: Path) -> None:
     """Dequantize a GGUF file with transformers and write config, safetensors and tokenizer to dest."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    with gguf_path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise FactscopeError(f"{gguf_path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     logging.getLogger("factscope").info("dequantizing %s (once; cached in %s)", gguf_path, dest)
     print(f"factscope: dequantizing {gguf_path.name} once (about a minute); caching in {dest}", flush=True)
     folder, name = str(gguf_path.parent), gguf_path.name
@@ -942,6 +945,27 @@ def _check_float16(model: "Model") -> None:
         )
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """A torch device this machine has, or one clear error naming ``--device``."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise FactscopeError(f"unknown --device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FactscopeError(
+                f"--device {device}: this PyTorch build ({torch.__version__}) has no CUDA support or sees no GPU; "
+                "use --device cpu, or install a CUDA build of torch (README: choosing PyTorch)"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise FactscopeError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise FactscopeError(f"--device {device}: MPS is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise FactscopeError(f"unsupported --device {device!r}; use cpu, cuda, cuda:N or mps")
+    return dev
+
+
 def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> Model:
     """Load a causal LM by registered name, hub id, local directory or .gguf file.
 
@@ -951,6 +975,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dt
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[dtype_name(default_dtype() if dtype is None else dtype)]
+    device = check_device(device)
     from factscope import hooks
 
     hooks.register_attention()
@@ -981,8 +1006,14 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dt
         if tok is None:
             from transformers import AutoTokenizer
 
-            with _quiet():
-                tok = AutoTokenizer.from_pretrained(source)
+            try:
+                with _quiet():
+                    tok = AutoTokenizer.from_pretrained(source)
+            except Exception as e:  # noqa: BLE001 - e.g. a model directory without tokenizer files
+                raise FactscopeError(
+                    f"could not load the tokenizer of model {spec!r} ({type(e).__name__}: {e}); a model "
+                    "directory needs its tokenizer files (tokenizer.json or tokenizer.model and tokenizer_config.json)"
+                ) from e
             tok.padding_side = "left"
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token

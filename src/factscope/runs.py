@@ -46,6 +46,40 @@ _RECORDED: contextvars.ContextVar[Callable[[Mapping[str, Any]], Mapping[str, Any
     "factscope_recorded_config", default=None
 )
 
+# Runs this process started in a new or empty directory, with the outermost directory it created.
+_UNSTARTED: list[tuple["Run", Path | None]] = []
+_BOOKKEEPING = {CONFIG_FILE, SUMMARY_FILE, SECTIONS_FILE}
+
+
+def discard_unstarted_runs() -> list[Path]:
+    """Remove the directories of runs this process started that hold no result yet (only
+    config.json, summary.json, sections.json and empty folders). The CLI calls this when a command
+    fails (bad model, bad data, interrupted while loading), so a corrected rerun is not refused
+    with "already exists" or "config differs". A directory with any table, figure or checkpoint
+    record is kept. Returns the removed directories."""
+    import shutil
+
+    removed = []
+    while _UNSTARTED:
+        run, created = _UNSTARTED.pop()
+        files = [p for p in run.dir.rglob("*") if p.is_file()] if run.dir.is_dir() else []
+        if any(p.parent != run.dir or p.name not in _BOOKKEEPING for p in files):
+            continue
+        if created is not None and created.is_dir():
+            shutil.rmtree(created, ignore_errors=True)
+            removed.append(created)
+        elif run.dir.is_dir():  # it existed empty: leave it empty
+            for p in run.dir.iterdir():
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(run.dir)
+    return removed
+
+
+def forget_unstarted_runs() -> None:
+    """A command finished: its runs are results, not leftovers."""
+    _UNSTARTED.clear()
+
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _TMP_PREFIX = "."
 _TMP_SUFFIX = ".tmp"
@@ -433,6 +467,10 @@ class Run:
                 old["runtime"] = new["runtime"]
             run._write_config()
             return run
+        top = out.absolute()  # the outermost directory this call creates (removed again if nothing is done)
+        while not top.parent.exists():
+            top = top.parent
+        created = top if not top.exists() else None
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -442,6 +480,7 @@ class Run:
         full["created_utc"] = _utc_now()
         run = cls(out, full)
         run._write_config()
+        _UNSTARTED.append((run, created))
         return run
 
     @classmethod

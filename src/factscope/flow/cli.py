@@ -12,13 +12,13 @@ def _common(f):
     options = [
         click.option("--model", "model_name", default="gemma-3-270m", show_default=True, help="Model name, hub id, directory or .gguf file."),
         click.option("--dataset", default="known_1000", show_default=True, help="Fact set name or file."),
-        click.option("--limit", type=int, default=100, show_default=True, help="Number of known facts to analyse (seeded random sample of the facts the model knows)."),
+        click.option("--limit", type=click.IntRange(1), default=100, show_default=True, help="Number of known facts to analyse (seeded random sample of the facts the model knows)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--all-facts", is_flag=True, help="Do not filter to facts the model knows (e.g. for random test models)."),
-        click.option("--out", type=click.Path(), required=True, help="Output directory."),
+        click.option("--out", type=click.Path(file_okay=False), required=True, help="Output directory (created with its parents if missing)."),
         click.option("--resume", is_flag=True, help="Continue an interrupted run in --out (finished facts are kept)."),
-        click.option("--batch-size", type=int, default=8, show_default=True, help="Facts per batch."),
-        click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)."),
+        click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Facts per batch."),
+        click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads (default: torch's choice)."),
         click.option("--device", default="cpu", show_default=True),
         dtype_option,
         click.option("--no-progress", is_flag=True, help="Hide progress bars."),
@@ -56,6 +56,7 @@ def _positions(text: str) -> list:
 def _setup(kw: dict, command: str, extra: dict):
     import torch
 
+    from factscope.facts import load_facts
     from factscope.flow.select import facts_for_run
     from factscope.models import load_model
     from factscope.runs import Run
@@ -72,8 +73,9 @@ def _setup(kw: dict, command: str, extra: dict):
         **extra,
         "runtime": {"batch_size": kw["batch_size"], "threads": kw["threads"], "device": kw["device"]},
     }
+    model = load_model(kw["model_name"], device=kw["device"])  # bad model or device: fail before the run exists
+    load_facts(kw["dataset"])  # bad data likewise
     run = Run.create(kw["out"], config, resume=kw["resume"])
-    model = load_model(kw["model_name"], device=kw["device"])
     facts = facts_for_run(run, model, kw["dataset"], kw["limit"], seed=kw["seed"], progress=not kw["no_progress"], known_only=not kw["all_facts"])
     run.update_summary({"model": model.name, "dataset": kw["dataset"]})
     return run, model, facts
@@ -91,7 +93,7 @@ def flow() -> None:
 
 @flow.command("knockout")
 @_common
-@click.option("--window", type=int, default=None, help="Layers per knockout window (default max(1, round(n_layers/5))).")
+@click.option("--window", type=click.IntRange(1), default=None, help="Layers per knockout window (default max(1, round(n_layers/5))).")
 @click.option("--heads", default=None, help="Only knock out these heads (comma-separated), in every layer of the window.")
 @click.option("--from", "from_", default="last", show_default=True, help="Query positions to block from: 'last', token indices (negatives from the end) or set names, comma-separated.")
 def knockout_cmd(window, heads, from_, **kw):
@@ -152,7 +154,7 @@ def enrichment_cmd(attributes_file, keep_subject_tokens, top_n, keep, **kw):
 @_common
 @_attr_options
 @click.option("--upper", type=int, default=None, help="Layer whose output is measured (default round(0.83 * n_layers)).")
-@click.option("--window", type=int, default=None, help="Consecutive layers ablated (default max(1, round(n_layers/5))).")
+@click.option("--window", type=click.IntRange(1), default=None, help="Consecutive layers ablated (default max(1, round(n_layers/5))).")
 @click.option("--attn-ablation", type=click.Choice(["uniform", "zero"]), default="uniform", show_default=True,
               help="uniform: every query attends uniformly to its visible keys (the paper's code); zero: zero the attention output.")
 @click.option("--mlp-ablation", type=click.Choice(["hidden", "zero"]), default="hidden", show_default=True,

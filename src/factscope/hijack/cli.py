@@ -19,7 +19,7 @@ def hijack() -> None:
 @click.option("--dataset", "datasets", multiple=True, default=("known_1000",), show_default=True,
               help="known_1000, lre, lre:<category>[/<relation>], counterfact (full file if downloaded, "
                    "else the shipped sample), counterfact-sample, or a path; repeat to combine.")
-@click.option("--limit", type=int, default=None, help="Seeded random subset of this many facts per dataset.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Seeded random subset of this many facts per dataset.")
 @click.option("--relation", "relations", multiple=True,
               help="Keep only facts of this relation id (e.g. P190, as the paper's Figure 2b); repeat for several. "
                    "The --limit subset is drawn after this filter.")
@@ -45,7 +45,7 @@ def hijack() -> None:
               help="Prompts per checkpointed chunk.")
 @click.option("--device", default="cpu", show_default=True)
 @dtype_option
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output run directory.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output run directory (created with its parents if missing).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--no-progress", is_flag=True)
 def run_cmd(models, datasets, limit, relations, schemes, templates, related, max_prepends, metric, all_facts, seed, n_boot,
