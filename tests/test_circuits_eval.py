@@ -129,3 +129,130 @@ def test_logit_diff_and_kl_against_direct_computation():
         q = torch.log_softmax(other[i, :n], -1)
         want = torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1).mean()
         assert got[i].item() == pytest.approx(want.item(), rel=1e-4, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation: pure pieces
+# --------------------------------------------------------------------------------------------
+
+
+def test_rank_metrics_from_hand_ranked_logits():
+    from factscope.circuits.evaluate import rank_metrics, target_ranks
+
+    V = 30
+    logits = torch.zeros(4, V)
+    targets = torch.tensor([5, 7, 9, 11])
+    # example 0: target on top; 1: 4 tokens above it; 2: 12 above; 3: tied with 2 others, 1 above
+    logits[0, 5] = 10
+    logits[1, :4] = 5
+    logits[1, 7] = 3
+    logits[2, :12] = 5
+    logits[2, 12:] = -1
+    logits[2, 9] = 4
+    logits[3, [0, 1, 11]] = 2
+    logits[3, 2] = 3
+    assert target_ranks(logits, targets).tolist() == [0, 4, 11, 1]
+    got = rank_metrics(logits, targets)
+    assert got["hit1"] == pytest.approx(1 / 4)
+    assert got["hit10"] == pytest.approx(3 / 4)
+    assert got["mrr"] == pytest.approx((1 + 1 / 5 + 1 / 12 + 1 / 2) / 4)
+
+
+def test_curve_areas_of_known_curves():
+    from factscope.circuits.evaluate import curve_areas, faithfulness
+
+    x = [0.0, 0.1, 0.5, 1.0]
+    assert curve_areas(x, [1, 1, 1, 1]) == pytest.approx((1.0, 0.0))
+    assert curve_areas(x, x) == pytest.approx((0.5, 0.5))
+    # f overshoots 1: CMD counts |1 - f| on both sides; unsorted input is sorted by x
+    cpr, cmd = curve_areas([1.0, 0.0, 0.5], [1.0, 0.0, 1.5])
+    assert cpr == pytest.approx(0.5 * 0.75 + 0.5 * 1.25)
+    assert cmd == pytest.approx(0.5 * 0.75 + 0.5 * 0.25)
+    assert faithfulness(3.0, 5.0, 1.0) == 0.5 and faithfulness(2.0, 5.0, 5.0) != faithfulness(2.0, 5.0, 5.0)
+
+
+def test_random_mask_is_seeded_and_inside_the_real_edges():
+    from factscope.circuits.evaluate import random_mask
+
+    real = torch.rand(20, 15) > 0.4
+    a, b, c = random_mask(real, 17, 1), random_mask(real, 17, 1), random_mask(real, 17, 2)
+    assert int(a.sum()) == 17 and not (a & ~real).any()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(Exception, match="cannot draw"):
+        random_mask(real, int(real.sum()) + 1, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# ACDC on a synthetic graph (names and real edges as the spec lays them out)
+# --------------------------------------------------------------------------------------------
+
+
+class _SpecGraph:
+    """Names and real-edge mask per the circuits spec, built independently of circuits.graph."""
+
+    def __init__(self, L=2, H=4, KV=2):
+        self.up_names = ["input"] + [n for l in range(L) for n in [f"a{l}.h{h}" for h in range(H)] + [f"m{l}"]]
+        kvn = (lambda l, g, x: f"a{l}.kv{g}<{x}>") if KV < H else (lambda l, g, x: f"a{l}.h{g}<{x}>")
+        self.down_names = [n for l in range(L) for n in [f"a{l}.h{h}<q>" for h in range(H)]
+                           + [kvn(l, g, "k") for g in range(KV)] + [kvn(l, g, "v") for g in range(KV)] + [f"m{l}"]]
+        self.down_names.append("logits")
+        self.real = torch.zeros(len(self.up_names), len(self.down_names), dtype=torch.bool)
+        for j, d in enumerate(self.down_names):
+            lr = L if d == "logits" else int(d[1:].split(".")[0].split("<")[0])
+            for i, u in enumerate(self.up_names):
+                lu = -1 if u == "input" else int(u[1:].split(".")[0])
+                self.real[i, j] = lu < lr or (u.startswith("a") and lu == lr and d == f"m{lr}") or d == "logits"
+        self.scores = torch.zeros(self.real.shape)
+        self.in_graph = self.real.clone()
+
+
+def _naive_acdc(real, feeds, bad, threshold):
+    cur = real.clone()
+    scores = torch.zeros(real.shape)
+    cur_bad = bad(cur)
+    for r in range(real.shape[1] - 1, -1, -1):
+        if feeds[r] and not cur[feeds[r]].any():
+            cur[:, r] = False
+            continue
+        for u in cur[:, r].nonzero()[:, 0].flip(0).tolist():
+            cur[u, r] = False
+            d = bad(cur) - cur_bad
+            scores[u, r] = d
+            if d < threshold:
+                cur_bad += d
+            else:
+                cur[u, r] = True
+    return cur, scores
+
+
+def test_acdc_batched_equals_sequential_acdc_on_a_nonlinear_metric():
+    from factscope.circuits.acdc import acdc, receiver_nodes
+
+    g = _SpecGraph()
+    feeds = receiver_nodes(g.up_names, g.down_names)
+    # a head's kv receiver feeds its group's query heads (H/KV = 2 per group)
+    j = g.down_names.index("a1.kv1<v>")
+    assert feeds[j] == [g.up_names.index("a1.h2"), g.up_names.index("a1.h3")]
+    torch.manual_seed(0)
+    w = torch.randn(g.real.shape) * g.real
+    w2 = torch.randn(g.real.shape[1])
+
+    def bad_one(mask):  # interactions between edges into the same receiver
+        s = (w * mask.float()).sum(0)
+        return float((torch.tanh(s) * w2).sum() + 0.1 * (s**2).sum())
+
+    def run_many(masks):
+        return torch.tensor([bad_one(m) for m in masks])
+
+    for thr, batch in [(0.0, 64), (0.05, 3), (0.3, 1)]:
+        want, want_scores = _naive_acdc(g.real, feeds, bad_one, thr)
+        acdc(g, run_many, threshold=thr, max_batch=batch)
+        assert torch.equal(g.in_graph, want), thr
+        assert torch.allclose(g.scores, want_scores, atol=1e-5)
+        assert 0 < int(want.sum()) < int(g.real.sum())
+    # threshold 0: every accepted removal lowered the metric, so the result is no worse than the full graph
+    acdc(g, run_many, threshold=0.0)
+    assert bad_one(g.in_graph) <= bad_one(g.real) + 1e-6
+    # a huge threshold prunes everything
+    acdc(g, run_many, threshold=1e9)
+    assert not g.in_graph.any()
