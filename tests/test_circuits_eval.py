@@ -256,3 +256,97 @@ def test_acdc_batched_equals_sequential_acdc_on_a_nonlinear_metric():
     # a huge threshold prunes everything
     acdc(g, run_many, threshold=1e9)
     assert not g.in_graph.any()
+
+
+# --------------------------------------------------------------------------------------------
+# interop (EAP-IG / MIB graph JSON) and views
+# --------------------------------------------------------------------------------------------
+
+
+def _eap_edge_names(L, H, parallel=False):
+    """Edge names of EAP-IG's Graph.from_model, written out from its construction rules."""
+    stream, names = ["input"], []
+    for l in range(L):
+        heads = [f"a{l}.h{h}" for h in range(H)]
+        for u in stream:
+            names += [f"{u}->{a}<{x}>" for a in heads for x in "qkv"]
+        if parallel:
+            names += [f"{u}->m{l}" for u in stream]
+            stream = stream + heads + [f"m{l}"]
+        else:
+            stream = stream + heads
+            names += [f"{u}->m{l}" for u in stream]
+            stream = stream + [f"m{l}"]
+    return names + [f"{u}->logits" for u in stream]
+
+
+def test_eap_json_import_of_an_eap_ig_file_and_export_round_trip(tmp_path):
+    import json
+
+    from factscope.circuits.interop import from_eap_json, to_eap_json
+
+    g = _SpecGraph(L=2, H=3, KV=3)  # no grouping: names map one to one
+    names = _eap_edge_names(2, 3)
+    assert len(names) == int(g.real.sum())
+    rng = torch.Generator().manual_seed(0)
+    vals = torch.randn(len(names), generator=rng).tolist()
+    d = {"cfg": {"n_layers": 2, "n_heads": 3, "parallel_attn_mlp": False, "d_model": 8},
+         "nodes": {}, "edges": {n: {"score": v, "in_graph": v > 0.5} for n, v in zip(names, vals)}}
+    (tmp_path / "eap.json").write_text(json.dumps(d))
+    from_eap_json(g, tmp_path / "eap.json")
+    for n, v in zip(names, vals):
+        u, r = n.split("->")
+        i, j = g.up_names.index(u), g.down_names.index(r)
+        assert g.scores[i, j].item() == pytest.approx(v) and bool(g.in_graph[i, j]) == (v > 0.5)
+    out = to_eap_json(g)
+    assert set(out["edges"]) == set(names)
+    assert all(out["edges"][n]["score"] == pytest.approx(v) for n, v in zip(names, vals))
+    # a file for another model is refused
+    d["cfg"]["n_layers"] = 3
+    with pytest.raises(Exception, match="2 x 3"):
+        from_eap_json(g, d)
+
+
+def test_eap_json_export_of_grouped_kv_expands_per_query_head_and_round_trips():
+    from factscope.circuits.interop import from_eap_json, to_eap_json
+
+    g = _SpecGraph(L=2, H=4, KV=2)
+    torch.manual_seed(1)
+    g.scores = torch.randn(g.real.shape) * g.real
+    g.in_graph = g.real & (torch.rand(g.real.shape) > 0.5)
+    d = to_eap_json(g)
+    assert set(d["edges"]) == set(_eap_edge_names(2, 4))
+    # the shared value receiver of group 1 in layer 1 appears once per query head 2, 3 with half the score
+    i, j = g.up_names.index("a0.h1"), g.down_names.index("a1.kv1<v>")
+    for h in (2, 3):
+        e = d["edges"][f"a0.h1->a1.h{h}<v>"]
+        assert e["score"] == pytest.approx(g.scores[i, j].item() / 2) and e["in_graph"] == bool(g.in_graph[i, j])
+    g2 = _SpecGraph(L=2, H=4, KV=2)
+    from_eap_json(g2, d)
+    assert torch.allclose(g2.scores, g.scores, atol=1e-6) and torch.equal(g2.in_graph, g.in_graph)
+
+
+def test_layout_and_views(tmp_path):
+    from factscope.circuits import views
+
+    g = _SpecGraph(L=2, H=4, KV=1)
+    torch.manual_seed(2)
+    g.scores = torch.randn(g.real.shape) * g.real
+    g.in_graph = g.real & (g.scores.abs() > 1.0)
+    pos = views.layout(g)
+    # rows: input at the bottom, logits on top; in a layer: heads, the shared kv receiver, the MLP
+    assert pos["input"][1] == -1 and pos["logits"][1] == 2 and pos["a1.h3"][1] == 1
+    row = sorted((x, n) for n, (x, y) in pos.items() if y == 0)
+    assert [n for _, n in row] == ["a0.h0", "a0.h1", "a0.h2", "a0.h3", "a0.kv0", "m0"]
+    edges = views.circuit_edges(g)
+    assert len(edges) == int(g.in_graph.sum())
+    assert [abs(e["score"]) for e in edges] == sorted((abs(e["score"]) for e in edges), reverse=True)
+    assert {e["dst"] for e in edges if e["down"].endswith("<k>")} <= {"a0.kv0", "a1.kv0"}
+    dot = views.to_dot(g)
+    assert dot.count("\" -> \"") == len(edges) and '"a0.kv0"' in dot
+    page = views.write_html(g, tmp_path / "v.html", title="test")
+    text = page.read_text()
+    assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text
+    assert '"edges":' in text and f'max="{len(edges)}"' in text
+    fig = views.plot_circuit(g, title="t")
+    fig.savefig(tmp_path / "v.png")
