@@ -136,13 +136,16 @@ def split(facts: Sequence[Fact], n_val: int | float = 0.5, seed: int = 0) -> tup
 
 
 def known_relation_facts(model, dataset: str, limit: int | None = None, seed: int = 0, top_k: int = 1,
-                         progress: bool = False) -> tuple[list[Fact], object]:
+                         progress: bool = False, known_only: bool = True) -> tuple[list[Fact], object]:
     """The facts of ``dataset`` the model knows (target's first token in its top-k), capped at ``limit``
-    (seeded subset of the known ones), and the per-fact known table."""
+    (seeded subset of the known ones), and the per-fact known table. ``known_only=False`` keeps every
+    fact (random test models know none)."""
     from factscope.predict import known_facts
 
     facts = load_facts(dataset, seed=seed)
     known, table = known_facts(model, facts, top_k=top_k, progress=progress)
+    if not known_only:
+        known = list(facts)
     if limit is not None and limit < len(known):
         keep = sorted(random.Random(seed).sample(range(len(known)), limit))
         known = [known[i] for i in keep]

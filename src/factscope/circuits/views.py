@@ -171,7 +171,10 @@ def plot_circuit(graph, title: str = "", max_edges: int | None = None):
         (x1, y1), (x2, y2) = pos[e["src"]], pos[e["dst"]]
         t = [i / 16 for i in range(17)]
         # a gentle S-curve from the top of the source to the bottom of the receiver
-        pts = [(x1 + (x2 - x1) * (3 * s * s - 2 * s**3), y1 + 0.18 + (y2 - y1 - 0.36) * s) for s in t]
+        # edges within one column bow sideways so they do not run through the nodes in between
+        bow = min(0.9, 0.12 + 0.07 * abs(y2 - y1)) * 0.8 if abs(x2 - x1) < 0.3 else 0.0
+        pts = [(x1 + (x2 - x1) * (3 * s * s - 2 * s**3) + bow * 4 * s * (1 - s), y1 + 0.18 + (y2 - y1 - 0.36) * s)
+               for s in t]
         segs.append(pts)
         cols.append(_color(e["score"], vmax))
         lws.append(0.4 + 3.6 * (abs(e["score"]) / vmax if vmax else 0))
@@ -210,7 +213,7 @@ _JS = r"""
   const D = JSON.parse(document.getElementById('circuit-data').textContent);
   const svg = document.getElementById('cv-svg');
   const NS = 'http://www.w3.org/2000/svg';
-  const W = D.width, H = D.height, px = x => 60 + x * D.sx, py = y => H - 40 - (y + 1) * D.sy;
+  const H = D.height, px = x => 60 + x * D.sx, py = y => H - 30 - (y + 1) * D.sy;
   const vmax = Math.max(1e-12, ...D.edges.map(e => Math.abs(e.score)));
   function color(s){ const t = Math.max(-1, Math.min(1, s / vmax)), a = 0.25 + 0.75 * Math.abs(t);
     const b = t >= 0 ? [33,102,172] : [178,24,43];
@@ -229,9 +232,11 @@ _JS = r"""
     l.setAttribute('class', 'cv-tie'); gE.appendChild(l); });
   for (let i = D.edges.length - 1; i >= 0; i--) {
     const e = D.edges[i], [x1, y1] = D.pos[e.src], [x2, y2] = D.pos[e.dst];
-    const X1 = px(x1), Y1 = py(y1) - 9, X2 = px(x2), Y2 = py(y2) + 9, my = (Y1 + Y2) / 2;
+    const X1 = px(x1), Y1 = py(y1) - 9, X2 = px(x2), Y2 = py(y2) + 9;
+    // edges within one column bow sideways so they do not run through the nodes in between
+    const bow = Math.abs(X2 - X1) < 30 ? Math.min(90, 12 + 7 * Math.abs(y2 - y1)) : 0;
     const p = document.createElementNS(NS, 'path');
-    p.setAttribute('d', `M${X1},${Y1} C${X1},${my} ${X2},${my} ${X2},${Y2}`);
+    p.setAttribute('d', `M${X1},${Y1} C${X1 + bow},${Y1 - (Y1 - Y2) / 3} ${X2 + bow},${Y2 + (Y1 - Y2) / 3} ${X2},${Y2}`);
     p.setAttribute('stroke', color(e.score));
     p.setAttribute('stroke-width', (0.6 + 5 * Math.abs(e.score) / vmax).toFixed(2));
     p.setAttribute('class', 'cv-edge'); p.dataset.rank = i;
@@ -292,14 +297,14 @@ def view_data(graph, max_edges: int | None = None) -> dict:
     width = max(x for x, _ in pos.values()) + 0.5
     ys = sorted({y for _, y in pos.values()})
     sx = 1100 / width if width < 12 else 92
-    sy = 46
+    sy = 46 if len(ys) <= 12 else 36
     kind = {n: "io" if n in ("input", "logits") else "kv" if ".kv" in n else "mlp" if n.startswith("m") else "head"
             for n in pos}
     short = {n: n if kind[n] == "io" or kind[n] == "mlp" else n.split(".", 1)[1] for n in pos}
     rows = [{"y": y, "label": "embeddings" if y < 0 else "logits" if y == ys[-1] else f"layer {int(y)}"} for y in ys]
     return {"pos": pos, "edges": [{k: e[k] for k in ("src", "dst", "name", "score")} for e in edges],
             "ties": _kv_ties(graph), "kind": kind, "short": short, "rows": rows, "sx": sx, "sy": sy,
-            "width": 60 + width * sx + 20, "height": 40 + (len(ys) + 1) * sy}
+            "width": 60 + width * sx + 20, "height": 40 + len(ys) * sy + 10}
 
 
 def html_fragment(graph, title: str = "", max_edges: int | None = None, initial: int | None = None) -> str:
