@@ -205,6 +205,15 @@ class _SpecGraph:
         self.scores = torch.zeros(self.real.shape)
         self.in_graph = self.real.clone()
 
+    def top_n(self, n, absolute=True):
+        s = (self.scores.abs() if absolute else self.scores).masked_fill(~self.real, -float("inf"))
+        self.in_graph = torch.zeros_like(self.real)
+        self.in_graph.view(-1)[s.flatten().topk(n).indices] = n > 0
+        self.in_graph &= self.real
+
+    def prune_dead(self):  # the fake keeps every edge (the real Graph's pruning is tested with it)
+        pass
+
 
 def _naive_acdc(real, feeds, bad, threshold):
     cur = real.clone()
@@ -350,3 +359,40 @@ def test_layout_and_views(tmp_path):
     assert '"edges":' in text and f'max="{len(edges)}"' in text
     fig = views.plot_circuit(g, title="t")
     fig.savefig(tmp_path / "v.png")
+
+
+def test_evaluate_circuit_with_a_fake_masked_runner():
+    from factscope.circuits.evaluate import curve_areas, evaluate_circuit, random_mask, rank_metrics
+    from factscope.circuits.metrics import Metric
+
+    g = _SpecGraph(L=2, H=4, KV=2)
+    B, V = 6, 40
+    torch.manual_seed(3)
+    contrib = torch.randn(*g.real.shape, B, V) * g.real[..., None, None]
+    base = torch.randn(B, V)
+    targets = torch.randint(0, V, (B,))
+    contrib[..., torch.arange(B), targets] += 0.3  # edges push the target up on average
+
+    def runner(mask):  # logits [B, 1, V]: linear in the kept edges
+        return (base + torch.einsum("ud,udbv->bv", mask.float(), contrib))[:, None]
+
+    def nll(logits, rows):
+        return -torch.log_softmax(logits[:, 0], -1).gather(-1, targets[rows, None])[:, 0]
+
+    metric = Metric("nll", torch.zeros(B, 1, dtype=torch.long), nll, higher_is_better=False)
+    g.scores = torch.randn(g.real.shape) * g.real
+    total = int(g.real.sum())
+    ev = evaluate_circuit(runner, metric, targets, g, 20, n_random=5, seed=7)
+    assert ev.n_edges == 20 and int(g.in_graph.sum()) == 20
+    assert ev.ranks["hit10"]["full"] == rank_metrics(runner(g.real)[:, 0], targets)["hit10"]
+    assert ev.ranks["mrr"]["circuit"] == pytest.approx(rank_metrics(runner(g.in_graph)[:, 0], targets)["mrr"])
+    rand = [rank_metrics(runner(random_mask(g.real, 20, 7 + 1000 + s))[:, 0], targets)["mrr"] for s in range(5)]
+    assert ev.ranks["mrr"]["random"] == pytest.approx(sum(rand) / 5)
+    assert ev.ranks["mrr"]["random_std"] == pytest.approx(torch.tensor(rand).std().item(), rel=1e-5)
+    full, empty = float(metric.mean(runner(g.real))), float(metric.mean(runner(torch.zeros_like(g.real))))
+    assert ev.metric_values["full"] == full and ev.metric_values["empty"] == empty
+    assert ev.curve[-1]["n_edges"] == total and ev.curve[-1]["faithfulness"] == 1.0
+    assert ev.curve[0]["n_edges"] == int(0.001 * total)
+    assert (ev.cpr, ev.cmd) == pytest.approx(curve_areas([p["x"] for p in ev.curve], [p["faithfulness"] for p in ev.curve]))
+    # the whole graph as the circuit is exactly faithful
+    assert evaluate_circuit(runner, metric, targets, g, total, n_random=1, fractions=None).faithfulness == 1.0
