@@ -286,3 +286,21 @@ def run_evaluate(run, model, d_val, d_test, opts: Options, dataset: str, progres
 
 def options_dict(opts: Options) -> dict:
     return asdict(opts)
+
+
+def demo_section(run, model, relation: str = "lre:factual/country_capital_city", n_facts: int = 16,
+                 seed: int = 0, progress: bool = False) -> dict:
+    """The ``factscope demo`` circuit part: EAP-IG on half of ``n_facts`` known facts of one relation,
+    the circuit at 5% of the edges evaluated on the other half (3 random seeds, no curve)."""
+    from factscope.circuits.data import build, known_relation_facts, split
+
+    facts, _ = known_relation_facts(model, relation, limit=n_facts, seed=seed)
+    if len(facts) < 4:
+        run.add_section("circuit_evaluate", "Circuit evaluation (D_test)",
+                        f"Skipped: {model.name} knows only {len(facts)} facts of `{relation}`.")
+        return {}
+    val, test = split(facts, 0.5, seed)
+    d_val, d_test = build(model, val, seed=seed), build(model, test, seed=seed + 1)
+    opts = Options(method="eap-ig", n_random=3, curve=False, seed=seed)
+    ev, _ = run_evaluate(run, model, d_val, d_test, opts, relation, progress=progress)
+    return ev.summary()
