@@ -153,7 +153,7 @@ def known_relation_facts(model, dataset: str, limit: int | None = None, seed: in
 
 
 def relation_data(model, dataset: str, n_val: int | float = 0.5, limit: int | None = None, seed: int = 0,
-                  top_k: int = 1, progress: bool = False) -> tuple[CircuitData, CircuitData, dict]:
+                  top_k: int = 10, progress: bool = False) -> tuple[CircuitData, CircuitData, dict]:
     """(D_val, D_test, info) for the known facts of ``dataset`` (a relation such as
     ``lre:factual/country_capital_city``); partners are drawn inside each split."""
     known, table = known_relation_facts(model, dataset, limit=limit, seed=seed, top_k=top_k, progress=progress)

@@ -290,11 +290,12 @@ def options_dict(opts: Options) -> dict:
 
 def demo_section(run, model, relation: str = "lre:factual/country_capital_city", n_facts: int = 16,
                  seed: int = 0, progress: bool = False) -> dict:
-    """The ``factscope demo`` circuit part: EAP-IG on half of ``n_facts`` known facts of one relation,
+    """The ``factscope demo`` circuit part: EAP-IG on half of ``n_facts`` facts of one relation whose
+    target is in the model's top 10,
     the circuit at 5% of the edges evaluated on the other half (3 random seeds, no curve)."""
     from factscope.circuits.data import build, known_relation_facts, split
 
-    facts, _ = known_relation_facts(model, relation, limit=n_facts, seed=seed)
+    facts, _ = known_relation_facts(model, relation, limit=n_facts, seed=seed, top_k=10)
     if len(facts) < 4:
         run.add_section("circuit_evaluate", "Circuit evaluation (D_test)",
                         f"Skipped: {model.name} knows only {len(facts)} facts of `{relation}`.")
