@@ -396,3 +396,61 @@ def test_evaluate_circuit_with_a_fake_masked_runner():
     assert (ev.cpr, ev.cmd) == pytest.approx(curve_areas([p["x"] for p in ev.curve], [p["faithfulness"] for p in ev.curve]))
     # the whole graph as the circuit is exactly faithful
     assert evaluate_circuit(runner, metric, targets, g, total, n_random=1, fractions=None).faithfulness == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# CLI on a tiny model (needs the CORE half: Graph, run_masked, attribute)
+# --------------------------------------------------------------------------------------------
+
+
+def _cli(*args, catch=False):
+    from click.testing import CliRunner
+
+    from factscope.cli import main
+
+    return CliRunner().invoke(main, list(args), catch_exceptions=catch)
+
+
+_TINY = ["--model", "tiny-llama", "--dataset", "lre:factual/country_capital_city", "--all-facts", "--limit", "16",
+         "--no-progress", "--threads", "1"]
+
+
+def test_cli_evaluate_writes_the_table_and_summary(tmp_path):
+    import json
+
+    out = tmp_path / "ev"
+    r = _cli("circuit", "evaluate", *_TINY, "--method", "eap", "--edges", "40", "--random-seeds", "2",
+             "--out", str(out))
+    assert r.exit_code == 0, r.output
+    c = json.loads((out / "summary.json").read_text())["circuit"]
+    assert c["n_edges"] <= 40 and c["n_edges_total"] > 40
+    for k in ("hit1", "hit10", "mrr"):
+        assert set(c[k]) >= {"full", "circuit", "random", "random_std"}
+        assert all(0 <= c[k][v] <= 1 for v in ("full", "circuit", "random"))
+    assert c["faithfulness"] == c["faithfulness"] and c["cpr"] == c["cpr"] and "spearman_vs_exact" in c
+    for name in ("graph.json", "circuit_eap.json", "circuit_scores.csv", "circuit.dot", "circuit_view.html",
+                 "circuit.png", "circuit_eval.csv", "faithfulness_curve.csv", "faithfulness_curve.png", "report.html"):
+        assert (out / name).is_file(), name
+    html = (out / "report.html").read_text()
+    assert "Circuit evaluation" in html and "http://" not in html and "https://" not in html
+    # the EAP-IG JSON loads back into the model's graph with the same circuit
+    from factscope.circuits import Graph
+    from factscope.circuits.interop import from_eap_json
+
+    g0 = Graph.from_json(out / "graph.json")
+    g1 = from_eap_json(Graph.from_model(_model()), out / "circuit_eap.json")
+    assert torch.equal(g0.in_graph, g1.in_graph)
+    assert torch.allclose(torch.nan_to_num(g0.scores.float()) * g0.real, g1.scores.float(), atol=1e-6)
+
+
+def test_cli_discover_acdc_and_bad_options(tmp_path):
+    out = tmp_path / "acdc"
+    r = _cli("circuit", "discover", *_TINY, "--method", "acdc", "--threshold", "0.05", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert (out / "circuit_view.html").is_file() and (out / "graph.json").is_file()
+    for bad, msg in [(["--edge-fraction", "2"], "edge-fraction"), (["--dataset", "lre:factual/nope"], "nope"),
+                     (["--edges", "100000"], "more than")]:
+        dest = tmp_path / "bad"
+        r = _cli("circuit", "evaluate", *_TINY, *bad, "--out", str(dest), catch=True)
+        assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
+        assert not dest.exists()
