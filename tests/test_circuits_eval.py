@@ -454,3 +454,16 @@ def test_cli_discover_acdc_and_bad_options(tmp_path):
         r = _cli("circuit", "evaluate", *_TINY, *bad, "--out", str(dest), catch=True)
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
         assert not dest.exists()
+
+
+@pytest.mark.parametrize("dims", [(3, 4, 1), (2, 4, 2), (2, 3, 3)])
+def test_spec_graph_and_receiver_nodes_agree_with_the_core_graph(dims):
+    from factscope.circuits import Graph
+    from factscope.circuits.acdc import receiver_nodes
+
+    g, s = Graph(*dims), _SpecGraph(*dims)
+    assert g.up_names == s.up_names and g.down_names == s.down_names and torch.equal(g.real, s.real)
+    own = g.owners()
+    feeds = receiver_nodes(g.up_names, g.down_names)
+    for r in range(g.n_down):
+        assert feeds[r] == own[:, r].nonzero()[:, 0].tolist()
