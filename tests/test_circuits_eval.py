@@ -467,3 +467,45 @@ def test_spec_graph_and_receiver_nodes_agree_with_the_core_graph(dims):
     feeds = receiver_nodes(g.up_names, g.down_names)
     for r in range(g.n_down):
         assert feeds[r] == own[:, r].nonzero()[:, 0].tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# with the real masked forward on a tiny model
+# --------------------------------------------------------------------------------------------
+
+
+def test_many_runner_equals_one_masked_forward_per_mask():
+    from factscope.circuits import Graph, run_masked
+    from factscope.circuits.acdc import many_runner
+    from factscope.circuits.metrics import target_nll
+
+    m = _model()
+    d = _data().subset(range(5))
+    met = target_nll(m, d.clean, d.answers)
+    g = Graph.from_model(m)
+    torch.manual_seed(0)
+    masks = torch.stack([g.real, g.real & (torch.rand(g.real.shape) > 0.3), torch.zeros_like(g.real)]).float()
+    got = many_runner(m, d.clean, met, max_rows=8)(masks)  # chunks of one mask (5 rows each)
+    for k in range(3):
+        with torch.no_grad():
+            want = met.mean(run_masked(m, d.clean, masks[k], ablation="zero", positions=met.positions))
+        assert got[k].item() == pytest.approx(want.item(), rel=1e-4, abs=1e-5)
+
+
+def test_acdc_on_a_tiny_model_threshold_zero_and_huge():
+    from factscope.circuits import Graph
+    from factscope.circuits.acdc import acdc, many_runner
+    from factscope.circuits.metrics import target_nll
+
+    m = _model()
+    d = _data().subset(range(4))
+    met = target_nll(m, d.clean, d.answers)
+    run_many = many_runner(m, d.clean, met)
+    g = acdc(Graph.from_model(m), run_many, threshold=0.0)
+    full, final = run_many(torch.stack([g.real, g.in_graph]).float()).tolist()
+    assert 0 < int(g.in_graph.sum()) < g.n_edges
+    assert final <= full + 1e-4  # every accepted removal lowered the NLL
+    kept = g.in_graph & g.real
+    assert (g.scores[kept] >= 0).all()  # a kept edge's removal did not lower the metric
+    g = acdc(Graph.from_model(m), run_many, threshold=1e9)
+    assert not g.in_graph.any()
