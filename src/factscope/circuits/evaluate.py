@@ -191,8 +191,10 @@ def faithfulness_curve(runner: Runner, metric, graph, full: float, empty: float,
 
 def evaluate_circuit(runner: Runner, metric, targets: torch.Tensor, graph, n_edges: int, n_random: int = 5,
                      seed: int = 0, fractions: Sequence[float] | None = FRACTIONS, prune: bool = True) -> CircuitEval:
-    """Evaluate the top-``n_edges`` circuit of ``graph`` (by |score|, dead edges pruned) on the data
-    behind ``runner``/``metric``/``targets``; leaves ``graph.in_graph`` set to that circuit."""
+    """Evaluate the top-``n_edges`` circuit of ``graph`` (by |score|, then dead edges pruned, so the
+    circuit may hold fewer edges; ``CircuitEval.n_edges`` is the count kept) on the data behind
+    ``runner``/``metric``/``targets``; random circuits get as many edges as the circuit kept.
+    Leaves ``graph.in_graph`` set to the circuit."""
     total = int(graph.real.sum())
     if not 1 <= n_edges <= total:
         raise FactscopeError(f"circuit size must be between 1 and {total} edges, got {n_edges}")

@@ -231,9 +231,10 @@ def run_discover(run, model, data, opts: Options, dataset: str, progress: bool =
 def run_evaluate(run, model, d_val, d_test, opts: Options, dataset: str, progress: bool = False):
     """Discover on D_val, evaluate on D_test; writes tables, figures, summary and a report section."""
     g = run_discover(run, model, d_val, opts, dataset, progress=progress, reference=d_val)
-    n = int(g.in_graph.sum())
-    if n == 0:
-        raise FactscopeError("the discovered circuit has no edges (lower the ACDC threshold)")
+    if not g.in_graph.any():
+        raise FactscopeError("the discovered circuit has no edges (lower the ACDC threshold or keep more edges)")
+    # the requested size (top edges by |score|, then dead ones pruned); ACDC: its own edge set
+    n = int(g.in_graph.sum()) if opts.method == "acdc" else opts.size(int(g.real.sum()))
     metric = M.make(opts.metric, model, d_test)
     kw = _ablation_kwargs(opts.ablation, d_test, d_val)
     runner = masked_runner(model, d_test.clean, metric.positions, **kw)
@@ -250,7 +251,7 @@ def run_evaluate(run, model, d_val, d_test, opts: Options, dataset: str, progres
         cmp = compare_with_exact(model, g, d_val, opts, opts.compare_exact, reference=d_val)
         summ["spearman_vs_exact"] = cmp["spearman"]
         summ["exact_comparison"] = cmp
-    summ.update({"method": opts.method, "n_val": len(d_val), "n_test": len(d_test)})
+    summ.update({"method": opts.method, "n_edges_requested": n, "n_val": len(d_val), "n_test": len(d_test)})
     run.update_summary({"circuit": summ})
     run.save_table("circuit_eval", ev.table())
     if ev.curve:
