@@ -125,9 +125,8 @@ class CircuitEval:
                                             "random": self.n_edges, "empty": 0}[v]}
             for k in RANK_KEYS:
                 r[k] = self.ranks[k][v]
-                if v == "random":
-                    r[k + "_std"] = self.ranks[k]["random_std"]
-            r[self.metric] = self.metric_values[v]
+                r[k + "_std"] = self.ranks[k]["random_std"] if v == "random" else ""  # over random seeds
+            r[f"{self.metric} (mean)"] = self.metric_values[v]
             rows.append(r)
         return pd.DataFrame(rows)
 
