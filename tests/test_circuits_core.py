@@ -172,3 +172,139 @@ def test_json_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(FactscopeError, match="not a factscope circuit graph"):
         Graph.from_json(tmp_path / "bad.json")
+
+
+# --------------------------------------------------------------------------------------------
+# Receiving-side hook points
+# --------------------------------------------------------------------------------------------
+
+from conftest import TINY, _load  # noqa: E402
+
+from factscope import hooks  # noqa: E402
+
+MODELS = TINY + [pytest.param("gemma-3-270m", marks=pytest.mark.gemma)]
+PROMPTS = ["The Eiffel Tower is located in the city of", "Toyota is headquartered in"]
+
+
+@pytest.fixture(params=MODELS)
+def model(request):
+    return _load(request.param)
+
+
+def _same_length_pair(model):
+    """Two prompts of equal token length (one batch row each) for exact patching checks."""
+    a = model.encode(["The Eiffel Tower is located in the city of"])
+    c = model.encode(["Toyota is headquartered in the country of"])
+    ids = a.input_ids[0].tolist()
+    other = [t for t in c.input_ids[0].tolist() if t not in ids]
+    ids[2], ids[3] = other[0], other[1]  # another subject, same length
+    return a, model.batch_from_ids([ids])
+
+
+def test_receiving_points_identity_edit(model):
+    batch = model.encode(PROMPTS)
+    L = model.n_layers
+    clean = model.run(batch, last_only=False)
+    ident = lambda x, l: x.clone()  # noqa: E731  (a real edit: the per-head path is taken)
+    with torch.inference_mode(), hooks.edit(model, "q_in", range(L), ident), hooks.edit(model, "k_in", range(L), ident), \
+            hooks.edit(model, "v_in", range(L), ident), hooks.edit(model, "mlp_in", range(L), ident), \
+            hooks.edit(model, "logits_in", L - 1, ident), hooks.cache(model, ["q_in", "k_in", "v_in", "resid_pre"]) as c:
+        out = model.forward(batch, last_only=False)
+    assert (out - clean).abs().max() <= 1e-5 * max(1.0, clean.abs().max())
+    for l in range(L):  # every head's copy carries resid_pre
+        r = c["resid_pre", l]
+        assert c["q_in", l].shape == (*r.shape[:2], model.n_heads, model.d_model)
+        assert c["k_in", l].shape == c["v_in", l].shape == (*r.shape[:2], model.n_kv_heads, model.d_model)
+        for p in ("q_in", "k_in", "v_in"):
+            assert torch.equal(c[p, l], r.unsqueeze(-2).expand_as(c[p, l]))
+    # hooks gone: the plain model again, bit for bit
+    assert torch.equal(model.run(batch, last_only=False), clean)
+    assert getattr(model.attn(0), "_fs_qkv", None) is None
+
+
+def test_per_head_inputs_patch_exactly(model):
+    """Per-head q/k/v inputs replaced by another prompt's resid_pre give that prompt's attention:
+    all of them -> its attn_out; one key/value group's -> its z for exactly that group's heads."""
+    a, b = _same_length_pair(model)
+    l = min(1, model.n_layers - 1)
+    with torch.inference_mode():
+        with hooks.cache(model, ["resid_pre", "attn_out", "z"], [l]) as ca:
+            model.forward(a)
+        with hooks.cache(model, ["resid_pre", "attn_out", "z"], [l]) as cb:
+            model.forward(b)
+    rb = cb["resid_pre", l]
+    put = lambda x, l_: rb.unsqueeze(-2).expand_as(x)  # noqa: E731
+    with torch.inference_mode(), hooks.edit(model, "q_in", l, put), hooks.edit(model, "k_in", l, put), \
+            hooks.edit(model, "v_in", l, put), hooks.cache(model, ["attn_out"], [l]) as c:
+        model.forward(a)
+    assert (c["attn_out", l] - cb["attn_out", l]).abs().max() < 1e-5 * max(1.0, cb["attn_out", l].abs().max())
+    per = model.n_heads // model.n_kv_heads
+    g = model.n_kv_heads - 1
+    heads = list(range(g * per, (g + 1) * per))
+
+    def put_heads(sel):
+        def fn(x, l_):
+            x = x.clone()
+            x[:, :, sel] = rb.unsqueeze(-2)
+            return x
+        return fn
+
+    with torch.inference_mode(), hooks.edit(model, "q_in", l, put_heads(heads)), hooks.edit(model, "k_in", l, put_heads([g])), \
+            hooks.edit(model, "v_in", l, put_heads([g])), hooks.cache(model, ["z"], [l]) as c:
+        model.forward(a)
+    z, za, zb = c["z", l], ca["z", l], cb["z", l]
+    others = [h for h in range(model.n_heads) if h not in heads]
+    tol = 1e-5 * max(1.0, za.abs().max())
+    assert (z[:, :, heads] - zb[:, :, heads]).abs().max() < tol
+    if others:  # (one key/value head: the group is every head)
+        assert (z[:, :, others] - za[:, :, others]).abs().max() < tol
+    assert (zb[:, :, heads] - za[:, :, heads]).abs().max() > 100 * tol  # the patch did something
+
+
+def test_one_head_query_edit_changes_only_that_head(model):
+    batch = model.encode(PROMPTS)
+    l, h = model.n_layers - 1, model.n_heads - 1
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode(), hooks.cache(model, ["z"], [l]) as c0:
+        model.forward(batch)
+    noise = torch.randn(*batch.input_ids.shape, model.d_model, generator=gen)
+
+    def fn(x, l_):
+        x = x.clone()
+        x[:, :, h] += noise * x.norm(dim=-1).mean()
+        return x
+
+    with torch.inference_mode(), hooks.edit(model, "q_in", l, fn), hooks.cache(model, ["z"], [l]) as c1:
+        model.forward(batch)
+    d = (c1["z", l] - c0["z", l]).abs().amax(dim=(0, 1, 3))
+    assert d[h] > 1e-4 and (d[:h] < 1e-5 * max(1.0, c0["z", l].abs().max())).all()
+
+
+def test_mlp_in_and_logits_in_edits(model):
+    """mlp_in: only the MLP sees the edit (resid_post = clean resid_mid + new mlp_out);
+    logits_in: the logits are the unembedded final norm of the edited stream."""
+    batch = model.encode(PROMPTS)
+    l = 0
+    gen = torch.Generator().manual_seed(1)
+    delta = torch.randn(*batch.input_ids.shape, model.d_model, generator=gen)
+    with torch.inference_mode(), hooks.cache(model, ["resid_pre", "attn_out", "mlp_in", "resid_post"], [l]) as c0:
+        model.forward(batch)
+    assert torch.allclose(c0["mlp_in", l], c0["resid_pre", l] + c0["attn_out", l], atol=1e-5, rtol=1e-5) or \
+        getattr(model.spec, "parallel_attn", False)
+    delta = delta * c0["mlp_in", l].norm(dim=-1, keepdim=True) / delta.norm(dim=-1, keepdim=True)
+    with torch.inference_mode(), hooks.edit(model, "mlp_in", l, lambda x, l_: x + delta), \
+            hooks.cache(model, ["mlp_out", "resid_post", "mlp_in"], [l]) as c1:
+        model.forward(batch)
+    assert torch.allclose(c1["mlp_in", l], c0["mlp_in", l] + delta)  # what the MLP's norm received
+    mid = c0["resid_post", l] - c1["mlp_out", l]
+    assert torch.allclose(c1["resid_post", l], c0["resid_pre", l] + c0["attn_out", l] + c1["mlp_out", l], atol=1e-4)
+    assert not torch.allclose(c1["resid_post", l], c0["resid_post", l], atol=1e-3) and mid is not None
+    L = model.n_layers
+    with torch.inference_mode(), hooks.cache(model, ["logits_in"]) as c2:
+        model.forward(batch, last_only=False)
+    x = c2["logits_in", L - 1]
+    with torch.inference_mode(), hooks.edit(model, "logits_in", L - 1, lambda x_, l_: x_ + delta):
+        out = model.forward(batch, last_only=False)
+    with torch.inference_mode():
+        ref = model.logit_lens(x + delta)
+    assert (out - ref).abs().max() < 1e-4

@@ -31,6 +31,13 @@ class ArchSpec:
     conv1d: bool = False  # GPT-2 style Conv1D weights ([in, out]) and fused c_attn (q|k|v)
     post_attn_norm: bool = False  # attn_out is an RMSNorm of o_proj's output (Gemma 2/3)
     rms_offset: bool = False  # RMSNorm multiplies by (1 + w) (Gemma)
+    # Receiving-side points (circuits): the query/key projections inside a layer (``v_proj`` above),
+    # whether one module computes [q | k | v] (GPT-2's c_attn; then q_proj = k_proj = v_proj), and
+    # the norm in front of the MLP (its input is ``mlp_in``).
+    q_proj: str = "self_attn.q_proj"
+    k_proj: str = "self_attn.k_proj"
+    fused_qkv: bool = False
+    mlp_in_norm: str = "post_attention_layernorm"
 
 
 _LLAMA_LIKE = dict(
@@ -63,6 +70,10 @@ ARCHS: tuple[ArchSpec, ...] = (
         mlp_out="mlp",
         attn_in_norm="ln_1",
         conv1d=True,
+        q_proj="attn.c_attn",
+        k_proj="attn.c_attn",
+        fused_qkv=True,
+        mlp_in_norm="ln_2",
     ),
     ArchSpec(family="llama", model_types=("llama", "mistral"), **_LLAMA_LIKE),
     ArchSpec(family="qwen2", model_types=("qwen2", "qwen3"), **_LLAMA_LIKE),
@@ -73,6 +84,7 @@ ARCHS: tuple[ArchSpec, ...] = (
             **_LLAMA_LIKE,
             "attn_out": "post_attention_layernorm",
             "mlp_out": "post_feedforward_layernorm",
+            "mlp_in_norm": "pre_feedforward_layernorm",
         },
         post_attn_norm=True,
         rms_offset=True,

@@ -447,6 +447,10 @@ class Model:
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return _get(self.hf, self.spec.final_norm)(x)
 
+    @property
+    def final_norm_module(self) -> torch.nn.Module:
+        return _get(self.hf, self.spec.final_norm)
+
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         logits = _get(self.hf, self.spec.lm_head)(x)
         softcap = getattr(self.hf.config, "final_logit_softcapping", None)
@@ -521,13 +525,22 @@ class Model:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         return Batch(ids, mask, pos, [len(s) for s in seqs]).to(self.device)
 
-    def forward(self, batch: Batch, last_only: bool = True, **kwargs) -> torch.Tensor:
-        """Logits: ``[B, V]`` at each prompt's last token when last_only, else ``[B, T, V]``.
+    def forward(self, batch: Batch, last_only: bool = True, positions: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Logits: ``[B, V]`` at each prompt's last token when last_only, else ``[B, T, V]``;
+        with ``positions`` (long ``[B, P]`` padded columns) ``[B, P, V]`` at those columns only.
 
         The last-position path runs the transformer body and unembeds one contiguous ``[B, d]``
         matrix (HF's ``logits_to_keep`` path multiplies a ``[B, 1, d]`` slice as a batched matmul
         against an expanded vocabulary matrix, about 10x slower on the CPU).
         """
+        if positions is not None:
+            out = self.hf.base_model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                use_cache=False, **kwargs,
+            )
+            h = out.last_hidden_state
+            idx = positions.to(h.device).unsqueeze(-1).expand(-1, -1, h.shape[-1])
+            return self.unembed(torch.gather(h, 1, idx))
         if not last_only:
             out = self.hf(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
