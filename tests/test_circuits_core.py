@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 import re
@@ -308,3 +309,128 @@ def test_mlp_in_and_logits_in_edits(model):
     with torch.inference_mode():
         ref = model.logit_lens(x + delta)
     assert (out - ref).abs().max() < 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# The masked forward
+# --------------------------------------------------------------------------------------------
+
+from factscope.circuits import run_masked  # noqa: E402
+from factscope.circuits.patching import node_outputs  # noqa: E402
+
+
+def _o_bias(model, l):
+    """The attention output projection's bias (belongs to no node), zeros when there is none."""
+    b = model.module(l, model.spec.o_proj).bias
+    return torch.zeros(model.d_model) if b is None else b.detach()
+
+
+def test_run_masked_full_and_empty_graph(model):
+    batch = model.encode(PROMPTS)
+    g = Graph.from_model(model)
+    ref = model.run(batch, last_only=False)
+    full = run_masked(model, batch, g.real.float(), last_only=False)
+    assert torch.equal(full, ref)  # nothing to ablate: no hooks at all
+    ones = torch.ones(g.n_up, g.n_down, requires_grad=True)  # grad: the per-head path everywhere
+    full_g = run_masked(model, batch, ones, last_only=False)
+    assert (full_g - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max())
+    # empty graph, zero ablation: every receiver sees only the output biases of earlier attention layers
+    empty = run_masked(model, batch, torch.zeros(g.n_up, g.n_down), last_only=False)
+    L = model.n_layers
+    acc = [sum((_o_bias(model, j) for j in range(l)), torch.zeros(model.d_model)) for l in range(L + 1)]
+    with contextlib.ExitStack() as st, torch.inference_mode():
+        for l in range(L):
+            for p in ("q_in", "k_in", "v_in"):
+                st.enter_context(hooks.edit(model, p, l, lambda x, l_: torch.zeros_like(x) + acc[l_]))
+            st.enter_context(hooks.edit(model, "mlp_in", l, lambda x, l_: torch.zeros_like(x) + acc[l_ + 1]))
+        st.enter_context(hooks.edit(model, "logits_in", L - 1, lambda x, l_: torch.zeros_like(x) + acc[L]))
+        other = model.forward(batch, last_only=False)
+    assert (empty - other).abs().max() <= 1e-4 * max(1.0, other.abs().max())
+    assert (empty - ref).abs().max() > 1e-2
+
+
+def _edge_by_hooks(model, batch, name, value_u):
+    """Logits with one receiver's input edited by ``value_u`` (= ablated_u - clean_u), plain hooks."""
+    g = Graph.from_model(model)
+    u, r = g.edge_index(name)
+    rname = g.down_names[r]
+    if rname == "logits":
+        point, l, slot = "logits_in", model.n_layers - 1, None
+    elif rname.startswith("m"):
+        point, l, slot = "mlp_in", int(rname[1:]), None
+    else:
+        m = re.match(r"^a(\d+)\.(?:h|kv)(\d+)<([qkv])>$", rname)
+        point, l, slot = f"{m.group(3)}_in", int(m.group(1)), int(m.group(2))
+
+    def fn(x, l_):
+        if slot is None:
+            return x + value_u
+        x = x.clone()
+        x[:, :, slot] += value_u
+        return x
+
+    with torch.inference_mode(), hooks.edit(model, point, l, fn):
+        return model.forward(batch, last_only=False)
+
+
+EDGES = ["input->a0.h1<q>", "a0.h3->m0", "m0->a1.{kv}0<k>", "a0.h2->a1.{kv}0<v>", "input->m0", "a1.h0->logits",
+         "m1->logits", "input->logits"]
+
+
+def test_run_masked_one_edge_equals_hook_level_ablation(model):
+    a, b = _same_length_pair(model)
+    g = Graph.from_model(model)
+    kv = "kv" if model.n_kv_heads < model.n_heads else "h"
+    clean = node_outputs(model, a)
+    cf = node_outputs(model, b)
+    mean_ref = model.encode(PROMPTS)
+    mean = node_outputs(model, mean_ref)
+    w = mean_ref.attention_mask[:, :, None, None].float()
+    mean = (mean * w).sum((0, 1)) / w.sum((0, 1))
+    for k, name in enumerate(EDGES):
+        name = name.format(kv=kv)
+        u, r = g.edge_index(name)
+        mask = g.real.float()
+        mask[u, r] = 0
+        ablation = ("zero", "counterfactual", "mean")[k % 3]
+        out = run_masked(model, a, mask, ablation=ablation, corrupted=b, reference=mean_ref, last_only=False)
+        abl = {"zero": 0.0, "counterfactual": cf[:, :, u], "mean": mean[u]}[ablation]
+        ref = _edge_by_hooks(model, a, name, abl - clean[:, :, u])
+        assert (out - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max()), (name, ablation)
+        assert (out - model.run(a, last_only=False)).abs().max() > 1e-4, name  # the edge mattered
+
+
+def test_run_masked_per_example_masks_and_positions(tiny):
+    batch = tiny.encode(PROMPTS)
+    g = Graph.from_model(tiny)
+    gen = torch.Generator().manual_seed(0)
+    masks = (torch.rand(2, g.n_up, g.n_down, generator=gen) > 0.3).float()
+    T = batch.input_ids.shape[1]
+    pos = torch.tensor([[T - 2, T - 1], [T - 1, T - 1]])
+    both = run_masked(tiny, batch, masks, positions=pos)
+    for i in range(2):
+        one = run_masked(tiny, batch, masks[i], last_only=False)
+        assert torch.allclose(both[i], one[i, pos[i]], atol=1e-5)
+
+
+def test_run_masked_gradients_equal_finite_differences():
+    from factscope.models import load_model
+
+    model = load_model("tiny-gpt2", dtype=torch.float64)  # (Llama/Gemma RMSNorms compute in float32)
+    batch = model.encode(PROMPTS)
+    g = Graph.from_model(model)
+    gen = torch.Generator().manual_seed(0)
+    base = torch.rand(g.n_up, g.n_down, generator=gen, dtype=torch.float64)
+    f = lambda m: run_masked(model, batch, m, ablation="zero").log_softmax(-1)[:, 7].sum()  # noqa: E731
+    m = base.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(f(m), m)
+    assert torch.equal(grad[~g.real], torch.zeros_like(grad[~g.real]))
+    eps = 1e-6
+    for name in ["input->a0.h0<q>", "a0.h1->m0", "m0->a1.h1<k>", "a2.h3->a3.h0<v>", "m3->logits", "a1.h2->logits"]:
+        u, r = g.edge_index(name)
+        d = torch.zeros_like(base)
+        d[u, r] = eps
+        with torch.no_grad():
+            fd = (f(base + d) - f(base - d)) / (2 * eps)
+        assert abs(float(fd) - float(grad[u, r])) <= 1e-6 * max(1.0, abs(float(fd))), name
+        assert abs(float(fd)) > 1e-7, name
