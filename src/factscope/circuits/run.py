@@ -75,7 +75,7 @@ def discover(model, data, opts: Options, reference=None, progress: bool = False)
     ACDC also sets the graph's circuit (its kept edges); the gradient methods and exact patching only
     score (choose the circuit with :func:`~factscope.circuits.evaluate.top_mask`).
     """
-    from factscope.circuits import Graph, attribute
+    from factscope.circuits import Graph
 
     g = Graph.from_model(model)
     metric = M.make(opts.metric, model, data)
@@ -87,6 +87,8 @@ def discover(model, data, opts: Options, reference=None, progress: bool = False)
         acdc(g, run_many, badness_sign=-1.0 if metric.higher_is_better else 1.0, threshold=opts.threshold,
              progress=progress)
     else:
+        from factscope.circuits import attribute
+
         attribute(model, g, data.clean, data.corrupted, metric, method=opts.method, steps=opts.steps,
                   ablation=opts.ablation)
     return g
