@@ -90,7 +90,7 @@ def discover(model, data, opts: Options, reference=None, progress: bool = False)
         from factscope.circuits import attribute
 
         attribute(model, g, data.clean, data.corrupted, metric, method=opts.method, steps=opts.steps,
-                  ablation=opts.ablation)
+                  ablation=opts.ablation, reference=kw["reference"])
     return g
 
 
@@ -111,7 +111,8 @@ def compare_with_exact(model, g, data, opts: Options, n_facts: int, reference=No
     sub = data.subset(range(min(n_facts, len(data))))
     ex = Graph.from_model(model)
     metric = M.make(opts.metric, model, sub)
-    attribute(model, ex, sub.clean, sub.corrupted, metric, method="exact", ablation=opts.ablation)
+    attribute(model, ex, sub.clean, sub.corrupted, metric, method="exact", ablation=opts.ablation,
+              reference=(reference or data).clean if opts.ablation == "mean" else None)
     real = g.real.bool()
     a, b = torch.nan_to_num(g.scores[real].float()), torch.nan_to_num(ex.scores[real].float())
     k = min(50, len(a))
