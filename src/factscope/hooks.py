@@ -247,8 +247,11 @@ def _register_edit(model: "Model", point: str, layer: int, fn: Callable[[torch.T
         norm = model.module(layer, spec.mlp_in_norm) if point == "mlp_in" else model.final_norm_module
 
         def pre_norm(mod, args):
-            new = fn(args[0])
-            return None if new is None else (new, *args[1:])
+            # An alias of the stream that only the norm consumes: its gradient is the receiver's own
+            # (for mlp_in the stream also feeds the residual add, which must not count).
+            x = args[0].view_as(args[0])
+            new = fn(x)
+            return (x if new is None else new, *args[1:])
 
         return norm.register_forward_pre_hook(pre_norm)
     if point == "resid_pre":

@@ -5,17 +5,7 @@ docs/circuits.md.
 """
 
 from factscope.circuits.graph import Graph
+from factscope.circuits.patching import run_masked
+from factscope.circuits.attribute import attribute  # (binds the function over the submodule's name)
 
 __all__ = ["Graph", "run_masked", "attribute"]
-
-
-def __getattr__(name):  # lazy: patching/attribute import the model substrate
-    if name == "run_masked":
-        from factscope.circuits.patching import run_masked
-
-        return run_masked
-    if name == "attribute":
-        from factscope.circuits.attribute import attribute
-
-        return attribute
-    raise AttributeError(name)
