@@ -142,7 +142,8 @@ def test_rank_metrics_from_hand_ranked_logits():
     V = 30
     logits = torch.zeros(4, V)
     targets = torch.tensor([5, 7, 9, 11])
-    # example 0: target on top; 1: 4 tokens above it; 2: 12 above; 3: tied with 2 others, 1 above
+    # example 0: target on top; 1: 4 tokens above it; 2: 11 above; 3: tied with 2 others, 1 above
+    # (ties count against the target: rank 3)
     logits[0, 5] = 10
     logits[1, :4] = 5
     logits[1, 7] = 3
@@ -151,11 +152,13 @@ def test_rank_metrics_from_hand_ranked_logits():
     logits[2, 9] = 4
     logits[3, [0, 1, 11]] = 2
     logits[3, 2] = 3
-    assert target_ranks(logits, targets).tolist() == [0, 4, 11, 1]
+    assert target_ranks(logits, targets).tolist() == [0, 4, 11, 3]
     got = rank_metrics(logits, targets)
     assert got["hit1"] == pytest.approx(1 / 4)
     assert got["hit10"] == pytest.approx(3 / 4)
-    assert got["mrr"] == pytest.approx((1 + 1 / 5 + 1 / 12 + 1 / 2) / 4)
+    assert got["mrr"] == pytest.approx((1 + 1 / 5 + 1 / 12 + 1 / 4) / 4)
+    # a constant output ranks the target last
+    assert rank_metrics(torch.zeros(2, V), targets[:2]) == {"hit1": 0.0, "hit10": 0.0, "mrr": pytest.approx(1 / V)}
 
 
 def test_curve_areas_of_known_curves():

@@ -6,9 +6,11 @@ KnowledgeCircuits' run script). Per model variant (full, circuit, random circuit
 count over several seeds):
 
 - Hit@1, Hit@10 and MRR of the target's first token at the last prompt position; its rank is the
-  number of vocabulary entries with a strictly larger logit (0 = top; ties count in the target's
-  favour), MRR = mean of 1 / (rank + 1). The labels are D_test's own targets (KnowledgeCircuits'
-  final evaluation compares D_test's logits with the validation labels).
+  number of other vocabulary entries whose logit is at least the target's (0 = top; ties count
+  against the target: with every edge into the logits removed the output is constant, and counting
+  ties in the target's favour would score that collapsed model perfectly), MRR = mean of
+  1 / (rank + 1). The labels are D_test's own targets (KnowledgeCircuits' final evaluation compares
+  D_test's logits with the validation labels).
 - faithfulness = (m(circuit) - m(empty)) / (m(full) - m(empty)) of the mean metric m (ratio of
   means, as MIB's ``evaluate_area_under_curve``).
 - MIB's faithfulness curve over edge fractions {0.1, ..., 100}%: the top-k edges by |score|,
@@ -40,10 +42,12 @@ Runner = Callable[[torch.Tensor], torch.Tensor]  # mask float [n_up, n_down] -> 
 
 
 def target_ranks(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """long [B]: 0-based rank of ``targets`` in ``logits`` [B, V] (strictly larger logits before it)."""
+    """long [B]: 0-based rank of ``targets`` in ``logits`` [B, V]: the number of other tokens whose
+    logit is at least the target's (ties count against the target, so a collapsed, constant output
+    ranks it last, not first)."""
     lg = logits.float()
     t = lg.gather(-1, targets.to(lg.device).long()[:, None])
-    return (lg > t).sum(-1)
+    return (lg >= t).sum(-1) - 1
 
 
 def rank_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
