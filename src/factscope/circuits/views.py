@@ -173,8 +173,11 @@ def plot_circuit(graph, title: str = "", max_edges: int | None = None):
         # a gentle S-curve from the top of the source to the bottom of the receiver
         # edges within one column bow sideways so they do not run through the nodes in between
         bow = min(0.9, 0.12 + 0.07 * abs(y2 - y1)) * 0.8 if abs(x2 - x1) < 0.3 else 0.0
-        pts = [(x1 + (x2 - x1) * (3 * s * s - 2 * s**3) + bow * 4 * s * (1 - s), y1 + 0.18 + (y2 - y1 - 0.36) * s)
-               for s in t]
+        if y1 == y2:  # head -> MLP of the same layer: an arc under the row, not through its nodes
+            pts = [(x1 + (x2 - x1) * s, y1 - 0.18 - 0.3 * 4 * s * (1 - s)) for s in t]
+        else:
+            pts = [(x1 + (x2 - x1) * (3 * s * s - 2 * s**3) + bow * 4 * s * (1 - s), y1 + 0.18 + (y2 - y1 - 0.36) * s)
+                   for s in t]
         segs.append(pts)
         cols.append(_color(e["score"], vmax))
         lws.append(0.4 + 3.6 * (abs(e["score"]) / vmax if vmax else 0))
@@ -198,7 +201,8 @@ def plot_circuit(graph, title: str = "", max_edges: int | None = None):
     for s in ("top", "right", "bottom"):
         ax.spines[s].set_visible(False)
     ax.legend(handles=[Line2D([], [], color=_color(1, 1), lw=2.5, label="positive score"),
-                       Line2D([], [], color=_color(-1, 1), lw=2.5, label="negative score")],
+                       Line2D([], [], color=_color(-1, 1), lw=2.5, label="negative score"),
+                       Line2D([], [], color="#bbbbbb", lw=0.8, ls=":", label="heads sharing kv")],
               loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
     ax.set_title(title or f"circuit: {len(edges)} edges", fontsize=10)
     return fig
@@ -236,7 +240,12 @@ _JS = r"""
     // edges within one column bow sideways so they do not run through the nodes in between
     const bow = Math.abs(X2 - X1) < 30 ? Math.min(90, 12 + 7 * Math.abs(y2 - y1)) : 0;
     const p = document.createElementNS(NS, 'path');
-    p.setAttribute('d', `M${X1},${Y1} C${X1 + bow},${Y1 - (Y1 - Y2) / 3} ${X2 + bow},${Y2 + (Y1 - Y2) / 3} ${X2},${Y2}`);
+    if (y1 === y2) {  // head -> MLP of the same layer: an arc under the row, not through its nodes
+      const Yb = py(y1) + 9, dip = 14 + 0.04 * Math.abs(X2 - X1);
+      p.setAttribute('d', `M${X1},${Yb} C${X1},${Yb + dip} ${X2},${Yb + dip} ${X2},${Yb}`);
+    } else {
+      p.setAttribute('d', `M${X1},${Y1} C${X1 + bow},${Y1 - (Y1 - Y2) / 3} ${X2 + bow},${Y2 + (Y1 - Y2) / 3} ${X2},${Y2}`);
+    }
     p.setAttribute('stroke', color(e.score));
     p.setAttribute('stroke-width', (0.6 + 5 * Math.abs(e.score) / vmax).toFixed(2));
     p.setAttribute('class', 'cv-edge'); p.dataset.rank = i;
@@ -319,7 +328,7 @@ def html_fragment(graph, title: str = "", max_edges: int | None = None, initial:
 {f"<h3>{html.escape(title)}</h3>" if title else ""}
 <div class="cv-controls"><label for="cv-k">edges kept (strongest first)</label>
 <input id="cv-k" type="range" min="0" max="{n}" value="{k0}" step="1"><output id="cv-kval"></output>
-<span class="cv-legend"><span style="background:{_color(1, 1)}"></span>positive score<span style="background:{_color(-1, 1)}"></span>negative score; width = |score|</span></div>
+<span class="cv-legend"><span style="background:{_color(1, 1)}"></span>positive score<span style="background:{_color(-1, 1)}"></span>negative score; width = |score|; dotted: query heads that share the key/value input kv</span></div>
 <div id="cv-info">Hover over an edge or a node for its name and score.</div>
 <div class="cv-wrap"><svg id="cv-svg" xmlns="http://www.w3.org/2000/svg" width="{d['width']:.0f}" height="{d['height']:.0f}" role="img" aria-label="layered circuit view"></svg></div>
 <script type="application/json" id="circuit-data">{data}</script>
