@@ -28,6 +28,8 @@ def _common(f):
                      help="ACDC: keep an edge when removing it worsens the metric by at least this."),
         click.option("--edge-fraction", type=float, default=0.05, show_default=True,
                      help="Circuit size as a fraction of the graph's edges (EAP, EAP-IG, exact)."),
+        click.option("--selection", type=click.Choice(["topn", "greedy"]), default="topn", show_default=True,
+                     help="Circuit from scores: the top edges by |score|, or EAP-IG's greedy growth from the logits."),
         click.option("--edges", "n_edges", type=int, default=None, help="Circuit size in edges (overrides --edge-fraction)."),
         click.option("--limit", type=click.IntRange(4), default=40, show_default=True,
                      help="At most this many known facts (seeded sample)."),
@@ -62,6 +64,7 @@ def _prepare(kw: dict, extra: dict):
 
     opts = Options(method=kw["method"], metric=kw["metric"], ablation=kw["ablation"], steps=kw["steps"],
                    threshold=kw["threshold"], edge_fraction=kw["edge_fraction"], n_edges=kw["n_edges"],
+                   selection=kw["selection"],
                    seed=kw["seed"], **extra).check()
     if kw["threads"]:
         torch.set_num_threads(kw["threads"])

@@ -85,9 +85,21 @@ def random_mask(real: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return out.view_as(real)
 
 
-def top_mask(graph, n: int, prune: bool = True) -> torch.Tensor:
-    """bool [n_up, n_down]: the top-``n`` edges of ``graph`` by |score|, dead edges pruned."""
-    graph.top_n(n, absolute=True)
+SELECTIONS = ("topn", "greedy")
+
+
+def top_mask(graph, n: int, prune: bool = True, selection: str = "topn") -> torch.Tensor:
+    """bool [n_up, n_down]: ``n`` edges of ``graph`` chosen by |score|, dead edges pruned.
+
+    ``selection``: "topn" (the ``n`` highest |scores|, as KnowledgeCircuits and MIB's default) or
+    "greedy" (EAP-IG's ``apply_greedy``: grow from the logits, always adding the highest-scoring
+    edge into a node already in the circuit)."""
+    if selection == "greedy":
+        graph.greedy(n, absolute=True)
+    elif selection == "topn":
+        graph.top_n(n, absolute=True)
+    else:
+        raise FactscopeError(f"unknown selection {selection!r}: use one of {', '.join(SELECTIONS)}")
     if prune:
         graph.prune_dead()
     return graph.in_graph.clone()
@@ -173,7 +185,8 @@ def evaluate_masks(runner: Runner, metric, targets: torch.Tensor, real: torch.Te
 
 
 def faithfulness_curve(runner: Runner, metric, graph, full: float, empty: float,
-                       fractions: Sequence[float] = FRACTIONS, prune: bool = True) -> list[dict[str, float]]:
+                       fractions: Sequence[float] = FRACTIONS, prune: bool = True,
+                       selection: str = "topn") -> list[dict[str, float]]:
     """MIB's faithfulness curve: per fraction, the top edges by |score| (dead ones pruned)."""
     total = int(graph.real.sum())
     saved = graph.in_graph.clone()
@@ -181,7 +194,7 @@ def faithfulness_curve(runner: Runner, metric, graph, full: float, empty: float,
     try:
         for fr in fractions:
             k = int(fr * total)
-            mask = top_mask(graph, k, prune=prune)
+            mask = top_mask(graph, k, prune=prune, selection=selection)
             with torch.no_grad():
                 m = float(metric.mean(runner(mask.float())))
             kept = int(mask.sum())
@@ -193,7 +206,8 @@ def faithfulness_curve(runner: Runner, metric, graph, full: float, empty: float,
 
 
 def evaluate_circuit(runner: Runner, metric, targets: torch.Tensor, graph, n_edges: int, n_random: int = 5,
-                     seed: int = 0, fractions: Sequence[float] | None = FRACTIONS, prune: bool = True) -> CircuitEval:
+                     seed: int = 0, fractions: Sequence[float] | None = FRACTIONS, prune: bool = True,
+                     selection: str = "topn") -> CircuitEval:
     """Evaluate the top-``n_edges`` circuit of ``graph`` (by |score|, then dead edges pruned, so the
     circuit may hold fewer edges; ``CircuitEval.n_edges`` is the count kept) on the data behind
     ``runner``/``metric``/``targets``; random circuits get as many edges as the circuit kept.
@@ -201,8 +215,8 @@ def evaluate_circuit(runner: Runner, metric, targets: torch.Tensor, graph, n_edg
     total = int(graph.real.sum())
     if not 1 <= n_edges <= total:
         raise FactscopeError(f"circuit size must be between 1 and {total} edges, got {n_edges}")
-    curve = faithfulness_curve(runner, metric, graph, 0.0, 0.0, fractions, prune) if fractions else []
-    mask = top_mask(graph, n_edges, prune=prune)
+    curve = faithfulness_curve(runner, metric, graph, 0.0, 0.0, fractions, prune, selection) if fractions else []
+    mask = top_mask(graph, n_edges, prune=prune, selection=selection)
     ranks, mv, rand = evaluate_masks(runner, metric, targets, graph.real, mask, n_random, seed)
     for p in curve:
         p["faithfulness"] = faithfulness(p["metric"], mv["full"], mv["empty"])

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from factscope.circuits import metrics as M
-from factscope.circuits.evaluate import FRACTIONS, evaluate_circuit, masked_runner, top_mask
+from factscope.circuits.evaluate import FRACTIONS, SELECTIONS, evaluate_circuit, masked_runner, top_mask
 from factscope.errors import FactscopeError
 
 METHODS = ("eap-ig", "eap", "acdc", "exact")
@@ -31,6 +31,7 @@ class Options:
     steps: int = 5
     threshold: float = 0.01
     edge_fraction: float = 0.05
+    selection: str = "topn"
     n_edges: int | None = None
     n_random: int = 5
     curve: bool = True
@@ -44,6 +45,8 @@ class Options:
             raise FactscopeError(f"unknown metric {self.metric!r}: use one of {', '.join(M.METRICS)}")
         if self.ablation not in ABLATIONS:
             raise FactscopeError(f"unknown ablation {self.ablation!r}: use one of {', '.join(ABLATIONS)}")
+        if self.selection not in SELECTIONS:
+            raise FactscopeError(f"unknown selection {self.selection!r}: use one of {', '.join(SELECTIONS)}")
         if not 0 < self.edge_fraction <= 1:
             raise FactscopeError(f"--edge-fraction must be in (0, 1], got {self.edge_fraction}")
         if self.n_edges is not None and self.n_edges < 1:
@@ -204,7 +207,7 @@ def run_discover(run, model, data, opts: Options, dataset: str, progress: bool =
         g = discover(model, data, opts, reference=reference, progress=progress)
     total = int(g.real.sum())
     if opts.method != "acdc":
-        top_mask(g, opts.size(total))
+        top_mask(g, opts.size(total), selection=opts.selection)
     n = int(g.in_graph.sum())
     title = f"{model.name} · {dataset.split('/')[-1]} · {opts.method} · {n} of {total} edges"
     info = write_circuit(run, model, g, title)
@@ -214,7 +217,8 @@ def run_discover(run, model, data, opts: Options, dataset: str, progress: bool =
                                     "n_facts_discovery": len(data)}})
     how = ("ACDC keeps an edge when removing it raises the metric by at least the threshold "
            f"({opts.threshold})" if opts.method == "acdc" else
-           f"the {n} edges with the largest |score| (dead edges pruned)")
+           f"{n} edges chosen by |score| ({'greedily from the logits, as EAP-IG' if opts.selection == 'greedy' else 'the top edges'}"
+           f"; dead edges pruned)")
     run.add_section(
         "circuit_discover", "Circuit",
         f"Method **{opts.method}** ({opts.metric} metric, {opts.ablation} ablation"
@@ -247,7 +251,8 @@ def run_evaluate(run, model, d_val, d_test, opts: Options, dataset: str, progres
         a = torch.nan_to_num(g.scores.float()).abs()
         g.scores.copy_(torch.where(saved, a + a.max() + 1, a).to(g.scores.dtype))
     ev = evaluate_circuit(runner, metric, d_test.first, g, n, n_random=opts.n_random, seed=opts.seed,
-                          fractions=FRACTIONS if opts.curve else None)
+                          fractions=FRACTIONS if opts.curve else None,
+                          selection="topn" if opts.method == "acdc" else opts.selection)
     summ = ev.summary()
     summ["spearman_vs_exact"] = None
     if opts.compare_exact and opts.method != "exact":
