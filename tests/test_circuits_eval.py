@@ -414,7 +414,7 @@ def _cli(*args, catch=False):
     return CliRunner().invoke(main, list(args), catch_exceptions=catch)
 
 
-_TINY = ["--model", "tiny-llama", "--dataset", "lre:factual/country_capital_city", "--all-facts", "--limit", "16",
+_TINY = ["--model", "tiny-llama", "--dataset", "lre:factual/country_capital_city", "--all-facts", "--limit", "12",
          "--no-progress", "--threads", "1"]
 
 
@@ -501,7 +501,7 @@ def test_acdc_on_a_tiny_model_threshold_zero_and_huge():
     from factscope.circuits.metrics import target_nll
 
     m = _model()
-    d = _data().subset(range(4))
+    d = _data().subset(range(2))
     met = target_nll(m, d.clean, d.answers)
     run_many = many_runner(m, d.clean, met)
     g = acdc(Graph.from_model(m), run_many, threshold=0.0)
