@@ -183,10 +183,13 @@ def _curve_figure(ev, title: str):
     for i, (v, c) in enumerate((("full", "#444444"), ("circuit", "#0072B2"), ("random", "#bbbbbb"))):
         vals = [ev.ranks[k][v] for k in names]
         err = [ev.ranks[k]["random_std"] for k in names] if v == "random" else None
-        bx.bar([j + (i - 1) * w for j in range(3)], vals, w, yerr=err, color=c, label=v, capsize=3)
+        xs = [j + (i - 1) * w for j in range(3)]
+        bx.bar(xs, vals, w, yerr=err, color=c, label=v, capsize=3)
+        for x, y in zip(xs, vals):  # values on the bars (zero bars are otherwise invisible)
+            bx.text(x, y + 0.02, f"{y:.2f}", ha="center", va="bottom", fontsize=6.5)
     bx.set_xticks(range(3), list(names.values()))
-    bx.set_ylim(0, 1.05)
-    bx.set_title("D_test: target's first token", fontsize=10)
+    bx.set_ylim(0, 1.12)
+    bx.set_title(f"D_test: target's first token ({ev.n_edges} edges vs all)", fontsize=10)
     bx.legend(fontsize=7, loc="upper right")
     fig.suptitle(title, fontsize=11)
     return fig
