@@ -534,13 +534,7 @@ class Model:
         against an expanded vocabulary matrix, about 10x slower on the CPU).
         """
         if positions is not None:
-            out = self.hf.base_model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                use_cache=False, **kwargs,
-            )
-            h = out.last_hidden_state
-            idx = positions.to(h.device).unsqueeze(-1).expand(-1, -1, h.shape[-1])
-            return self.unembed(torch.gather(h, 1, idx))
+            return self.unembed(self.final_hidden(batch, positions, **kwargs))
         if not last_only:
             out = self.hf(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
@@ -552,6 +546,16 @@ class Model:
             use_cache=False, **kwargs,
         )
         return self.unembed(out.last_hidden_state[:, -1].contiguous())
+
+    def final_hidden(self, batch: Batch, positions: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``[B, P, d]``: the final-normed hidden states at ``positions`` (what the unembedding reads)."""
+        out = self.hf.base_model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+            use_cache=False, **kwargs,
+        )
+        h = out.last_hidden_state
+        idx = positions.to(h.device).unsqueeze(-1).expand(-1, -1, h.shape[-1])
+        return torch.gather(h, 1, idx)
 
     def run(self, prompts: Sequence[str] | Batch, last_only: bool = True) -> torch.Tensor:
         batch = prompts if isinstance(prompts, Batch) else self.encode(prompts)

@@ -167,6 +167,14 @@ def _eap_ig_act(model, graph, clean, metric, delta, clean_out, steps: int, score
     scores /= B * steps
 
 
+def _unembed_metric(model, metric, h: torch.Tensor, rows: torch.Tensor, max_logit_rows: int = 64) -> torch.Tensor:
+    """metric values of final-normed hidden states ``h [N, P, d]``, unembedding at most
+    ``max_logit_rows`` rows at a time (the vocabulary is 262k wide on Gemma)."""
+    out = [metric.fn(model.unembed(h[s : s + max_logit_rows]), rows[s : s + max_logit_rows]).float()
+           for s in range(0, h.shape[0], max_logit_rows)]
+    return torch.cat(out)
+
+
 def _exact(model, graph, clean, metric, delta, scores, max_rows: int) -> None:
     B, L = len(clean), model.n_layers
     real = graph.real
@@ -185,7 +193,7 @@ def _exact(model, graph, clean, metric, delta, scores, max_rows: int) -> None:
         k = len(us)
         x = (xp.unsqueeze(1) + dp[:, :, us].permute(0, 2, 1, 3)).reshape(B * k, *xp.shape[1:])
         with torch.no_grad():
-            vals = metric.fn(model.logit_lens(x), rows_all.repeat_interleave(k).to(model.device)).float()
+            vals = _unembed_metric(model, metric, model.final_norm(x), rows_all.repeat_interleave(k).to(model.device))
         scores[us, -1] = (vals.view(B, k).mean(0) - base_mean).to(scores.dtype)
     # edges into each layer's receivers: copies from that layer on
     for l in range(L):
@@ -227,8 +235,8 @@ def _exact(model, graph, clean, metric, delta, scores, max_rows: int) -> None:
                 m = cols["m"] - off
                 if bool((slot == m).any()):
                     st.enter_context(hooks.edit(model, "mlp_in", l, lambda x, l_, m=m: add(x, "m", m, m + 1, l_)))
-                lg = model.forward(rep, positions=metric.positions.repeat_interleave(k, 0))
-                vals = metric.fn(lg, rows_all.repeat_interleave(k).to(model.device)).float()
+                h = model.final_hidden(rep, metric.positions.repeat_interleave(k, 0))
+                vals = _unembed_metric(model, metric, h, rows_all.repeat_interleave(k).to(model.device))
             scores[e[:, 0], c0 + e[:, 1]] = (vals.view(B, k).mean(0) - base_mean).to(scores.dtype)
 
 
