@@ -572,3 +572,16 @@ def test_bad_input_is_one_clear_error(tiny):
         attribute(tiny, g, clean, None, metric, method="acdc++")
     with pytest.raises(FactscopeError, match="is not"):
         attribute(tiny, Graph(2, 2, 2), clean, None, metric, method="eap")
+
+
+@pytest.mark.gemma
+def test_eap_equals_minus_mask_gradient_on_gemma(gemma):
+    clean, cf, metric = _task(gemma)
+    g = Graph.from_model(gemma)
+    s = attribute(gemma, g, clean, cf, metric, method="eap", ablation="counterfactual")
+    m = torch.ones(g.n_up, g.n_down, requires_grad=True)
+    out = run_masked(gemma, clean, m, ablation="counterfactual", corrupted=cf, positions=metric.positions)
+    (grad,) = torch.autograd.grad(metric.fn(out, torch.arange(len(clean))).mean(), m)
+    want = -grad * g.real
+    assert (s - want).abs().max() <= 2e-3 * want.abs().max()
+    assert _spearman_ties(s[g.real], want[g.real]) > 0.999
