@@ -10,14 +10,14 @@ import torch
 from factscope.facts import load_facts
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(name="tiny-llama"):
     from factscope.models import load_model
 
     return load_model(name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _data(name="tiny-llama", n=24, seed=0):
     from factscope.circuits import data
 
@@ -365,7 +365,12 @@ def test_layout_and_views(tmp_path):
 
 
 def test_evaluate_circuit_with_a_fake_masked_runner():
-    from factscope.circuits.evaluate import curve_areas, evaluate_circuit, random_mask, rank_metrics
+    from factscope.circuits.evaluate import (
+        curve_areas,
+        evaluate_circuit,
+        random_mask,
+        rank_metrics,
+    )
     from factscope.circuits.metrics import Metric
 
     g = _SpecGraph(L=2, H=4, KV=2)

@@ -19,7 +19,7 @@ candidates are re-evaluated from the new current graph. Rounds = kept edges + 1 
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

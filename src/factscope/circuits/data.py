@@ -16,8 +16,8 @@ and, with padding, misaligns positions; we match lengths instead.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -53,7 +53,7 @@ class CircuitData:
         """long [B]: first answer token of each fact."""
         return torch.tensor([a[0] for a in self.answers], dtype=torch.long)
 
-    def subset(self, idx: Sequence[int]) -> "CircuitData":
+    def subset(self, idx: Sequence[int]) -> CircuitData:
         """The facts at ``idx`` (re-encoded, so padding is as tight as the subset allows)."""
         return _encode(self.model, [self.facts[i] for i in idx], [self.partners[i] for i in idx])
 
@@ -122,13 +122,13 @@ def build(model, facts: Sequence[Fact], seed: int = 0) -> CircuitData:
     return _encode(model, kept, partners, dropped)
 
 
-def split(facts: Sequence[Fact], n_val: int | float = 0.5, seed: int = 0) -> tuple[list[Fact], list[Fact]]:
+def split(facts: Sequence[Fact], n_val: float = 0.5, seed: int = 0) -> tuple[list[Fact], list[Fact]]:
     """Seeded disjoint (D_val, D_test): ``n_val`` facts (or that fraction) for validation, the rest test.
 
     Facts keep their data-set order inside each part.
     """
     n = len(facts)
-    k = int(round(n_val * n)) if isinstance(n_val, float) else int(n_val)
+    k = round(n_val * n) if isinstance(n_val, float) else int(n_val)
     if n < 2 or not 1 <= k < n:
         raise FactscopeError(f"cannot split {n} facts into a validation part of {n_val} and a non-empty test part")
     val = set(random.Random(seed).sample(range(n), k))
@@ -152,7 +152,7 @@ def known_relation_facts(model, dataset: str, limit: int | None = None, seed: in
     return known, table
 
 
-def relation_data(model, dataset: str, n_val: int | float = 0.5, limit: int | None = None, seed: int = 0,
+def relation_data(model, dataset: str, n_val: float = 0.5, limit: int | None = None, seed: int = 0,
                   top_k: int = 10, progress: bool = False) -> tuple[CircuitData, CircuitData, dict]:
     """(D_val, D_test, info) for the known facts of ``dataset`` (a relation such as
     ``lre:factual/country_capital_city``); partners are drawn inside each split."""

@@ -22,9 +22,10 @@ count over several seeds):
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -67,7 +68,7 @@ def curve_areas(x: Sequence[float], f: Sequence[float]) -> tuple[float, float]:
     """(CPR, CMD): trapezoid areas under ``f`` and of ``|1 - f|`` over ``x`` (sorted by x)."""
     pts = sorted(zip(x, f))
     cpr = cmd = 0.0
-    for (x1, f1), (x2, f2) in zip(pts, pts[1:]):
+    for (x1, f1), (x2, f2) in itertools.pairwise(pts):
         cpr += (x2 - x1) * (f1 + f2) / 2
         cmd += (x2 - x1) * (abs(1 - f1) + abs(1 - f2)) / 2
     return cpr, cmd

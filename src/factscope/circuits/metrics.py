@@ -19,8 +19,8 @@ answer token j of an example with an n-token answer is predicted at column ``T -
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 

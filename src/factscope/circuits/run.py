@@ -16,7 +16,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from factscope.circuits import metrics as M
-from factscope.circuits.evaluate import FRACTIONS, SELECTIONS, evaluate_circuit, masked_runner, top_mask
+from factscope.circuits.evaluate import (
+    FRACTIONS,
+    SELECTIONS,
+    evaluate_circuit,
+    masked_runner,
+    top_mask,
+)
 from factscope.errors import FactscopeError
 
 METHODS = ("eap-ig", "eap", "acdc", "exact")
@@ -38,7 +44,7 @@ class Options:
     compare_exact: int = 0
     seed: int = 0
 
-    def check(self) -> "Options":
+    def check(self) -> Options:
         if self.method not in METHODS:
             raise FactscopeError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.metric not in M.METRICS:

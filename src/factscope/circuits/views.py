@@ -115,8 +115,8 @@ def to_dot(graph, max_edges: int | None = None) -> str:
     vmax = max((abs(e["score"]) for e in edges), default=0.0)
     pos = layout(graph)
     used = {"logits"} | {e["src"] for e in edges} | {e["dst"] for e in edges}
-    lines = ["digraph circuit {", "  rankdir=BT; splines=true; node [shape=box, style=\"rounded,filled\", "
-             "fontname=Helvetica, fillcolor=\"#f2f2f2\"];"]
+    lines = ["digraph circuit {", ("  rankdir=BT; splines=true; node [shape=box, style=\"rounded,filled\", "
+                                   "fontname=Helvetica, fillcolor=\"#f2f2f2\"];")]
     by_layer: dict[float, list[str]] = {}
     for n in used:
         by_layer.setdefault(pos[n][1], []).append(n)
@@ -140,7 +140,7 @@ def write_dot(graph, path: str | Path, svg: bool = True, max_edges: int | None =
     out = [atomic_write_text(path, to_dot(graph, max_edges))]
     dot = shutil.which("dot")
     if svg and dot:
-        res = subprocess.run([dot, "-Tsvg", str(path)], capture_output=True, timeout=120)
+        res = subprocess.run([dot, "-Tsvg", str(path)], capture_output=True, timeout=120, check=False)
         if res.returncode != 0:
             raise FactscopeError(f"graphviz failed on {path}: {res.stderr.decode(errors='replace')[:300]}")
         out.append(atomic_write_bytes(path.with_suffix(".svg"), res.stdout))
@@ -191,8 +191,8 @@ def plot_circuit(graph, title: str = "", max_edges: int | None = None):
         kind = "#d9e6f2" if n.startswith("a") else "#f2e6d9" if n.startswith("m") else "#e6e6e6"
         ax.text(x, y, n.split(".", 1)[1] if n.startswith("a") else n, ha="center", va="center",
                 fontsize=7 if on else 6, color="black" if on else "#aaaaaa", zorder=3,
-                bbox=dict(boxstyle="round,pad=0.25", fc=kind if on else "white", ec="#555555" if on else "#dddddd",
-                          lw=0.6))
+                bbox={"boxstyle": "round,pad=0.25", "fc": kind if on else "white",
+                      "ec": "#555555" if on else "#dddddd", "lw": 0.6})
     ys = sorted({y for _, y in pos.values()})
     ax.set_yticks(ys, ["emb" if y < 0 else "logits" if y == ys[-1] else f"L{int(y)}" for y in ys])
     ax.set_xticks([])
