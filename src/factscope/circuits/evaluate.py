@@ -142,7 +142,7 @@ class CircuitEval:
                                             "random": self.n_edges, "empty": 0}[v]}
             for k in RANK_KEYS:
                 r[k] = self.ranks[k][v]
-                r[k + "_std"] = self.ranks[k]["random_std"] if v == "random" else ""  # over random seeds
+                r[k + "_std"] = self.ranks[k]["random_std"] if v == "random" else "-"  # over random seeds
             r[f"{self.metric} (mean)"] = self.metric_values[v]
             rows.append(r)
         return pd.DataFrame(rows)

@@ -166,6 +166,11 @@ def write_circuit(run, model, g, title: str, prefix: str = "circuit") -> dict:
 def _curve_figure(ev, title: str):
     from factscope.plotting import new_figure
 
+    if not ev.curve:  # no curve: the rank bars alone
+        fig, bx = new_figure(size=(5.5, 3.8))
+        _rank_bars(bx, ev)
+        fig.suptitle(title, fontsize=10)
+        return fig
     fig, (ax, bx) = new_figure(1, 2, size=(10, 3.8))
     xs = [p["x"] * 100 for p in ev.curve if p["x"] > 0]
     fs = [p["faithfulness"] for p in ev.curve if p["x"] > 0]
@@ -184,6 +189,12 @@ def _curve_figure(ev, title: str):
     ax.set_ylabel(f"faithfulness ({ev.metric})")
     ax.set_title(f"CPR {ev.cpr:.2f}, CMD {ev.cmd:.2f}", fontsize=10)
     ax.legend(fontsize=7, loc="best")
+    _rank_bars(bx, ev)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def _rank_bars(bx, ev) -> None:
     names = {"hit1": "Hit@1", "hit10": "Hit@10", "mrr": "MRR"}
     w = 0.26
     for i, (v, c) in enumerate((("full", "#444444"), ("circuit", "#0072B2"), ("random", "#bbbbbb"))):
@@ -194,11 +205,10 @@ def _curve_figure(ev, title: str):
         for x, y in zip(xs, vals):  # values on the bars (zero bars are otherwise invisible)
             bx.text(x, y + 0.02, f"{y:.2f}", ha="center", va="bottom", fontsize=6.5)
     bx.set_xticks(range(3), list(names.values()))
-    bx.set_ylim(0, 1.12)
+    bx.set_ylim(0, 1.28)
+    bx.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     bx.set_title(f"D_test: target's first token ({ev.n_edges} edges vs all)", fontsize=10)
-    bx.legend(fontsize=7, loc="upper right")
-    fig.suptitle(title, fontsize=11)
-    return fig
+    bx.legend(fontsize=7, loc="upper center", ncol=3, frameon=False)
 
 
 def _fmt(x: float) -> str:
@@ -286,8 +296,9 @@ def run_evaluate(run, model, d_val, d_test, opts: Options, dataset: str, progres
         f"size {_fmt(h10['random'])} ± {_fmt(h10['random_std'])} ({opts.n_random} seeds)\n"
         f"- MRR: full {_fmt(mrr['full'])}, circuit {_fmt(mrr['circuit'])}, random {_fmt(mrr['random'])} ± "
         f"{_fmt(mrr['random_std'])}\n"
-        f"- faithfulness ({opts.metric}): {_fmt(ev.faithfulness)}; MIB curve over 0.1–100% of edges: "
-        f"CPR {_fmt(ev.cpr)}, CMD {_fmt(ev.cmd)}"
+        f"- faithfulness ({opts.metric}): {_fmt(ev.faithfulness)}; "
+        + (f"MIB curve over 0.1–100% of edges: CPR {_fmt(ev.cpr)}, CMD {_fmt(ev.cmd)}" if ev.curve
+           else "MIB curve not computed (--no-curve)")
         + (f"\n- Spearman correlation with exact edge patching: {_fmt(summ['spearman_vs_exact'])}"
            if summ["spearman_vs_exact"] is not None else "")
         + "\n\nHit@k/MRR: rank of the target's first token among the whole vocabulary at the last prompt "
@@ -295,7 +306,8 @@ def run_evaluate(run, model, d_val, d_test, opts: Options, dataset: str, progres
     )
     run.add_section("circuit_evaluate", "Circuit evaluation (D_test)", text,
                     figures=[{"name": "faithfulness_curve",
-                              "caption": "faithfulness by circuit size (left) and ranks on D_test (right)"}],
+                              "caption": "faithfulness by circuit size (left) and ranks on D_test (right)"
+                              if ev.curve else "ranks on D_test"}],
                     tables=["circuit_eval"] + (["faithfulness_curve"] if ev.curve else []))
     g.in_graph.copy_(saved)
     g.scores.copy_(saved_scores)
