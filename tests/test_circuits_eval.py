@@ -517,3 +517,22 @@ def test_acdc_on_a_tiny_model_threshold_zero_and_huge():
     assert (g.scores[kept] >= 0).all()  # a kept edge's removal did not lower the metric
     g = acdc(Graph.from_model(m), run_many, threshold=1e9)
     assert not g.in_graph.any()
+
+
+def test_spearman_and_compare_with_exact_on_a_tiny_model():
+    from factscope.circuits.run import Options, compare_with_exact, discover, spearman
+
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert spearman(a, a * 10) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)
+    # ties get average ranks: ranks (1, 2.5, 2.5, 4) vs (1, 2, 3, 4)
+    assert spearman(torch.tensor([1.0, 2, 2, 3]), torch.tensor([1.0, 2, 3, 4])) == pytest.approx(0.9486833, abs=1e-6)
+    m = _model()
+    d = _data().subset(range(3))
+    opts = Options(method="exact", ablation="counterfactual")
+    ex = discover(m, d, opts)
+    # exact scores compared with themselves
+    cmp = compare_with_exact(m, ex, d, opts, n_facts=3)
+    assert cmp["spearman"] == pytest.approx(1.0) and cmp["top50_overlap"] == 1.0
+    g = discover(m, d, Options(method="eap-ig", ablation="counterfactual"))
+    cmp = compare_with_exact(m, g, d, Options(method="eap-ig", ablation="counterfactual"), n_facts=3)
+    assert 0.3 < cmp["spearman"] <= 1.0  # reported, not the acceptance bound (bench_circuits.py)
