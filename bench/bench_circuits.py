@@ -136,7 +136,7 @@ def main() -> None:
         a = attribute(model, Graph.from_model(model), s.clean, s.corrupted, m, method="eap-ig", steps=args.steps, **kw)[real]
         b = attribute(model, Graph.from_model(model), s.clean, s.corrupted, m, method="exact",
                       max_rows=args.max_rows, **kw)[real]
-        agree.append({"fact": i, "spearman": spearman(a, b), "spearman_abs": spearman(a.abs(), b.abs()),
+        agree.append({"fact": i, "prompt": getattr(s.facts[0], "prompt", ""), "spearman": spearman(a, b), "spearman_abs": spearman(a.abs(), b.abs()),
                       "top50_overlap": top_overlap(a, b)})
     for row in agree:
         print(f"fact {row['fact']}: Spearman(EAP-IG, exact) {row['spearman']:.3f} (|score| {row['spearman_abs']:.3f}), "

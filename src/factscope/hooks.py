@@ -171,6 +171,13 @@ class _QKVState:
         self.x: torch.Tensor | None = None
         self.busy = False
         spec = model.spec
+        try:
+            for path in (spec.attn_in_norm, spec.q_proj, spec.k_proj, spec.v_proj):
+                model.module(l, path)
+        except AttributeError:
+            raise FactscopeError(
+                f"q_in/k_in/v_in are not available for the {spec.family} family (its archs row lacks the "
+                "attention input norm or q/k/v projection paths)") from None
         self.handles = [model.module(l, spec.attn_in_norm).register_forward_pre_hook(self._keep)]
         if spec.fused_qkv:
             self.handles.append(model.module(l, spec.v_proj).register_forward_hook(self._fused))
