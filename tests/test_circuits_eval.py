@@ -536,3 +536,50 @@ def test_spearman_and_compare_with_exact_on_a_tiny_model():
     g = discover(m, d, Options(method="eap-ig", ablation="counterfactual"))
     cmp = compare_with_exact(m, g, d, Options(method="eap-ig", ablation="counterfactual"), n_facts=3)
     assert 0.3 < cmp["spearman"] <= 1.0  # reported, not the acceptance bound (bench_circuits.py)
+
+
+def test_circuit_view_in_headless_chromium(tmp_path):
+    """The layered view renders offline: no console errors, the slider sets the edges shown, hover
+    names the edge and its score (skipped without chromium/chromedriver, as test_report_browser)."""
+    import tempfile
+
+    from test_report_browser import _find_browser
+
+    browser, driver_path = _find_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    from factscope.circuits import Graph, views
+
+    g = Graph(3, 4, 1)
+    torch.manual_seed(4)
+    g.scores = torch.randn(g.real.shape) * g.real
+    g.top_n(40)
+    path = views.write_html(g, tmp_path / "view.html", title="view test", initial=25)
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--window-size=1300,900", f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    try:
+        driver.get(path.resolve().as_uri())
+        shown = lambda: [p for p in driver.find_elements(By.CSS_SELECTOR, "path.cv-edge")
+                         if p.value_of_css_property("display") != "none"]
+        assert len(driver.find_elements(By.CSS_SELECTOR, "path.cv-edge")) == 40 and len(shown()) == 25
+        assert driver.find_element(By.ID, "cv-kval").text == "25 of 40 edges"
+        driver.execute_script("const s = document.getElementById('cv-k'); s.value = 7;"
+                              "s.dispatchEvent(new Event('input'))")
+        assert len(shown()) == 7
+        strongest = views.circuit_edges(g)[0]
+        top = next(p for p in shown() if p.get_attribute("data-rank") == "0")
+        ActionChains(driver).move_to_element(top).perform()
+        info = driver.find_element(By.ID, "cv-info").text
+        assert strongest["name"] in info and "rank 1 of 40" in info
+        severe = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+        assert severe == [], severe
+    finally:
+        driver.quit()
