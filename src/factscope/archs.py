@@ -35,6 +35,13 @@ class ArchSpec:
     parallel: bool = False  # attention and MLP both read resid_pre (GPT-J, GPT-NeoX): the MLP never sees attn_out
     mlp_down: str | None = None  # the MLP's second (down/output) matrix inside a layer; its input is the
     # MLP's hidden activation (GPT-2: GELU(c_fc x); gated MLPs: act(gate x) * up x)
+    # Receiving-side points (circuits): the query/key projections inside a layer (``v_proj`` above),
+    # whether one module computes [q | k | v] (GPT-2's c_attn; then q_proj = k_proj = v_proj), and
+    # the norm in front of the MLP (its input is ``mlp_in``).
+    q_proj: str = "self_attn.q_proj"
+    k_proj: str = "self_attn.k_proj"
+    fused_qkv: bool = False
+    mlp_in_norm: str | None = "post_attention_layernorm"  # None: the MLP shares the attention's norm
 
 
 _LLAMA_LIKE = dict(
@@ -69,6 +76,10 @@ ARCHS: tuple[ArchSpec, ...] = (
         attn_in_norm="ln_1",
         conv1d=True,
         mlp_down="mlp.c_proj",
+        q_proj="attn.c_attn",
+        k_proj="attn.c_attn",
+        fused_qkv=True,
+        mlp_in_norm="ln_2",
     ),
     ArchSpec(family="llama", model_types=("llama", "mistral"), **_LLAMA_LIKE),
     ArchSpec(family="qwen2", model_types=("qwen2", "qwen3"), **_LLAMA_LIKE),
@@ -79,6 +90,7 @@ ARCHS: tuple[ArchSpec, ...] = (
             **_LLAMA_LIKE,
             "attn_out": "post_attention_layernorm",
             "mlp_out": "post_feedforward_layernorm",
+            "mlp_in_norm": "pre_feedforward_layernorm",
         },
         post_attn_norm=True,
         rms_offset=True,
@@ -104,6 +116,9 @@ ARCHS: tuple[ArchSpec, ...] = (
         attn_in_norm="ln_1",
         parallel=True,
         mlp_down="mlp.fc_out",
+        q_proj="attn.q_proj",
+        k_proj="attn.k_proj",
+        mlp_in_norm=None,  # ln_1 feeds attention and MLP alike: no input of the MLP's own (no mlp_in)
     ),
     # GPT-NeoX / Pythia: parallel attention and MLP (two LayerNorms), fused query_key_value with
     # bias whose output is [q_h k_h v_h] per head, partial rotary embeddings.

@@ -210,7 +210,7 @@ def facts_known(model_spec, device, dtype, dataset, limit, seed, top_k, batch_si
 # factscope demo: the main job
 # --------------------------------------------------------------------------------------------
 
-DEMO_PARTS = ("flow", "hijack", "lca")
+DEMO_PARTS = ("flow", "hijack", "lca", "circuit")
 
 
 @click.command("demo")
@@ -224,7 +224,7 @@ DEMO_PARTS = ("flow", "hijack", "lca")
 @click.option("--skip", multiple=True, type=click.Choice(DEMO_PARTS), help="Leave out a part (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted demo in --out (finished work is kept).")
 def demo(model_spec, device, dtype, out, n_facts, seed, skip, resume) -> None:
-    """The main job: known facts, information flow, context hijacking and the synthetic task, in one report."""
+    """The main job: known facts, information flow, context hijacking, the synthetic task and a knowledge circuit, in one report."""
     from factscope.facts import load_facts
     from factscope.runs import Run
 
@@ -263,5 +263,9 @@ def _demo_part(part: str, run, model, known, seed: int) -> None:
         from factscope.lca import run_all
 
         run_all(run, quick=True)
+    elif part == "circuit":
+        from factscope.circuits.run import demo_section
+
+        demo_section(run, model, seed=seed)
     else:  # pragma: no cover
         raise FactscopeError(f"unknown demo part {part!r}")

@@ -11,7 +11,20 @@ Points, per layer ``l`` (shapes for a batch of ``B`` left-padded prompts of ``T`
 ``mlp_hidden`` the MLP's hidden activation, the input of its down projection  ``[B, T, d_mlp]``
 ``head_out``   each head's share of ``attn_out`` (read only)                    ``[B, T, H, d]``
 ``attn_probs`` attention probabilities (read only)                             ``[B, H, T, T]``
+``q_in``       each query head's own copy of the residual before the attention
+               input norm (normed, then projected by the head's slice of W_Q)    ``[B, T, H, d]``
+``k_in``       each key/value head's copy of the residual feeding its keys     ``[B, T, KV, d]``
+``v_in``       each key/value head's copy of the residual feeding its values   ``[B, T, KV, d]``
+``mlp_in``     the input of the pre-MLP norm (only the MLP sees an edit; the
+               residual add keeps the unedited stream)                           ``[B, T, d]``
+``logits_in``  the input of the final norm (one point: every layer index names it;
+               circuits use the last)                                            ``[B, T, d]``
 ============== =================================================================================
+
+The receiving-side points (``q_in``..``logits_in``, for circuits) are per-receiver inputs before
+the receiver's own norm. While a ``q_in``/``k_in``/``v_in`` hook is active in a layer, that
+projection is recomputed per head from its (possibly edited) copies: ``norm(x_h) @ W_h + b_h``;
+Gemma's q/k norms and rotary embeddings then run as usual. Without such hooks nothing changes.
 
 ``head_out[h] = z[h] @ W_O[h]`` times Gemma's post-attention RMSNorm factor (computed from the
 full attention output, so the shares are exact): the heads' shares plus the output bias sum to
@@ -39,8 +52,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from factscope.models import Batch, Model
 
 ATTN_NAME = "factscope"
-POINTS = ("resid_pre", "attn_out", "mlp_out", "resid_post", "z", "mlp_hidden", "head_out", "attn_probs")
-EDITABLE = ("resid_pre", "attn_out", "mlp_out", "resid_post", "z", "mlp_hidden")
+POINTS = ("resid_pre", "attn_out", "mlp_out", "resid_post", "z", "mlp_hidden", "head_out", "attn_probs",
+          "q_in", "k_in", "v_in", "mlp_in", "logits_in")
+EDITABLE = ("resid_pre", "attn_out", "mlp_out", "resid_post", "z", "mlp_hidden", "q_in", "k_in", "v_in", "mlp_in",
+            "logits_in")
+QKV_IN = ("q_in", "k_in", "v_in")
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,9 +167,142 @@ def _check(model: "Model", point: str, layer: int, allowed: Sequence[str] = POIN
         raise FactscopeError(f"layer {layer} out of range for {model.name} ({model.n_layers} layers)")
 
 
+def _qkv_weights(model: "Model", l: int, which: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-head projection ``W [n, head_dim, d]`` and bias ``[n, head_dim]`` (or None) for q, k or v."""
+    spec = model.spec
+    n = model.n_heads if which == "q" else model.n_kv_heads
+    hd, d = model.head_dim, model.d_model
+    if spec.fused_qkv:  # GPT-2 Conv1D c_attn: weight [d, 3d] = [q | k | v]
+        proj = model.module(l, spec.v_proj)
+        i = "qkv".index(which)
+        w = proj.weight[:, i * d : (i + 1) * d].T
+        b = proj.bias[i * d : (i + 1) * d] if proj.bias is not None else None
+    else:
+        proj = model.module(l, {"q": spec.q_proj, "k": spec.k_proj, "v": spec.v_proj}[which])
+        w, b = proj.weight, proj.bias
+    return w.reshape(n, hd, d), (b.reshape(n, hd) if b is not None else None)
+
+
+class _QKVState:
+    """Per-layer machinery behind ``q_in``/``k_in``/``v_in``: the attention input norm's input is
+    kept, and each projection with active hooks is recomputed per head from edited copies."""
+
+    def __init__(self, model: "Model", l: int):
+        self.model, self.l = model, l
+        self.fns: dict[str, list] = {p: [] for p in QKV_IN}
+        self.x: torch.Tensor | None = None
+        self.busy = False
+        spec = model.spec
+        try:
+            for path in (spec.attn_in_norm, spec.q_proj, spec.k_proj, spec.v_proj):
+                model.module(l, path)
+        except AttributeError:
+            raise FactscopeError(
+                f"q_in/k_in/v_in are not available for the {spec.family} family (its archs row lacks the "
+                "attention input norm or q/k/v projection paths)") from None
+        self.handles = [model.module(l, spec.attn_in_norm).register_forward_pre_hook(self._keep)]
+        if spec.fused_qkv:
+            self.handles.append(model.module(l, spec.v_proj).register_forward_hook(self._fused))
+        else:
+            for p, path in zip(QKV_IN, (spec.q_proj, spec.k_proj, spec.v_proj)):
+                self.handles.append(model.module(l, path).register_forward_hook(lambda m, a, o, p=p: self._one(p, o)))
+
+    def _keep(self, mod, args):
+        if not self.busy:  # (the per-head recomputation calls the norm again)
+            self.x = args[0]
+
+    def _project(self, point: str) -> torch.Tensor:
+        model, x = self.model, self.x
+        n = model.n_heads if point == "q_in" else model.n_kv_heads
+        inp = x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1])
+        for fn in list(self.fns[point]):
+            new = fn(inp)
+            if new is not None:
+                inp = new
+        w, b = _qkv_weights(model, self.l, point[0])
+        self.busy = True
+        try:
+            normed = model.module(self.l, model.spec.attn_in_norm)(inp)
+        finally:
+            self.busy = False
+        out = torch.einsum("btnd,ned->btne", normed, w.to(normed.dtype))
+        if b is not None:
+            out = out + b.to(out.dtype)
+        return out.reshape(*out.shape[:-2], -1)
+
+    def _one(self, point: str, out: torch.Tensor):
+        return self._project(point) if self.fns[point] else None
+
+    def _fused(self, mod, args, out):
+        if not any(self.fns.values()):
+            return None
+        parts = list(out.split(self.model.d_model, dim=-1))
+        for i, p in enumerate(QKV_IN):
+            if self.fns[p]:
+                parts[i] = self._project(p)
+        return torch.cat(parts, dim=-1)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class _QKVHandle:
+    def __init__(self, model: "Model", l: int, point: str, fn):
+        attn = model.attn(l)
+        state = getattr(attn, "_fs_qkv", None)
+        if state is None:
+            state = attn._fs_qkv = _QKVState(model, l)
+        self.attn, self.state, self.point, self.fn = attn, state, point, fn
+        state.fns[point].append(fn)
+
+    def remove(self) -> None:
+        fns = self.state.fns[self.point]
+        for i, f in enumerate(fns):
+            if f is self.fn:
+                del fns[i]
+                break
+        if not any(self.state.fns.values()) and getattr(self.attn, "_fs_qkv", None) is self.state:
+            self.state.remove()
+            self.attn._fs_qkv = None
+
+
+def receiver_support(model: "Model") -> str | None:
+    """None when the receiving-side points (``q_in``/``k_in``/``v_in``/``mlp_in``/``logits_in``) work
+    on this model, else the reason they do not (from its architecture row)."""
+    spec = model.spec
+    if spec.mlp_in_norm is None:
+        return (f"{spec.family}: the MLP reads the attention's input norm, so it has no input of its own "
+                "(no mlp_in point)")
+    for path in (spec.attn_in_norm, spec.q_proj, spec.k_proj, spec.v_proj, spec.mlp_in_norm):
+        try:
+            model.module(0, path)
+        except AttributeError:
+            return (f"{spec.family}: its architecture row has no separate q/k/v projections ({path!r} is "
+                    "missing; a per-head fused query_key_value is not supported for q_in/k_in/v_in yet)")
+    return None
+
+
 def _register_edit(model: "Model", point: str, layer: int, fn: Callable[[torch.Tensor], torch.Tensor | None]):
     """Register a hook calling ``fn(activation)``; a returned tensor replaces the activation."""
     spec = model.spec
+    if point in QKV_IN:
+        return _QKVHandle(model, layer, point, fn)
+    if point in ("mlp_in", "logits_in"):
+        if point == "mlp_in" and spec.mlp_in_norm is None:
+            raise FactscopeError(
+                f"mlp_in is not available for the {spec.family} family: its MLP reads the attention's input "
+                "norm, so the MLP has no input of its own to edit")
+        norm = model.module(layer, spec.mlp_in_norm) if point == "mlp_in" else model.final_norm_module
+
+        def pre_norm(mod, args):
+            # An alias of the stream that only the norm consumes: its gradient is the receiver's own
+            # (for mlp_in the stream also feeds the residual add, which must not count).
+            x = args[0].view_as(args[0])
+            new = fn(x)
+            return (x if new is None else new, *args[1:])
+
+        return norm.register_forward_pre_hook(pre_norm)
     if point == "resid_pre":
 
         def pre(mod, args, kwargs):

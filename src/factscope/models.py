@@ -545,6 +545,10 @@ class Model:
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return _get(self.hf, self.spec.final_norm)(x)
 
+    @property
+    def final_norm_module(self) -> torch.nn.Module:
+        return _get(self.hf, self.spec.final_norm)
+
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         logits = _get(self.hf, self.spec.lm_head)(x)
         softcap = getattr(self.hf.config, "final_logit_softcapping", None)
@@ -627,13 +631,16 @@ class Model:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         return Batch(ids, mask, pos, [len(s) for s in seqs]).to(self.device)
 
-    def forward(self, batch: Batch, last_only: bool = True, **kwargs) -> torch.Tensor:
-        """Logits: ``[B, V]`` at each prompt's last token when last_only, else ``[B, T, V]``.
+    def forward(self, batch: Batch, last_only: bool = True, positions: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Logits: ``[B, V]`` at each prompt's last token when last_only, else ``[B, T, V]``;
+        with ``positions`` (long ``[B, P]`` padded columns) ``[B, P, V]`` at those columns only.
 
         The last-position path runs the transformer body and unembeds one contiguous ``[B, d]``
         matrix (HF's ``logits_to_keep`` path multiplies a ``[B, 1, d]`` slice as a batched matmul
         against an expanded vocabulary matrix, about 10x slower on the CPU).
         """
+        if positions is not None:
+            return self.unembed(self.final_hidden(batch, positions, **kwargs))
         if not last_only:
             out = self.hf(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
@@ -792,6 +799,15 @@ class Model:
         L, B, H, _, hd = k.shape
         idx = src.to(k.device).view(1, B, 1, M, 1).expand(L, B, H, M, hd)
         return Prefix(torch.gather(k, 3, idx), torch.gather(v, 3, idx), joined.lengths, self.unembed(h))
+    def final_hidden(self, batch: Batch, positions: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``[B, P, d]``: the final-normed hidden states at ``positions`` (what the unembedding reads)."""
+        out = self.hf.base_model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+            use_cache=False, **kwargs,
+        )
+        h = out.last_hidden_state
+        idx = positions.to(h.device).unsqueeze(-1).expand(-1, -1, h.shape[-1])
+        return torch.gather(h, 1, idx)
 
     def run(self, prompts: Sequence[str] | Batch, last_only: bool = True) -> torch.Tensor:
         batch = prompts if isinstance(prompts, Batch) else self.encode(prompts)
@@ -806,7 +822,10 @@ class Model:
 # dtype and weight provenance
 # --------------------------------------------------------------------------------------------
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+    "float64": torch.float64,  # Python API only (finite-difference checks); the CLI offers the first three
+}
 _DEFAULT_DTYPE: contextvars.ContextVar[str] = contextvars.ContextVar("factscope_dtype", default="float32")
 # One short prompt run once after loading in float16: models whose activations leave float16's
 # range (Gemma 3's residual stream reaches ~1e5 > 65504) give inf/NaN logits, refused clearly.

@@ -1,0 +1,144 @@
+"""ACDC (Conmy et al. 2023) as KnowledgeCircuits runs it: greedy edge pruning in reverse topological
+order with a threshold on the metric change, zero ablation by default.
+
+Receivers are visited from ``logits`` backwards (reverse of the graph's column order: ``logits``,
+``m{L-1}``, the value, key and query receivers of layer L-1, ... layer 0). A receiver whose node no
+longer feeds anything is dropped with all its incoming edges (ACDC's ``current_node_connected``).
+For each remaining incoming edge of the receiver (upstream nodes latest first, ACDC's "reverse"
+order), the edge is removed from the current graph and kept out when the metric change
+``d = badness(after) - badness(current)`` is below ``threshold`` (ACDC's ``result < threshold``;
+badness is the metric, negated for metrics where higher is better). ``d`` is the edge's score.
+
+Batching (exact, not an approximation): the decisions for a receiver are sequential, but ACDC removes
+most edges, so we speculate that every candidate is removed: one batched masked forward evaluates
+the graphs with the first 1, 2, ..., k candidates removed; walking them in order, each step's ``d``
+is exact as long as all earlier candidates were removed; at the first kept edge the remaining
+candidates are re-evaluated from the new current graph. Rounds = kept edges + 1 per receiver.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+
+from factscope.errors import FactscopeError
+
+ManyRunner = Callable[[torch.Tensor], torch.Tensor]  # masks float [K, n_up, n_down] -> mean metric [K]
+
+_HEAD = re.compile(r"^a(\d+)\.h(\d+)<[qkv]>$")
+_KV = re.compile(r"^a(\d+)\.kv(\d+)<[kv]>$")
+_MLP = re.compile(r"^m(\d+)$")
+
+
+def receiver_nodes(up_names: list[str], down_names: list[str]) -> list[list[int]]:
+    """For each receiver column, the upstream rows of the node(s) it feeds (empty for ``logits``)."""
+    up = {n: i for i, n in enumerate(up_names)}
+    heads: dict[int, list[int]] = {}
+    for n, i in up.items():
+        m = re.match(r"^a(\d+)\.h(\d+)$", n)
+        if m:
+            heads.setdefault(int(m.group(1)), []).append(i)
+    kv: dict[int, int] = {}
+    for n in down_names:
+        m = _KV.match(n)
+        if m:
+            kv[int(m.group(1))] = max(kv.get(int(m.group(1)), 0), int(m.group(2)) + 1)
+    out = []
+    for n in down_names:
+        if n == "logits":
+            out.append([])
+        elif m := _HEAD.match(n):
+            out.append([up[f"a{m.group(1)}.h{m.group(2)}"]])
+        elif m := _KV.match(n):
+            l, g = int(m.group(1)), int(m.group(2))
+            hs = sorted(heads[l])
+            per = len(hs) // kv[l]
+            out.append(hs[g * per : (g + 1) * per])
+        elif m := _MLP.match(n):
+            out.append([up[n]])
+        else:
+            raise FactscopeError(f"unknown receiver name {n!r}")
+    return out
+
+
+def acdc(graph, run_many: ManyRunner, badness_sign: float = 1.0, threshold: float = 0.01,
+         max_batch: int = 64, progress: bool = False):
+    """Prune ``graph`` with ACDC; sets ``graph.in_graph`` to the kept edges and ``graph.scores`` to each
+    evaluated edge's metric change (0 for edges dropped with a disconnected receiver); returns graph.
+
+    ``run_many(masks [K, n_up, n_down]) -> [K]`` gives the mean metric with each mask;
+    ``badness_sign`` is +1 for metrics where lower is better, -1 otherwise.
+    """
+    if threshold < 0:
+        raise FactscopeError(f"the ACDC threshold must be >= 0, got {threshold}")
+    real = graph.real.bool()
+    cur = real.clone()
+    scores = torch.zeros(real.shape, dtype=torch.float32)
+    feeds = receiver_nodes(list(graph.up_names), list(graph.down_names))
+
+    def bad(masks):
+        with torch.no_grad():
+            return badness_sign * run_many(masks.float()).float().cpu()
+
+    cur_bad = float(bad(cur[None])[0])
+    cols = list(range(real.shape[1]))[::-1]
+    it = cols
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(cols, desc="ACDC receivers", leave=False)
+    for r in it:
+        if feeds[r] and not cur[feeds[r]].any():
+            cur[:, r] = False  # the receiver's node feeds nothing: drop its inputs
+            continue
+        cand = [int(u) for u in cur[:, r].nonzero()[:, 0].flip(0)]
+        while cand:
+            chunk = cand[:max_batch]
+            masks = cur[None].repeat(len(chunk), 1, 1)
+            for j, u in enumerate(chunk):
+                masks[j:, u, r] = False  # graph j: the first j+1 candidates removed
+            vals = bad(masks)
+            prev = cur_bad
+            done = 0
+            for j, u in enumerate(chunk):
+                d = float(vals[j]) - prev
+                scores[u, r] = d
+                done = j + 1
+                if d < threshold:
+                    cur[u, r] = False
+                    prev = float(vals[j])
+                else:
+                    break  # kept: later graphs assumed it removed, re-evaluate the rest
+            cur_bad = prev
+            cand = cand[done:]
+    graph.in_graph.copy_(cur)
+    graph.scores.copy_(scores.to(graph.scores.dtype))
+    return graph
+
+
+def many_runner(model, batch, metric, ablation: str = "zero", corrupted=None, reference=None,
+                max_rows: int = 256) -> ManyRunner:
+    """``masks [K, n_up, n_down] -> mean metric [K]`` with per-example masks over a repeated batch."""
+    from factscope.circuits import run_masked
+
+    B = len(batch)
+
+    def run(masks: torch.Tensor) -> torch.Tensor:
+        K = masks.shape[0]
+        per = max(1, max_rows // B)
+        outs = []
+        for s in range(0, K, per):
+            mk = masks[s : s + per]
+            k = mk.shape[0]
+            rep = batch.repeat(k)  # example i, mask j at row i*k + j
+            cor = corrupted.repeat(k) if corrupted is not None else None
+            m = mk.repeat(B, 1, 1)
+            rows = torch.arange(B).repeat_interleave(k)
+            lg = run_masked(model, rep, m, ablation=ablation, corrupted=cor, reference=reference,
+                            positions=metric.positions.repeat_interleave(k, 0))
+            outs.append(metric.fn(lg, rows.to(lg.device)).view(B, k).mean(0))
+        return torch.cat(outs)
+
+    return run

@@ -1,0 +1,338 @@
+"""Circuit discovery and evaluation runs: the tiers under ``factscope circuit discover|evaluate``.
+
+``discover(model, data, ...) -> Graph`` (pure computation), ``evaluate(model, d_val, d_test, ...)``
+(discovery on D_val, standalone evaluation on D_test), and ``run_discover`` / ``run_evaluate`` which
+write a run directory: ``graph.json`` (our graph: scores and the circuit), ``circuit_eap.json``
+(EAP-IG/MIB format), ``circuit_scores.csv`` (every edge's score), ``circuit.dot`` (+ ``.svg`` with
+Graphviz), ``circuit_view.html`` (the interactive layered view), ``circuit.png``, and for evaluate
+``circuit_eval.csv``, ``faithfulness_curve.csv``/``.png`` and ``summary["circuit"]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from factscope.circuits import metrics as M
+from factscope.circuits.evaluate import (
+    FRACTIONS,
+    SELECTIONS,
+    evaluate_circuit,
+    masked_runner,
+    top_mask,
+)
+from factscope.errors import FactscopeError
+
+METHODS = ("eap-ig", "eap", "acdc", "exact")
+ABLATIONS = ("zero", "mean", "counterfactual")
+
+
+@dataclass
+class Options:
+    method: str = "eap-ig"
+    metric: str = "nll"
+    ablation: str = "zero"
+    steps: int = 5
+    threshold: float = 0.01
+    edge_fraction: float = 0.05
+    selection: str = "topn"
+    n_edges: int | None = None
+    n_random: int = 5
+    curve: bool = True
+    compare_exact: int = 0
+    seed: int = 0
+
+    def check(self) -> Options:
+        if self.method not in METHODS:
+            raise FactscopeError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.metric not in M.METRICS:
+            raise FactscopeError(f"unknown metric {self.metric!r}: use one of {', '.join(M.METRICS)}")
+        if self.ablation not in ABLATIONS:
+            raise FactscopeError(f"unknown ablation {self.ablation!r}: use one of {', '.join(ABLATIONS)}")
+        if self.selection not in SELECTIONS:
+            raise FactscopeError(f"unknown selection {self.selection!r}: use one of {', '.join(SELECTIONS)}")
+        if not 0 < self.edge_fraction <= 1:
+            raise FactscopeError(f"--edge-fraction must be in (0, 1], got {self.edge_fraction}")
+        if self.n_edges is not None and self.n_edges < 1:
+            raise FactscopeError(f"--edges must be at least 1, got {self.n_edges}")
+        if self.steps < 1:
+            raise FactscopeError(f"--steps must be at least 1, got {self.steps}")
+        if self.threshold < 0:
+            raise FactscopeError(f"--threshold must be >= 0, got {self.threshold}")
+        if self.n_random < 1:
+            raise FactscopeError(f"--random-seeds must be at least 1, got {self.n_random}")
+        return self
+
+    def size(self, total: int) -> int:
+        n = self.n_edges if self.n_edges is not None else max(1, int(self.edge_fraction * total))
+        if n > total:
+            raise FactscopeError(f"--edges {n} is more than the {total} edges of the model's graph")
+        return n
+
+
+def _ablation_kwargs(ablation: str, data, reference) -> dict:
+    return {"ablation": ablation, "corrupted": data.corrupted if ablation == "counterfactual" else None,
+            "reference": reference.clean if ablation == "mean" else None}
+
+
+def discover(model, data, opts: Options, reference=None, progress: bool = False):
+    """Scores for every edge of ``model``'s graph on ``data`` with ``opts.method``; returns the Graph.
+
+    ``reference``: the CircuitData whose clean batch mean-ablation averages over (default: ``data``).
+    ACDC also sets the graph's circuit (its kept edges); the gradient methods and exact patching only
+    score (choose the circuit with :func:`~factscope.circuits.evaluate.top_mask`).
+    """
+    from factscope.circuits import Graph
+
+    g = Graph.from_model(model)
+    metric = M.make(opts.metric, model, data)
+    kw = _ablation_kwargs(opts.ablation, data, reference or data)
+    if opts.method == "acdc":
+        from factscope.circuits.acdc import acdc, many_runner
+
+        run_many = many_runner(model, data.clean, metric, **kw)
+        acdc(g, run_many, badness_sign=-1.0 if metric.higher_is_better else 1.0, threshold=opts.threshold,
+             progress=progress)
+    else:
+        from factscope.circuits import attribute
+
+        attribute(model, g, data.clean, data.corrupted, metric, method=opts.method, steps=opts.steps,
+                  ablation=opts.ablation, reference=kw["reference"])
+    return g
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two equally long 1-d tensors (average ranks for ties)."""
+    import pandas as pd
+
+    x = pd.Series(a.double().cpu().numpy()).rank()
+    y = pd.Series(b.double().cpu().numpy()).rank()
+    return float(x.corr(y))
+
+
+def compare_with_exact(model, g, data, opts: Options, n_facts: int, reference=None) -> dict:
+    """Spearman correlation of ``g``'s scores with exact edge patching on the first ``n_facts`` facts
+    of ``data`` (over all real edges), and the overlap of the top-50 edges by |score|."""
+    from factscope.circuits import Graph, attribute
+
+    sub = data.subset(range(min(n_facts, len(data))))
+    ex = Graph.from_model(model)
+    metric = M.make(opts.metric, model, sub)
+    attribute(model, ex, sub.clean, sub.corrupted, metric, method="exact", ablation=opts.ablation,
+              reference=(reference or data).clean if opts.ablation == "mean" else None)
+    real = g.real.bool()
+    a, b = torch.nan_to_num(g.scores[real].float()), torch.nan_to_num(ex.scores[real].float())
+    k = min(50, len(a))
+    top_a = set(a.abs().topk(k).indices.tolist())
+    top_b = set(b.abs().topk(k).indices.tolist())
+    return {"spearman": spearman(a, b), "spearman_abs": spearman(a.abs(), b.abs()),
+            "top50_overlap": len(top_a & top_b) / k, "n_facts": len(sub)}
+
+
+# --------------------------------------------------------------------------------------------
+# Writing runs
+# --------------------------------------------------------------------------------------------
+
+
+def _edge_table(g):
+    import pandas as pd
+
+    rows = []
+    sc = g.scores.float()
+    for u, r in g.real.nonzero().tolist():
+        rows.append({"edge": f"{g.up_names[u]}->{g.down_names[r]}", "upstream": g.up_names[u],
+                     "receiver": g.down_names[r], "score": float(sc[u, r]), "in_circuit": bool(g.in_graph[u, r])})
+    df = pd.DataFrame(rows)
+    return df.reindex(df["score"].abs().sort_values(ascending=False).index).reset_index(drop=True)
+
+
+def write_circuit(run, model, g, title: str, prefix: str = "circuit") -> dict:
+    """Graph JSON (ours and EAP-IG's), the edge table, DOT/SVG, the HTML view and the PNG."""
+    from factscope.circuits import views
+    from factscope.circuits.interop import to_eap_json
+
+    g.to_json(run.path("graph.json" if prefix == "circuit" else f"{prefix}_graph.json"))
+    to_eap_json(g, run.path(f"{prefix}_eap.json"), d_model=model.d_model,
+                parallel_attn_mlp=bool(model.parallel))
+    run.save_table(f"{prefix}_scores", _edge_table(g))
+    files = views.write_dot(g, run.path(f"{prefix}.dot"))
+    views.write_html(g, run.path(f"{prefix}_view.html"), title=title, initial=min(int(g.in_graph.sum()), 150))
+    run.save_figure(prefix, views.plot_circuit(g, title=title, max_edges=150))
+    return {"svg": any(p.suffix == ".svg" for p in files)}
+
+
+def _curve_figure(ev, title: str):
+    from factscope.plotting import new_figure
+
+    if not ev.curve:  # no curve: the rank bars alone
+        fig, bx = new_figure(size=(5.5, 3.8))
+        _rank_bars(bx, ev)
+        fig.suptitle(title, fontsize=10)
+        return fig
+    fig, (ax, bx) = new_figure(1, 2, size=(10, 3.8))
+    xs = [p["x"] * 100 for p in ev.curve if p["x"] > 0]
+    fs = [p["faithfulness"] for p in ev.curve if p["x"] > 0]
+    ax.plot(xs, fs, marker="o", color="#0072B2", label="top edges by |score|")
+    ax.axhline(1, color="#888888", lw=0.8, ls="--")
+    ax.axhline(0, color="#bbbbbb", lw=0.6)
+    mv = ev.metric_values
+    from factscope.circuits.evaluate import faithfulness
+
+    fr = faithfulness(mv["random"], mv["full"], mv["empty"])
+    x0 = 100 * ev.n_edges / ev.n_edges_total
+    ax.scatter([x0], [ev.faithfulness], color="#D55E00", zorder=3, label=f"circuit ({ev.n_edges} edges)")
+    ax.scatter([x0], [fr], color="#999999", marker="x", zorder=3, label="random, same size")
+    ax.set_xscale("log")
+    ax.set_xlabel("edges kept (% of the graph)")
+    ax.set_ylabel(f"faithfulness ({ev.metric})")
+    ax.set_title(f"CPR {ev.cpr:.2f}, CMD {ev.cmd:.2f}", fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    _rank_bars(bx, ev)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def _rank_bars(bx, ev) -> None:
+    names = {"hit1": "Hit@1", "hit10": "Hit@10", "mrr": "MRR"}
+    w = 0.26
+    for i, (v, c) in enumerate((("full", "#444444"), ("circuit", "#0072B2"), ("random", "#bbbbbb"))):
+        vals = [ev.ranks[k][v] for k in names]
+        err = [ev.ranks[k]["random_std"] for k in names] if v == "random" else None
+        xs = [j + (i - 1) * w for j in range(3)]
+        bx.bar(xs, vals, w, yerr=err, color=c, label=v, capsize=3)
+        for x, y in zip(xs, vals):  # values on the bars (zero bars are otherwise invisible)
+            bx.text(x, y + 0.02, f"{y:.2f}", ha="center", va="bottom", fontsize=6.5)
+    bx.set_xticks(range(3), list(names.values()))
+    bx.set_ylim(0, 1.28)
+    bx.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    bx.set_title(f"D_test: target's first token ({ev.n_edges} edges vs all)", fontsize=10)
+    bx.legend(fontsize=7, loc="upper center", ncol=3, frameon=False)
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def run_discover(run, model, data, opts: Options, dataset: str, progress: bool = False, reference=None):
+    """Discover on ``data``; write the graph, scores and views; returns the Graph (circuit selected)."""
+    from factscope.circuits import Graph
+
+    path = run.path("graph.json")
+    if path.is_file():  # resumed run with the same config: the scores are already there
+        g = Graph.from_json(path)
+    else:
+        g = discover(model, data, opts, reference=reference, progress=progress)
+    total = int(g.real.sum())
+    if opts.method != "acdc":
+        top_mask(g, opts.size(total), selection=opts.selection)
+    n = int(g.in_graph.sum())
+    title = f"{model.name} · {dataset.split('/')[-1]} · {opts.method} · {n} of {total} edges"
+    info = write_circuit(run, model, g, title)
+    nodes = g.nodes_in_graph() if hasattr(g, "nodes_in_graph") else None
+    run.update_summary({"circuit": {"method": opts.method, "n_edges_total": total, "n_edges": n,
+                                    "n_nodes": len(nodes) if nodes is not None else None,
+                                    "n_facts_discovery": len(data)}})
+    how = ("ACDC keeps an edge when removing it raises the metric by at least the threshold "
+           f"({opts.threshold})" if opts.method == "acdc" else
+           f"{n} edges chosen by |score| ({'greedily from the logits, as EAP-IG' if opts.selection == 'greedy' else 'the top edges'}"
+           f"; dead edges pruned)")
+    run.add_section(
+        "circuit_discover", "Circuit",
+        f"Method **{opts.method}** ({opts.metric} metric, {opts.ablation} ablation"
+        f"{f', {opts.steps} steps' if opts.method == 'eap-ig' else ''}) on {len(data)} known facts of "
+        f"`{dataset}`. The circuit: {how}. Layers run bottom (embeddings) to top (logits); inside a "
+        f"layer: attention heads, the shared key/value input (grouped-query models), the MLP. Edge colour "
+        f"is the signed score, width |score|. The interactive view with a slider for the number of edges "
+        f"is `circuit_view.html` in this run (offline); `circuit_eap.json` loads in EAP-IG/MIB; "
+        f"`circuit.dot`{' and `circuit.svg`' if info['svg'] else ''} for Graphviz. Model weights: 4-bit "
+        f"GGUF dequantized to float for the embedded models.",
+        figures=[{"name": "circuit", "caption": "strongest edges of the circuit (at most 150 drawn)"}],
+        tables=["circuit_scores"],
+    )
+    return g
+
+
+def run_evaluate(run, model, d_val, d_test, opts: Options, dataset: str, progress: bool = False):
+    """Discover on D_val, evaluate on D_test; writes tables, figures, summary and a report section."""
+    g = run_discover(run, model, d_val, opts, dataset, progress=progress, reference=d_val)
+    if not g.in_graph.any():
+        raise FactscopeError("the discovered circuit has no edges (lower the ACDC threshold or keep more edges)")
+    # the requested size (top edges by |score|, then dead ones pruned); ACDC: its own edge set
+    n = int(g.in_graph.sum()) if opts.method == "acdc" else opts.size(int(g.real.sum()))
+    metric = M.make(opts.metric, model, d_test)
+    kw = _ablation_kwargs(opts.ablation, d_test, d_val)
+    runner = masked_runner(model, d_test.clean, metric.positions, **kw)
+    saved, saved_scores = g.in_graph.clone(), g.scores.clone()
+    if opts.method == "acdc":
+        # the circuit is ACDC's edge set: rank its edges first (by |metric change|), then the others
+        a = torch.nan_to_num(g.scores.float()).abs()
+        g.scores.copy_(torch.where(saved, a + a.max() + 1, a).to(g.scores.dtype))
+    ev = evaluate_circuit(runner, metric, d_test.first, g, n, n_random=opts.n_random, seed=opts.seed,
+                          fractions=FRACTIONS if opts.curve else None,
+                          selection="topn" if opts.method == "acdc" else opts.selection)
+    summ = ev.summary()
+    summ["spearman_vs_exact"] = None
+    if opts.compare_exact and opts.method != "exact":
+        cmp = compare_with_exact(model, g, d_val, opts, opts.compare_exact, reference=d_val)
+        summ["spearman_vs_exact"] = cmp["spearman"]
+        summ["exact_comparison"] = cmp
+    summ.update({"method": opts.method, "n_edges_requested": n, "n_val": len(d_val), "n_test": len(d_test)})
+    run.update_summary({"circuit": summ})
+    run.save_table("circuit_eval", ev.table())
+    if ev.curve:
+        import pandas as pd
+
+        run.save_table("faithfulness_curve", pd.DataFrame(ev.curve))
+    title = f"{model.name} · {dataset.split('/')[-1]} · {opts.method}, {ev.n_edges} edges"
+    run.save_figure("faithfulness_curve", _curve_figure(ev, title))
+    h10, mrr = ev.ranks["hit10"], ev.ranks["mrr"]
+    text = (
+        f"Discovered on D_val ({len(d_val)} facts), evaluated standalone on D_test ({len(d_test)} other facts) "
+        f"with {opts.ablation} ablation of every edge outside the circuit. The circuit keeps {ev.n_edges} of "
+        f"{ev.n_edges_total} edges ({100 * ev.n_edges / ev.n_edges_total:.1f}%).\n\n"
+        f"- Hit@10: full model {_fmt(h10['full'])}, circuit {_fmt(h10['circuit'])}, random circuits of the same "
+        f"size {_fmt(h10['random'])} ± {_fmt(h10['random_std'])} ({opts.n_random} seeds)\n"
+        f"- MRR: full {_fmt(mrr['full'])}, circuit {_fmt(mrr['circuit'])}, random {_fmt(mrr['random'])} ± "
+        f"{_fmt(mrr['random_std'])}\n"
+        f"- faithfulness ({opts.metric}): {_fmt(ev.faithfulness)}; "
+        + (f"MIB curve over 0.1–100% of edges: CPR {_fmt(ev.cpr)}, CMD {_fmt(ev.cmd)}" if ev.curve
+           else "MIB curve not computed (--no-curve)")
+        + (f"\n- Spearman correlation with exact edge patching: {_fmt(summ['spearman_vs_exact'])}"
+           if summ["spearman_vs_exact"] is not None else "")
+        + "\n\nHit@k/MRR: rank of the target's first token among the whole vocabulary at the last prompt "
+        "position (0 = top; Hit@k = rank < k), against D_test's own targets."
+    )
+    run.add_section("circuit_evaluate", "Circuit evaluation (D_test)", text,
+                    figures=[{"name": "faithfulness_curve",
+                              "caption": "faithfulness by circuit size (left) and ranks on D_test (right)"
+                              if ev.curve else "ranks on D_test"}],
+                    tables=["circuit_eval"] + (["faithfulness_curve"] if ev.curve else []))
+    g.in_graph.copy_(saved)
+    g.scores.copy_(saved_scores)
+    return ev, g
+
+
+def options_dict(opts: Options) -> dict:
+    return asdict(opts)
+
+
+def demo_section(run, model, relation: str = "lre:factual/country_capital_city", n_facts: int = 16,
+                 seed: int = 0, progress: bool = False) -> dict:
+    """The ``factscope demo`` circuit part: EAP-IG on half of ``n_facts`` facts of one relation whose
+    target is in the model's top 10, the circuit at 5% of the edges evaluated on the other half
+    (3 random seeds, no curve), with counterfactual ablation: on Gemma 3 270M zero ablation (the
+    paper's) leaves no faithful circuit below half of the edges (docs/circuits.md)."""
+    from factscope.circuits.data import build, known_relation_facts, split
+
+    facts, _ = known_relation_facts(model, relation, limit=n_facts, seed=seed, top_k=10)
+    if len(facts) < 4:
+        run.add_section("circuit_evaluate", "Circuit evaluation (D_test)",
+                        f"Skipped: {model.name} knows only {len(facts)} facts of `{relation}`.")
+        return {}
+    val, test = split(facts, 0.5, seed)
+    d_val, d_test = build(model, val, seed=seed), build(model, test, seed=seed + 1)
+    opts = Options(method="eap-ig", ablation="counterfactual", n_random=3, curve=False, seed=seed)
+    ev, _ = run_evaluate(run, model, d_val, d_test, opts, relation, progress=progress)
+    return ev.summary()
