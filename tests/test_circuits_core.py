@@ -329,6 +329,27 @@ def _o_bias(model, l):
     return torch.zeros(model.d_model) if b is None else b.detach()
 
 
+def _random_biases(model):
+    """A copy whose every bias is random: the tiny models' biases start at zero, which would let an
+    empty graph that also drops the attention output bias pass."""
+    import copy
+
+    m = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mod in m.hf.modules():
+            b = getattr(mod, "bias", None)
+            if isinstance(b, torch.nn.Parameter):
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.5)
+    return m
+
+
+def test_run_masked_empty_graph_keeps_output_biases():
+    biased = _random_biases(_load("tiny-gpt2"))
+    assert _o_bias(biased, 0).abs().max() > 0.1
+    test_run_masked_full_and_empty_graph(biased)
+
+
 def test_run_masked_full_and_empty_graph(model):
     batch = model.encode(PROMPTS)
     g = Graph.from_model(model)
@@ -535,6 +556,15 @@ def test_eap_ig_completeness(name):
     heads = slice(g.up_start(l), g.up_start(l) + model.n_heads)
     assert abs(float(sa[heads].sum()) - (m_patch - m_clean)) <= 0.04 * abs(m_patch - m_clean) + 1e-4
     assert abs(float(sa[0].sum()) - float(s[0].sum())) <= 1e-4 * max(1.0, abs(float(s[0].sum())))
+    # an MLP row of EAP-IG on activations sums to the change of patching that MLP's output
+    with torch.no_grad():
+        with hooks.cache(model, ["mlp_out"], [l]) as c:
+            model.forward(cf)
+        with hooks.patch(model, "mlp_out", l, c["mlp_out", l]):
+            m_mlp = M(model.forward(clean, positions=metric.positions))
+    row = g.up_names.index(f"m{l}")
+    assert abs(float(sa[row].sum()) - (m_mlp - m_clean)) <= 0.04 * abs(m_mlp - m_clean) + 1e-4
+    assert abs(m_mlp - m_clean) > 1e-3  # (the check has something to measure)
 
 
 def _spearman_ties(x, y):
@@ -606,3 +636,15 @@ def test_unsupported_families_get_one_clear_error(name):
     with pytest.raises(FactscopeError, match=point if point == "mlp_in" else "q_in/k_in/v_in"):
         with hooks.edit(m, point, 0, lambda x, l: x):
             pass
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gemma3"])
+def test_eap_ig_with_one_step_is_eap(name):
+    """One integration step (alpha = 1: the gradient at the clean input) is EAP."""
+    model = _load(name)
+    clean, cf, metric = _task(model)
+    g = Graph.from_model(model)
+    one = attribute(model, g, clean, cf, metric, method="eap-ig", ablation="counterfactual", steps=1)
+    eap = attribute(model, g, clean, cf, metric, method="eap", ablation="counterfactual")
+    assert eap.abs().max() > 1e-3
+    assert torch.allclose(one, eap, atol=1e-5, rtol=1e-4)

@@ -402,6 +402,20 @@ def test_evaluate_circuit_with_a_fake_masked_runner():
     assert ev.curve[-1]["n_edges"] == total and ev.curve[-1]["faithfulness"] == 1.0
     assert ev.curve[0]["n_edges"] == int(0.001 * total)
     assert (ev.cpr, ev.cmd) == pytest.approx(curve_areas([p["x"] for p in ev.curve], [p["faithfulness"] for p in ev.curve]))
+    # every curve point is the top-k edges by |score| (written out here), not any k edges
+    flat = (g.scores.abs() * g.real).flatten()
+    for p in ev.curve:
+        k = p["n_edges"]
+        top = torch.zeros_like(flat, dtype=torch.bool)
+        top[flat.topk(k).indices] = True
+        want = float(metric.mean(runner(top.view_as(g.real).float())))
+        assert p["metric"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+        assert p["faithfulness"] == pytest.approx((want - empty) / (full - empty), rel=1e-5, abs=1e-6)
+    assert len({round(p["faithfulness"], 4) for p in ev.curve}) > 3  # the curve is not flat
+    # the circuit's own numbers come from the circuit's mask (not the random or full one)
+    circ = float(metric.mean(runner(g.in_graph.float())))
+    assert ev.metric_values["circuit"] == pytest.approx(circ, rel=1e-6)
+    assert ev.faithfulness == pytest.approx((circ - empty) / (full - empty), rel=1e-6)
     # the whole graph as the circuit is exactly faithful
     assert evaluate_circuit(runner, metric, targets, g, total, n_random=1, fractions=None).faithfulness == 1.0
 
