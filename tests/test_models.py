@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -89,26 +90,22 @@ PROMPTS = ["The Eiffel Tower is located in the city of", "Danielle Darrieux spea
 
 def _hf_eager(model, batch):
     """Hidden states and attention probabilities from HF's own eager attention (not factscope's
-    attention function), and what each layer's attention adds to the residual (a plain hook)."""
-    from factscope import hooks
+    attention function), and what each layer's attention adds to the residual (a plain hook). Runs
+    on a copy: transformers 5 leaves output-capturing hooks on the layers of a model it recorded."""
+    from factscope.models import _get
 
+    hf = copy.deepcopy(model.hf)
+    layers = _get(hf, model.spec.layers)
     added = {}
-    handles = [
-        model.module(l, model.spec.attn_out).register_forward_hook(
+    for l in range(model.n_layers):
+        _get(layers[l], model.spec.attn_out).register_forward_hook(
             lambda m, a, o, l=l: added.__setitem__(l, (o[0] if isinstance(o, tuple) else o).detach())
         )
-        for l in range(model.n_layers)
-    ]
-    model.hf.set_attn_implementation("eager")
-    try:
-        with torch.inference_mode():
-            out = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           position_ids=batch.position_ids, use_cache=False, output_attentions=True,
-                           output_hidden_states=True)
-    finally:
-        model.hf.set_attn_implementation(hooks.ATTN_NAME)
-        for h in handles:
-            h.remove()
+    hf.set_attn_implementation("eager")
+    with torch.inference_mode():
+        out = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                 position_ids=batch.position_ids, use_cache=False, output_attentions=True,
+                 output_hidden_states=True)
     return out.hidden_states, out.attentions, added
 
 
@@ -178,7 +175,8 @@ def test_embedding_is_what_layer_0_reads(tiny):
         pytest.skip("GPT-2 adds learned positions to the embedding; Model.embed leaves them out")
     batch = tiny.encode(PROMPTS[:1])
     with torch.inference_mode():
-        hidden = tiny.hf(input_ids=batch.input_ids, output_hidden_states=True, use_cache=False).hidden_states[0]
+        hf = copy.deepcopy(tiny.hf)  # (transformers 5 leaves capture hooks on a recorded model)
+        hidden = hf(input_ids=batch.input_ids, output_hidden_states=True, use_cache=False).hidden_states[0]
     assert torch.equal(tiny.embed(batch.input_ids), hidden)
     if tiny.spec.family in ("gemma", "gemma3"):
         raw = tiny.unembed_weight[batch.input_ids]  # tied embeddings: the unscaled rows

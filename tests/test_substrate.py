@@ -37,14 +37,14 @@ def test_noop_interventions_reproduce_logits(model):
     batch = model.encode(PROMPTS)
     base = model.run(batch, last_only=False)
     mask = _real(batch)
-    with hooks.cache(model, hooks.POINTS) as c:
+    with hooks.cache(model, hooks.available_points(model)) as c:
         cached = model.run(batch, last_only=False)
     assert _max_diff(cached, base, mask) <= 1e-5
     empty = torch.zeros(len(batch), batch.input_ids.shape[1], batch.input_ids.shape[1], dtype=torch.bool)
     with hooks.knockout(model, range(model.n_layers), empty), hooks.edit(model, "mlp_out", 0, lambda x, l: None):
         assert _max_diff(model.run(batch, last_only=False), base, mask) <= 1e-5
     # patching a run's own cache into itself changes nothing, at every editable point
-    for point in hooks.EDITABLE:
+    for point in hooks.available_points(model, editable=True):
         l = model.n_layers // 2
         with hooks.patch(model, point, l, c[point, l]):
             assert _max_diff(model.run(batch, last_only=False), base, mask) <= 1e-5, point
@@ -296,7 +296,9 @@ def test_patch_every_point_from_corrupted_run_gives_its_logits(tiny):
     """For every editable point and layer: patching all positions with a corrupted run's values
     gives the corrupted run's logits; ``mode="add"`` with (b - a) gives the same."""
     mask = None
-    for point in hooks.EDITABLE:
+    # (the receiving-side points feed one receiver, not the stream: a corrupted run's values there do
+    # not give its logits; tests/test_circuits_core.py patches them from another prompt instead)
+    for point in [p for p in hooks.EDITABLE if p not in hooks.RECEIVING]:
         for l in range(tiny.n_layers):
             a, b, logits_a, logits_b, va, vb = _clean_and_corrupted(tiny, point, l)
             mask = _real(a)

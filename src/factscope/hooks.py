@@ -57,6 +57,7 @@ POINTS = ("resid_pre", "attn_out", "mlp_out", "resid_post", "z", "mlp_hidden", "
 EDITABLE = ("resid_pre", "attn_out", "mlp_out", "resid_post", "z", "mlp_hidden", "q_in", "k_in", "v_in", "mlp_in",
             "logits_in")
 QKV_IN = ("q_in", "k_in", "v_in")
+RECEIVING = (*QKV_IN, "mlp_in", "logits_in")  # each receiver's input before its own norm (circuits)
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,6 +266,13 @@ class _QKVHandle:
         if not any(self.state.fns.values()) and getattr(self.attn, "_fs_qkv", None) is self.state:
             self.state.remove()
             self.attn._fs_qkv = None
+
+
+def available_points(model: "Model", editable: bool = False) -> list[str]:
+    """The hook points (or only the editable ones) this model has: all of them, less the
+    receiving-side points where :func:`receiver_support` says its family lacks them."""
+    pts = EDITABLE if editable else POINTS
+    return [p for p in pts if p not in RECEIVING or receiver_support(model) is None]
 
 
 def receiver_support(model: "Model") -> str | None:
