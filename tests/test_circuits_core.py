@@ -329,23 +329,10 @@ def _o_bias(model, l):
     return torch.zeros(model.d_model) if b is None else b.detach()
 
 
-def _random_biases(model):
-    """A copy whose every bias is random: the tiny models' biases start at zero, which would let an
-    empty graph that also drops the attention output bias pass."""
-    import copy
-
-    m = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for mod in m.hf.modules():
-            b = getattr(mod, "bias", None)
-            if isinstance(b, torch.nn.Parameter):
-                b.copy_(torch.randn(b.shape, generator=gen) * 0.5)
-    return m
-
-
 def test_run_masked_empty_graph_keeps_output_biases():
-    biased = _random_biases(_load("tiny-gpt2"))
+    from test_substrate import _with_random_biases  # the tiny models' biases start at zero
+
+    biased = _with_random_biases(_load("tiny-gpt2"))
     assert _o_bias(biased, 0).abs().max() > 0.1
     test_run_masked_full_and_empty_graph(biased)
 
