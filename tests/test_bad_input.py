@@ -61,6 +61,17 @@ def test_a_run_with_results_is_kept_on_failure(tmp_path):
     assert sorted(map(str, removed)) == sorted(map(str, [tmp_path / "deep", tmp_path / "empty"]))
 
 
+def test_a_failed_command_leaves_runs_started_before_it_alone(tmp_path):
+    """A run a Python caller started (only its config.json yet) is not the failing command's."""
+    from factscope.runs import Run, forget_unstarted_runs
+
+    forget_unstarted_runs()
+    mine = Run.create(tmp_path / "mine", {"analysis": "t"})
+    _fails(["flow", "knockout", "--model", "no-such-model", "--out", tmp_path / "x"], "unknown model")
+    assert (mine.dir / "config.json").is_file()
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("args", [
     ["flow", "knockout", "--limit", "0"],
     ["flow", "enrichment", "--limit", "-3"],

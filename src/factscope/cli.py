@@ -106,21 +106,22 @@ class FactscopeGroup(click.Group):
     # ---- errors ------------------------------------------------------------------------------
 
     def invoke(self, ctx: click.Context):
-        from factscope.runs import discard_unstarted_runs, forget_unstarted_runs
+        from factscope.runs import discard_unstarted_runs, forget_unstarted_runs, unstarted_mark
 
         def _term(signum, frame):  # SIGTERM (kill, a batch system's time limit) acts as Ctrl-C
             raise KeyboardInterrupt
 
         with contextlib.suppress(ValueError):  # not in the main thread
             signal.signal(signal.SIGTERM, _term)
+        mark = unstarted_mark()  # (runs a Python caller started before are not this command's)
         try:
             result = super().invoke(ctx)
-            forget_unstarted_runs()
+            forget_unstarted_runs(mark)
             return result
         except BaseException:
             # a failed command leaves no run directory without results behind, so the corrected
             # command is not refused with "already exists" or "config differs"
-            discard_unstarted_runs()
+            discard_unstarted_runs(mark)
             try:
                 raise
             except KeyboardInterrupt:

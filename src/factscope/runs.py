@@ -51,16 +51,21 @@ _UNSTARTED: list[tuple["Run", Path | None]] = []
 _BOOKKEEPING = {CONFIG_FILE, SUMMARY_FILE, SECTIONS_FILE}
 
 
-def discard_unstarted_runs() -> list[Path]:
-    """Remove the directories of runs this process started that hold no result yet (only
-    config.json, summary.json, sections.json and empty folders). The CLI calls this when a command
-    fails (bad model, bad data, interrupted while loading), so a corrected rerun is not refused
-    with "already exists" or "config differs". A directory with any table, figure or checkpoint
-    record is kept. Returns the removed directories."""
+def unstarted_mark() -> int:
+    """A mark for :func:`discard_unstarted_runs`: only runs started after it are considered."""
+    return len(_UNSTARTED)
+
+
+def discard_unstarted_runs(since: int = 0) -> list[Path]:
+    """Remove the directories of runs started (after the mark ``since``) that hold no result yet
+    (only config.json, summary.json, sections.json and empty folders). The CLI calls this when a
+    command fails (bad model, bad data, interrupted while loading), so a corrected rerun is not
+    refused with "already exists" or "config differs". A directory with any table, figure or
+    checkpoint record is kept. Returns the removed directories."""
     import shutil
 
     removed = []
-    while _UNSTARTED:
+    while len(_UNSTARTED) > since:
         run, created = _UNSTARTED.pop()
         files = [p for p in run.dir.rglob("*") if p.is_file()] if run.dir.is_dir() else []
         if any(p.parent != run.dir or p.name not in _BOOKKEEPING for p in files):
@@ -75,9 +80,9 @@ def discard_unstarted_runs() -> list[Path]:
     return removed
 
 
-def forget_unstarted_runs() -> None:
-    """A command finished: its runs are results, not leftovers."""
-    _UNSTARTED.clear()
+def forget_unstarted_runs(since: int = 0) -> None:
+    """A command finished: its runs (those after the mark ``since``) are results, not leftovers."""
+    del _UNSTARTED[since:]
 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
