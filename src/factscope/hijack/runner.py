@@ -180,6 +180,22 @@ def safe_name(name: str) -> str:
     return s or "model"
 
 
+def _reuse_chunk(ck, ckey: str, keys: list, out: dict) -> bool:
+    """Put a finished chunk's scores from the checkpoint into ``out``; False when it is not there.
+    A chunk that holds other prompts than ``keys`` means the run changed: one clear error."""
+    rec = ck.get(ckey)
+    if rec is None:
+        return False
+    if [r[:3] for r in rec["items"]] != keys:
+        raise FactscopeError(
+            f"checkpoint {ck.path} does not match this run (chunk {ckey} holds other prompts); "
+            "was the model or the data changed? Use a new --out directory"
+        )
+    for r in rec["items"]:
+        out[tuple(r[:3])] = Score(r[3], r[4], r[5])
+    return True
+
+
 def _execute(
     model: Model,
     ck,
@@ -202,15 +218,7 @@ def _execute(
         idx = order[start : start + chunk_size]
         keys = [list(items[i][0]) for i in idx]
         ckey = f"{phase}:{c}"
-        rec = ck.get(ckey)
-        if rec is not None:
-            if [r[:3] for r in rec["items"]] != keys:
-                raise FactscopeError(
-                    f"checkpoint {ck.path} does not match this run (chunk {ckey} holds other prompts); "
-                    "was the model or the data changed? Use a new --out directory"
-                )
-            for r in rec["items"]:
-                out[tuple(r[:3])] = Score(r[3], r[4], r[5])
+        if _reuse_chunk(ck, ckey, keys, out):
             bar.update(len(idx))
             continue
         scores = score_ids(
@@ -279,15 +287,7 @@ def _execute_shared(
         part = flat[start : start + chunk_size]
         keys = [list(it[0]) for _, it in part]
         ckey = f"{phase}:{c}"
-        rec = ck.get(ckey)
-        if rec is not None:
-            if [r[:3] for r in rec["items"]] != keys:
-                raise FactscopeError(
-                    f"checkpoint {ck.path} does not match this run (chunk {ckey} holds other prompts); "
-                    "was the model or the data changed? Use a new --out directory"
-                )
-            for r in rec["items"]:
-                out[tuple(r[:3])] = Score(r[3], r[4], r[5])
+        if _reuse_chunk(ck, ckey, keys, out):
             bar.update(len(part))
             continue
         ctx_index: dict[int, int] = {}
