@@ -196,6 +196,13 @@ def _reuse_chunk(ck, ckey: str, keys: list, out: dict) -> bool:
     return True
 
 
+def _store_chunk(ck, ckey: str, keys: list, scores: list, out: dict) -> None:
+    """Checkpoint a scored chunk (what :func:`_reuse_chunk` reads back) and put it into ``out``."""
+    ck.append(ckey, {"items": [k + [s.lp_true, s.lp_false, s.top1] for k, s in zip(keys, scores)]})
+    for k, s in zip(keys, scores):
+        out[tuple(k)] = s
+
+
 def _execute(
     model: Model,
     ck,
@@ -230,9 +237,7 @@ def _execute(
             batch_size=batch_size,
             max_tokens=max_tokens,
         )
-        ck.append(ckey, {"items": [k + [s.lp_true, s.lp_false, s.top1] for k, s in zip(keys, scores)]})
-        for k, s in zip(keys, scores):
-            out[tuple(k)] = s
+        _store_chunk(ck, ckey, keys, scores, out)
         bar.update(len(idx))
         if on_chunk is not None:
             on_chunk(ckey)
@@ -304,9 +309,7 @@ def _execute_shared(
             batch_size=batch_size,
             max_tokens=max_tokens,
         )
-        ck.append(ckey, {"items": [k + [s.lp_true, s.lp_false, s.top1] for k, s in zip(keys, scores)]})
-        for k, s in zip(keys, scores):
-            out[tuple(k)] = s
+        _store_chunk(ck, ckey, keys, scores, out)
         bar.update(len(part))
         if on_chunk is not None:
             on_chunk(ckey)

@@ -47,6 +47,13 @@ def tokenize(model: Model, prompts: Sequence[str]) -> list[list[int]]:
     return [list(x[: len(x) - n_trail]) if n_trail else list(x) for x in ids]
 
 
+def _check_args(metric: str, name: str, prompts, true_ids, false_ids) -> None:
+    if metric not in METRICS:
+        raise FactscopeError(f"unknown metric {metric!r}: use {' or '.join(METRICS)}")
+    if not (len(prompts) == len(true_ids) == len(false_ids)):
+        raise ValueError(f"{name}, true_ids and false_ids must have the same length")
+
+
 def score_ids(
     model: Model,
     seqs: Sequence[Sequence[int]],
@@ -57,10 +64,7 @@ def score_ids(
     max_tokens: int | None = 4096,
 ) -> list[Score]:
     """Score tokenized prompts (see the module docstring)."""
-    if metric not in METRICS:
-        raise FactscopeError(f"unknown metric {metric!r}: use {' or '.join(METRICS)}")
-    if not (len(seqs) == len(true_ids) == len(false_ids)):
-        raise ValueError("seqs, true_ids and false_ids must have the same length")
+    _check_args(metric, "seqs", seqs, true_ids, false_ids)
     if any(len(s) == 0 for s in seqs):
         raise FactscopeError("empty prompt")
     run_seqs, wants, plans = _plan([tuple(int(x) for x in s) for s in seqs], true_ids, false_ids, metric,
@@ -140,10 +144,7 @@ def score_shared(
     (:meth:`Model.prefill`, in length-sorted batches of contexts) and every prompt's suffix is run
     against the first ``m`` tokens of its context (:meth:`Model.forward_from`); prompts with
     ``m = 0`` run whole. Equals :func:`score_ids` on the joined token sequences."""
-    if metric not in METRICS:
-        raise FactscopeError(f"unknown metric {metric!r}: use {' or '.join(METRICS)}")
-    if not (len(prompts) == len(true_ids) == len(false_ids)):
-        raise ValueError("prompts, true_ids and false_ids must have the same length")
+    _check_args(metric, "prompts", prompts, true_ids, false_ids)
     bases = []
     for c, m, suffix in prompts:
         if not 0 <= c < len(contexts) or not 0 <= m <= len(contexts[c]):
