@@ -74,9 +74,10 @@ def _setup(kw: dict, command: str, extra: dict):
         "runtime": {"batch_size": kw["batch_size"], "threads": kw["threads"], "device": kw["device"]},
     }
     model = load_model(kw["model_name"], device=kw["device"])  # bad model or device: fail before the run exists
-    load_facts(kw["dataset"])  # bad data likewise
+    all_facts = load_facts(kw["dataset"])  # bad data likewise
     run = Run.create(kw["out"], config, resume=kw["resume"])
-    facts = facts_for_run(run, model, kw["dataset"], kw["limit"], seed=kw["seed"], progress=not kw["no_progress"], known_only=not kw["all_facts"])
+    facts = facts_for_run(run, model, kw["dataset"], kw["limit"], seed=kw["seed"], progress=not kw["no_progress"],
+                          known_only=not kw["all_facts"], all_facts=all_facts)
     run.update_summary({"model": model.name, "dataset": kw["dataset"]})
     return run, model, facts
 

@@ -41,12 +41,13 @@ def select_known(
 
 
 def facts_for_run(
-    run, model: Model, dataset: str, limit: int | None, seed: int = 0, progress: bool = True, known_only: bool = True
+    run, model: Model, dataset: str, limit: int | None, seed: int = 0, progress: bool = True, known_only: bool = True,
+    all_facts: list[Fact] | None = None,
 ) -> list[Fact]:
     """The run's facts: read back from ``facts.csv`` when resuming, else selected and saved.
     ``known_only=False`` takes a seeded sample of all facts (the analyses then follow the model's
     own top-1 token, whatever it is; useful for random test models)."""
-    all_facts = load_facts(dataset)
+    all_facts = load_facts(dataset) if all_facts is None else all_facts  # (the caller may have loaded them)
     prev = run.load_table("facts")
     if prev is not None and len(prev):
         by_id = {f.id or f"{f.subject}|{f.prompt}": f for f in all_facts}
