@@ -125,7 +125,7 @@ HOLDOUT = [
     ("X08", "models.py", "return Batch(r(self.input_ids), r(self.attention_mask), r(self.position_ids), [x for x in self.lengths for _ in range(n)])", "return Batch(r(self.input_ids), r(self.attention_mask), r(self.position_ids), self.lengths * n)", "repeat: lengths in the wrong order"),
     ("X09", "models.py", "w = proj.weight[:, 2 * self.d_model : 3 * self.d_model]  # c_attn = [q | k | v]", "w = proj.weight[:, self.d_model : 2 * self.d_model]", "GPT-2 W_V reads the keys"),
     ("X10", "models.py", "return (torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w).to(x.dtype)", "return (torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps) * w).to(x.dtype)", "RMS over a sum"),
-    ("X11", "models.py", "    hf.set_attn_implementation(hooks.ATTN_NAME)\n", "", "factscope attention never installed"),
+    ("X11", "models.py", "    hf.set_attn_implementation(attention.ATTN_NAME)\n", "", "factscope attention never installed"),
     ("X12", "predict.py", "Prediction(ix[j].tolist(), model.to_str_tokens(ix[j].tolist()), p[j].tolist())", "Prediction(ix[j].tolist(), model.to_str_tokens(ix[j].tolist()), p[0].tolist())", "every prompt gets the first prompt's probabilities"),
     ("X13", "predict.py", "prob = lg.softmax(-1).gather(1, tgt[:, None])[:, 0]", "prob = lg.gather(1, tgt[:, None])[:, 0]", "target logit reported as probability"),
     ("X14", "predict.py", "return out.sort_values([\"rate\", \"n\"], ascending=False).reset_index(drop=True)", "return out.sort_values([\"rate\", \"n\"], ascending=True).reset_index(drop=True)", "relations sorted worst first"),

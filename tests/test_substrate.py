@@ -261,8 +261,8 @@ def test_local_dir_roundtrip(tmp_path):
 def _raw_perturbation(model, point, l):
     """A corrupted run built with a plain PyTorch hook (not factscope's patch code) that changes
     layer ``l`` from ``point`` on and nothing upstream of it: the value projection's output for
-    ``z``/``attn_out``, the MLP's input for ``mlp_out``."""
-    if point in ("z", "attn_out"):
+    ``z``/``head_out``/``attn_out``, the MLP's input for ``mlp_out``."""
+    if point in ("z", "head_out", "attn_out"):
         h = model.module(l, model.spec.v_proj).register_forward_hook(lambda m, a, out: out * 1.7 + 0.3)
     else:
         h = model.mlp(l).register_forward_pre_hook(lambda m, args: (args[0] * 1.7 + 0.3, *args[1:]))

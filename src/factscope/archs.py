@@ -143,6 +143,61 @@ ARCHS: tuple[ArchSpec, ...] = (
 )
 
 
+# --------------------------------------------------------------------------------------------
+# Hook points as data (as pyvene's per-family ``type_to_module_mapping`` tables)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a hook point lives: ``module`` names an :class:`ArchSpec` field holding the module's path
+    inside a decoder layer (``"layer"``: the decoder layer itself; ``"final_norm"``: the model's final
+    norm, one module for every layer index), ``io`` whether the point is that module's ``"input"``
+    or ``"output"`` (its first element when a tuple), and ``heads`` how heads are split:
+
+    - ``None``: the tensor as it is;
+    - ``"split"``: the last dimension viewed as ``[n_heads, head_dim]`` (z);
+    - ``"W_O"``: per-head shares of the output projection, ``z_h @ W_O[h]`` (times Gemma's
+      post-attention norm factor), summing to ``attn_out``;
+    - ``"copy"``: one copy of the input per query head (``q``) or key/value head (``k``, ``v``),
+      each projected by its own slice of ``proj`` (the ArchSpec field of that projection);
+    - ``"probs"``: recorded inside the attention function (read only).
+
+    ``alias``: the hook sees a view that only this module consumes (the input of a receiver's norm:
+    an edit or gradient there is the receiver's own, not the residual add's).
+    """
+
+    module: str
+    io: str
+    heads: str | None = None
+    proj: str | None = None
+    alias: bool = False
+    editable: bool = True
+
+
+POINT_SITES: dict[str, Site] = {
+    "resid_pre": Site("layer", "input"),
+    "attn_out": Site("attn_out", "output"),
+    "mlp_out": Site("mlp_out", "output"),
+    "resid_post": Site("layer", "output"),
+    "z": Site("o_proj", "input", heads="split"),
+    "mlp_hidden": Site("mlp_down", "input"),
+    "head_out": Site("o_proj", "output", heads="W_O"),
+    "attn_probs": Site("attn", "output", heads="probs", editable=False),
+    "q_in": Site("attn_in_norm", "input", heads="copy", proj="q_proj"),
+    "k_in": Site("attn_in_norm", "input", heads="copy", proj="k_proj"),
+    "v_in": Site("attn_in_norm", "input", heads="copy", proj="v_proj"),
+    "mlp_in": Site("mlp_in_norm", "input", alias=True),
+    "logits_in": Site("final_norm", "input", alias=True),
+}
+
+
+def site_path(spec: ArchSpec, point: str) -> str | None:
+    """The module path of a point's site in this family (None where the family has no such module)."""
+    module = POINT_SITES[point].module
+    return "" if module == "layer" else getattr(spec, module)
+
+
 def supported_model_types() -> list[str]:
     return sorted(t for a in ARCHS for t in a.model_types)
 

@@ -713,7 +713,7 @@ def _span_by_prefix(tokenizer, prompt: str, s: int, e: int) -> tuple[int, int]:
     A space before the subject belongs to the subject's first token (BPE "Ġ", SentencePiece "▁"),
     so the prefix before the subject is counted without its trailing whitespace.
     """
-    n_trail = _n_trailing_special(tokenizer)
+    n_trail = n_trailing_special(tokenizer)
     before = prompt[:s].rstrip()
     start = len(_encode_ids(tokenizer, before)) - n_trail
     if not before:  # only the leading special tokens (BOS) come before the subject
@@ -727,7 +727,8 @@ def _span_by_prefix(tokenizer, prompt: str, s: int, e: int) -> tuple[int, int]:
     return start, end
 
 
-def _n_trailing_special(tokenizer) -> int:
+def n_trailing_special(tokenizer) -> int:
+    """How many special tokens the tokenizer appends after a text by default (e.g. an EOS)."""
     ids = _encode_ids(tokenizer, "a")
     specials = set(getattr(tokenizer, "all_special_ids", []) or [])
     n = 0
@@ -827,7 +828,7 @@ def target_ids(tokenizer, prompt: str, target: str) -> list[int]:
         return head + [ids[i] for i in rest]
     # No offsets at all: prefix comparison.
     full = _encode_ids(tokenizer, text)
-    n_trail = _n_trailing_special(tokenizer)
+    n_trail = n_trailing_special(tokenizer)
     core = p_ids[: len(p_ids) - n_trail] if n_trail else p_ids
     end = len(full) - n_trail if n_trail else len(full)
     if full[: len(core)] == core:
@@ -842,20 +843,22 @@ def target_ids(tokenizer, prompt: str, target: str) -> list[int]:
 def target_logprob(model, tokenizer, prompt: str, target: str) -> float:
     """Total log-probability (natural log) of all tokens of ``target`` continuing ``prompt``.
 
-    ``model`` is a Hugging Face causal LM (or a factscope Model, whose ``.hf`` is used).
+    ``model`` is a factscope Model or a Hugging Face causal LM.
     """
     import torch
 
-    hf = getattr(model, "hf", model)
     p_ids = _encode_ids(tokenizer, prompt)
-    n_trail = _n_trailing_special(tokenizer)
+    n_trail = n_trailing_special(tokenizer)
     if n_trail:
         p_ids = p_ids[:-n_trail]
     t_ids = target_ids(tokenizer, prompt, target)
-    device = next(hf.parameters()).device
-    ids = torch.tensor([p_ids + t_ids], device=device)
     with torch.no_grad():
-        logits = hf(input_ids=ids).logits[0].float()
+        if hasattr(model, "batch_from_ids"):  # a factscope Model
+            device = model.device
+            logits = model.forward(model.batch_from_ids([p_ids + t_ids]), last_only=False)[0].float()
+        else:
+            device = next(model.parameters()).device
+            logits = model(input_ids=torch.tensor([p_ids + t_ids], device=device)).logits[0].float()
     logp = torch.log_softmax(logits, dim=-1)
     n = len(p_ids)
     pos = torch.arange(n - 1, n - 1 + len(t_ids), device=device)

@@ -9,7 +9,7 @@ Points, per layer ``l`` (shapes for a batch of ``B`` left-padded prompts of ``T`
 ``resid_post`` residual stream leaving layer l                                   ``[B, T, d]``
 ``z``          each head's value-weighted sum, the input of the output proj.   ``[B, T, H, hd]``
 ``mlp_hidden`` the MLP's hidden activation, the input of its down projection  ``[B, T, d_mlp]``
-``head_out``   each head's share of ``attn_out`` (read only)                    ``[B, T, H, d]``
+``head_out``   each head's share of ``attn_out`` (editable in attn_out's space)   ``[B, T, H, d]``
 ``attn_probs`` attention probabilities (read only)                             ``[B, H, T, T]``
 ``q_in``       each query head's own copy of the residual before the attention
                input norm (normed, then projected by the head's slice of W_Q)    ``[B, T, H, d]``
@@ -46,106 +46,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from factscope.archs import POINT_SITES, site_path
+from factscope.attention import ATTN_NAME, install, register_attention  # noqa: F401 (re-exported)
 from factscope.errors import FactscopeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from factscope.models import Batch, Model
 
-ATTN_NAME = "factscope"
-POINTS = ("resid_pre", "attn_out", "mlp_out", "resid_post", "z", "mlp_hidden", "head_out", "attn_probs",
-          "q_in", "k_in", "v_in", "mlp_in", "logits_in")
-EDITABLE = ("resid_pre", "attn_out", "mlp_out", "resid_post", "z", "mlp_hidden", "q_in", "k_in", "v_in", "mlp_in",
-            "logits_in")
-QKV_IN = ("q_in", "k_in", "v_in")
+POINTS = tuple(POINT_SITES)  # where each lives, per family: factscope.archs.POINT_SITES
+EDITABLE = tuple(p for p, s in POINT_SITES.items() if s.editable)
+QKV_IN = tuple(p for p, s in POINT_SITES.items() if s.heads == "copy")
 RECEIVING = (*QKV_IN, "mlp_in", "logits_in")  # each receiver's input before its own norm (circuits)
-
-
-# --------------------------------------------------------------------------------------------
-# The attention function
-# --------------------------------------------------------------------------------------------
-
-
-def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
-    """Attention with knockout masks and probability recording.
-
-    The output always comes from PyTorch's scaled-dot-product attention (the same kernel as an
-    unhooked model, so empty knockouts and recording change nothing), with knockout masks folded
-    into the additive mask; probabilities are recorded from a separate eager computation. Models
-    with attention-logit softcapping (Gemma 2) use the eager path throughout.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    prefix = getattr(module, "_fs_prefix", None)
-    if prefix is not None:  # Model.forward_from: cached prefix keys/values and a position-based mask
-        key = torch.cat([prefix[0], key], dim=-2)
-        value = torch.cat([prefix[1], value], dim=-2)
-        attention_mask = prefix[2]
-    kv = getattr(module, "_fs_kv", None)
-    if kv is not None:  # Model.prefill / extend: record what this layer attends over
-        kv.append((key, value))
-    blocks = getattr(module, "_fs_blocks", None)
-    record = getattr(module, "_fs_record", None)
-    uniform = getattr(module, "_fs_uniform", None)
-    if uniform:
-        # A zero query scores every key 0: softmax then spreads the query's attention evenly over
-        # the keys the masks leave visible (causal, non-pad, in-window, not knocked out).
-        sel = torch.zeros((), dtype=torch.bool, device=query.device)
-        for u in uniform:
-            sel = sel | u(query)
-        query = query.masked_fill(sel, 0.0)
-    mask = attention_mask
-    if mask is not None:
-        mask = mask[:, :, :, : key.shape[-2]]
-        if mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, torch.finfo(query.dtype).min)
-    if blocks and mask is not None:
-        # Masked-out keys carry finfo.min, not -inf: a query whose every visible key is blocked would
-        # otherwise attend uniformly to the masked-out (future, padding, out-of-window) keys.
-        mask = mask.masked_fill(mask <= torch.finfo(mask.dtype).min, float("-inf"))
-    for block in blocks or ():
-        mask = (mask if mask is not None else torch.zeros((), dtype=query.dtype, device=query.device)).masked_fill(block, float("-inf"))
-    if softcap is None and blocks:
-        out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
-        out = torch.nan_to_num(out, nan=0.0)  # a query with every key blocked reads nothing
-    elif softcap is None:
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if softcap is None and record is None:
-        return out, None
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    n_rep = query.shape[1] // key.shape[1]
-    k = key.repeat_interleave(n_rep, dim=1) if n_rep > 1 else key
-    v = value.repeat_interleave(n_rep, dim=1) if n_rep > 1 else value
-    scores = torch.matmul(query, k.transpose(2, 3)) * scaling
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    if mask is not None:
-        scores = scores + mask
-    probs = torch.nan_to_num(torch.softmax(scores.float(), dim=-1), nan=0.0).to(query.dtype)
-    if record is not None:
-        record.append(probs)
-    if softcap is not None:
-        drop = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
-        out = torch.matmul(drop, v).transpose(1, 2).contiguous()
-    return out, probs
-
-
-def register_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-    AttentionInterface.register(ATTN_NAME, _attention)
-    AttentionMaskInterface.register(ATTN_NAME, eager_mask)  # always a materialized additive mask
-
-
-def install(model: "Model") -> None:
-    for l in range(model.n_layers):
-        attn = model.attn(l)
-        attn._fs_blocks = []
-        attn._fs_record = None
-        attn._fs_prefix = None  # (keys, values, mask) while Model.forward_from runs
-        attn._fs_kv = None  # a list recording (keys, values) while Model.prefill runs
-        attn._fs_uniform = []
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,67 +202,125 @@ def receiver_support(model: "Model") -> str | None:
     return None
 
 
+def _site_module(model: "Model", point: str, layer: int) -> torch.nn.Module:
+    """The module a point hooks, from the architecture table (:data:`factscope.archs.POINT_SITES`)."""
+    spec, site = model.spec, POINT_SITES[point]
+    if site.module == "final_norm":
+        return model.final_norm_module
+    path = site_path(spec, point)
+    if path is None:
+        reason = {
+            "mlp_in": "its MLP reads the attention's input norm, so the MLP has no input of its own to edit",
+            "mlp_hidden": "the architecture table has no MLP down-projection path",
+        }.get(point, f"its architecture row has no {site.module!r} module")
+        raise FactscopeError(f"{point} is not available for the {spec.family} family: {reason}")
+    return model.layer(layer) if path == "" else model.module(layer, path)
+
+
 def _register_edit(model: "Model", point: str, layer: int, fn: Callable[[torch.Tensor], torch.Tensor | None]):
-    """Register a hook calling ``fn(activation)``; a returned tensor replaces the activation."""
-    spec = model.spec
-    if point in QKV_IN:
+    """Register a hook calling ``fn(activation)``; a returned tensor replaces the activation.
+
+    Generic over the table: a point is its site module's input (a forward pre-hook) or output (a
+    forward hook), optionally split into heads; only ``q_in``/``k_in``/``v_in`` (per-head copies) and
+    ``head_out`` (per-head shares of the output projection) have machinery of their own.
+    """
+    site = POINT_SITES[point]
+    if site.heads == "copy":
         return _QKVHandle(model, layer, point, fn)
-    if point in ("mlp_in", "logits_in"):
-        if point == "mlp_in" and spec.mlp_in_norm is None:
-            raise FactscopeError(
-                f"mlp_in is not available for the {spec.family} family: its MLP reads the attention's input "
-                "norm, so the MLP has no input of its own to edit")
-        norm = model.module(layer, spec.mlp_in_norm) if point == "mlp_in" else model.final_norm_module
+    if site.heads == "W_O":
+        return _HeadOutHandle(model, layer, fn)
+    mod = _site_module(model, point, layer)
+    H, hd = model.n_heads, model.head_dim
+    split = site.heads == "split"
 
-        def pre_norm(mod, args):
-            # An alias of the stream that only the norm consumes: its gradient is the receiver's own
-            # (for mlp_in the stream also feeds the residual add, which must not count).
-            x = args[0].view_as(args[0])
-            new = fn(x)
-            return (x if new is None else new, *args[1:])
+    def call(x: torch.Tensor) -> torch.Tensor | None:
+        if site.alias:  # a view only this module consumes (see Site.alias)
+            x = x.view_as(x)
+        new = fn(x.view(*x.shape[:-1], H, hd) if split else x)
+        if new is None:
+            return x if site.alias else None
+        return new.reshape(x.shape) if split else new
 
-        return norm.register_forward_pre_hook(pre_norm)
-    if point == "resid_pre":
+    if site.io == "input":
 
-        def pre(mod, args, kwargs):
+        def pre(m, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
-            new = fn(x)
+            new = call(x)
             if new is None:
                 return None
             if args:
                 return (new, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": new}
 
-        return model.layer(layer).register_forward_pre_hook(pre, with_kwargs=True)
-    if point == "z":
-        H, hd = model.n_heads, model.head_dim
-
-        def pre_z(mod, args):
-            z = args[0]
-            new = fn(z.view(*z.shape[:-1], H, hd))
-            return None if new is None else (new.reshape(z.shape), *args[1:])
-
-        return model.module(layer, spec.o_proj).register_forward_pre_hook(pre_z)
-    if point == "mlp_hidden":
-        if not spec.mlp_down:
-            raise FactscopeError(f"the architecture table has no MLP down-projection path for family {spec.family!r}")
-
-        def pre_hidden(mod, args):
-            new = fn(args[0])
-            return None if new is None else (new, *args[1:])
-
-        return model.module(layer, spec.mlp_down).register_forward_pre_hook(pre_hidden)
-    mod = {
-        "resid_post": model.layer(layer),
-        "attn_out": model.module(layer, spec.attn_out),
-        "mlp_out": model.module(layer, spec.mlp_out),
-    }[point]
+        return mod.register_forward_pre_hook(pre, with_kwargs=True)
 
     def post(m, args, out):
-        new = fn(_first(out))
+        new = call(_first(out))
         return None if new is None else _replace_first(out, new)
 
     return mod.register_forward_hook(post)
+
+
+class _HeadOutState:
+    """Per-layer machinery behind a writable ``head_out``: each head's share ``z_h @ W_O[h]`` of
+    ``attn_out`` (times the post-attention norm factor of the unedited output projection, Gemma 2/3)
+    is computed once and passed through the layer's head_out hooks in the order they were entered
+    (a later one sees an earlier one's edit). Edits act in ``attn_out``'s space: ``attn_out`` gains
+    the sum over heads of (edited - original) shares, so an identity edit changes nothing bit for
+    bit and the shares (plus the output bias) keep summing to ``attn_out``. Gemma's post-attention
+    norm is not recomputed after an edit (its factor stays the clean one): there zeroing a head's
+    share is not zeroing its ``z`` (which the norm would rescale)."""
+
+    def __init__(self, model: "Model", l: int):
+        self.model, self.l = model, l
+        self.fns: list = []
+        self.delta: torch.Tensor | None = None
+        self.handles = [model.module(l, model.spec.o_proj).register_forward_hook(self._shares),
+                        model.module(l, model.spec.attn_out).register_forward_hook(self._apply)]
+
+    def _shares(self, mod, args, out):
+        model, l = self.model, self.l
+        z = args[0].view(*args[0].shape[:-1], model.n_heads, model.head_dim)
+        heads = torch.einsum("bthe,hed->bthd", z, model.W_O(l).to(z.dtype))
+        scale = model.post_attn_scale(l, out)  # Gemma: RMSNorm factor of the whole o_proj output
+        if not isinstance(scale, float):
+            scale = scale.unsqueeze(-2)
+        orig = cur = heads * scale
+        for fn in list(self.fns):
+            new = fn(cur)
+            if new is not None:
+                cur = new
+        self.delta = None if cur is orig else (cur - orig).sum(-2)
+
+    def _apply(self, mod, args, out):
+        delta, self.delta = self.delta, None
+        if delta is None:
+            return None
+        return _replace_first(out, _first(out) + delta.to(_first(out).dtype))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class _HeadOutHandle:
+    def __init__(self, model: "Model", l: int, fn):
+        attn = model.attn(l)
+        state = getattr(attn, "_fs_head_out", None)
+        if state is None:
+            state = attn._fs_head_out = _HeadOutState(model, l)
+        self.attn, self.state, self.fn = attn, state, fn
+        state.fns.append(fn)
+
+    def remove(self) -> None:
+        fns = self.state.fns
+        for i, f in enumerate(fns):
+            if f is self.fn:
+                del fns[i]
+                break
+        if not fns and getattr(self.attn, "_fs_head_out", None) is self.state:
+            self.state.remove()
+            self.attn._fs_head_out = None
 
 
 @contextlib.contextmanager
@@ -402,26 +371,49 @@ def cache(
                         store[key] = keep(x)
 
                     hs.append(_register_edit(model, p, l, save))
-                elif p == "head_out":
-                    hs.append(_register_head_out(model, l, store, keep))
                 else:  # attn_probs
                     stack.enter_context(_record_probs(model, l, store, keep))
         yield store
 
 
-def _register_head_out(model: "Model", l: int, store: dict, keep) -> torch.utils.hooks.RemovableHandle:
-    W_O = model.W_O(l)
-    H, hd = model.n_heads, model.head_dim
+@contextlib.contextmanager
+def grads(model: "Model", points: str | Iterable[str], layers: Iterable[int] | None = None) -> Iterator[ActivationCache]:
+    """Gradients with respect to hook points: ``g[point, layer]`` after a backward pass in the block.
 
-    def post(mod, args, out):
-        z = args[0].view(*args[0].shape[:-1], H, hd)
-        heads = torch.einsum("bthe,hed->bthd", z, W_O)
-        scale = model.post_attn_scale(l, out)  # Gemma: RMSNorm factor of the whole o_proj output
-        if not isinstance(scale, float):
-            scale = scale.unsqueeze(-2)
-        store[("head_out", l)] = keep(heads * scale)
+    ::
 
-    return model.module(l, model.spec.o_proj).register_forward_hook(post)
+        with hooks.grads(model, ["resid_pre", "head_out"], [3]) as g:
+            metric(model.forward(batch)).backward()
+        g["head_out", 3]  # d metric / d head_out[3], the activation's shape
+
+    Each point gets a zero tensor added during the forward (``x + 0`` is ``x`` exactly, so the
+    forward is unchanged) whose gradient is the gradient with respect to the point; gradients flow
+    on through the other points (several layers at once work). The model's weights need not require
+    gradients. The forward must run with gradients enabled (``model.forward``, not ``model.run``,
+    outside ``torch.no_grad``/``inference_mode``). Any editable point works (``attn_probs`` does
+    not); the gradient of a ``mlp_in``/``logits_in``/``q_in``/``k_in``/``v_in`` is the receiver's
+    own (see :data:`factscope.archs.POINT_SITES`). For a point's activation in the graph use
+    :func:`cache` with ``detach=False``.
+    """
+    points = [points] if isinstance(points, str) else list(points)
+    layers = list(range(model.n_layers)) if layers is None else list(layers)
+    store = ActivationCache()
+    with _handles() as hs:
+        for p in points:
+            for l in layers:
+                _check(model, p, l, EDITABLE)
+
+                def tap(x, key=(p, l)):
+                    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+                        raise FactscopeError(
+                            "hooks.grads needs a forward with gradients enabled (model.forward outside "
+                            "torch.no_grad / torch.inference_mode; model.run disables them)")
+                    zero = torch.zeros_like(x, requires_grad=True)
+                    zero.register_hook(lambda g: store.__setitem__(key, g.detach()))
+                    return x + zero
+
+                hs.append(_register_edit(model, p, l, tap))
+        yield store
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from factscope import DEFAULT_MODEL
+from factscope import DEFAULT_MODEL, attention
 from factscope.archs import ArchSpec, arch_for
 from factscope.errors import FactscopeError
 CACHE_FORMAT = 1
@@ -482,8 +482,6 @@ class Model:
     """One view of any supported causal LM; see docs/ARCHITECTURE.md."""
 
     def __init__(self, hf, tokenizer, name: str, weights: str = "unknown"):
-        from factscope import hooks
-
         self.hf = hf.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -498,7 +496,7 @@ class Model:
         # attention and MLP both read resid_pre (GPT-J, GPT-NeoX unless configured sequential)
         self.parallel: bool = self.spec.parallel and bool(getattr(cfg, "use_parallel_residual", True))
         self.weights: str = weights  # provenance of the weights, in words (see weights_label)
-        hooks.install(self)
+        attention.install(self)
         for p in self.hf.parameters():
             p.requires_grad_(False)
 
@@ -814,6 +812,15 @@ class Model:
         with torch.inference_mode():
             return self.forward(batch, last_only=last_only)
 
+    def generate(self, batch: Batch, n_tokens: int) -> torch.Tensor:
+        """Greedy continuations: long ``[B, n_tokens]``, the tokens generated after each prompt (a
+        sequence that ends early is padded with the pad token)."""
+        out = self.hf.generate(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=n_tokens, do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id, top_p=None, top_k=None, temperature=None,
+        )
+        return out[:, batch.input_ids.shape[1] :]
+
     def to_str_tokens(self, ids) -> list[str]:
         return [self.tokenizer.decode([int(i)]) for i in ids]
 
@@ -995,9 +1002,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dt
 
     dtype = DTYPES[dtype_name(default_dtype() if dtype is None else dtype)]
     device = check_device(device)
-    from factscope import hooks
-
-    hooks.register_attention()
+    attention.register_attention()
     if spec in REGISTRY and REGISTRY[spec].tiny:
         hf, tok = _build_tiny(REGISTRY[spec].tiny)
         hf = hf.to(dtype)
@@ -1037,7 +1042,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dt
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
     arch_for(hf.config.model_type)
-    hf.set_attn_implementation(hooks.ATTN_NAME)
+    hf.set_attn_implementation(attention.ATTN_NAME)
     hf = hf.to(device)
     model = Model(hf, tok, name, weights=weights_label(spec))
     if dtype == torch.float16:

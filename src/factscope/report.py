@@ -17,6 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from factscope.layout import CHECKPOINT_DIR, NON_DEFINING_KEYS
+
 if TYPE_CHECKING:  # pragma: no cover
     from factscope.runs import Run
 
@@ -292,8 +294,6 @@ def _summary_block(summary: Mapping[str, Any]) -> str:
 
 
 def _config_block(config: Mapping[str, Any]) -> str:
-    from factscope.runs import NON_DEFINING_KEYS
-
     cfg = dict(config)
     versions = cfg.pop("versions", None)
     created = cfg.pop("created_utc", None)
@@ -343,8 +343,6 @@ def _as_item(entry: Any) -> dict[str, str]:
 
 
 def _files_block(run: "Run") -> str:
-    from factscope.runs import CHECKPOINT_DIR
-
     rows = []
     for p in sorted(run.dir.iterdir()):
         if p.name.startswith(".") or not p.is_file() or p.suffix not in (".csv", ".png", ".json"):

@@ -29,17 +29,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from factscope.errors import FactscopeError
+from factscope.layout import CHECKPOINT_DIR, NON_DEFINING_KEYS  # noqa: F401 (part of this module's API)
+from factscope.report import render_report
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 SECTIONS_FILE = "sections.json"
 REPORT_FILE = "report.html"
-CHECKPOINT_DIR = "checkpoints"
-
-# Keys of config.json that do not define the analysis: they may differ when a run is resumed.
-# Put run-time settings that must not block a resume (device, batch size, progress bars, ...)
-# under config["runtime"]; they are recorded but not compared.
-NON_DEFINING_KEYS = frozenset({"versions", "created_utc", "resumed_utc", "runtime", "out", "resume"})
 
 # Entries the CLI adds to every run created within a command (see ``recording``).
 _RECORDED: contextvars.ContextVar[Callable[[Mapping[str, Any]], Mapping[str, Any]] | None] = contextvars.ContextVar(
@@ -644,8 +640,6 @@ class Run:
 
     def write_report(self, title: str | None = None) -> Path:
         """Render ``DIR/report.html`` (self-contained: figures inlined, no external resources)."""
-        from factscope.report import render_report
-
         html = render_report(self, title=title)
         path = self.dir / REPORT_FILE
         atomic_write_text(path, html)

@@ -116,11 +116,7 @@ def logit_diff(model, batch, answers: Sequence, cf_answers: Sequence) -> Metric:
 def clean_logits(model, batch, positions: torch.Tensor) -> torch.Tensor:
     """float [B, P, V]: the unpatched model's logits at ``positions`` (only those are unembedded)."""
     with torch.no_grad():
-        out = model.hf.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                  position_ids=batch.position_ids, use_cache=False)
-        h = out.last_hidden_state
-        rows = torch.arange(h.shape[0], device=h.device)[:, None]
-        return model.unembed(h[rows, positions.to(h.device)].contiguous()).float()
+        return model.forward(batch, positions=positions).float()
 
 
 def kl_to_clean(model, batch, answers: Sequence, reference: torch.Tensor | None = None) -> Metric:

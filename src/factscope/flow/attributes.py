@@ -207,11 +207,7 @@ def continuations(model: Model, subjects: Sequence[str], prompts: Sequence[str] 
         for i in range(0, len(texts), batch_size):
             chunk = texts[i : i + batch_size]
             batch = model.encode([t for _, t in chunk])
-            gen = model.hf.generate(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=n_tokens, do_sample=False,
-                pad_token_id=model.tokenizer.pad_token_id, top_p=None, top_k=None, temperature=None,
-            )
-            for (s, _), row in zip(chunk, gen[:, batch.input_ids.shape[1] :]):
+            for (s, _), row in zip(chunk, model.generate(batch, n_tokens)):
                 out[s].append(model.tokenizer.decode(row.tolist(), skip_special_tokens=True))
             bar.update(len(chunk))
     bar.close()

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from factscope.errors import FactscopeError
-from factscope.facts import _n_trailing_special
+from factscope.facts import n_trailing_special
 from factscope.models import Model
 from factscope.predict import length_batches, map_last
 
@@ -42,7 +42,7 @@ def tokenize(model: Model, prompts: Sequence[str]) -> list[list[int]]:
     if not prompts:
         return []
     tok = model.tokenizer
-    n_trail = _n_trailing_special(tok)
+    n_trail = n_trailing_special(tok)
     ids = tok(list(prompts))["input_ids"]
     return [list(x[: len(x) - n_trail]) if n_trail else list(x) for x in ids]
 

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from factscope.errors import FactscopeError
-from factscope.lca.task import LCATask, _generator
+from factscope.lca.task import LCATask, generator
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class OneLayerTransformer(nn.Module):
     def __init__(self, V: int, cfg: ModelConfig, seed: int = 0):
         super().__init__()
         self.V, self.cfg = V, cfg
-        g = _generator(seed)
+        g = generator(seed)
         d, da = cfg.d, cfg.d_a
         self.W_E = nn.Parameter(torch.randn(d, V, generator=g) / math.sqrt(d), requires_grad=cfg.embedding == "trained")
         if cfg.value == "identity":
@@ -148,7 +148,7 @@ def expected_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 def evaluate(model: OneLayerTransformer, task: LCATask, n: int = 8192, seed: int = 999, L: int | None = None,
              W_V: torch.Tensor | None = None, batch: int = 4096) -> float:
     """Accuracy of ``model`` on ``n`` fresh contexts (seeded; ties count fractionally)."""
-    g = _generator(seed)
+    g = generator(seed)
     accs, ns = [], []
     for start in range(0, n, batch):
         b = min(batch, n - start)
@@ -181,7 +181,7 @@ def train(task: LCATask, model_cfg: ModelConfig = ModelConfig(), train_cfg: Trai
     torch.manual_seed(train_cfg.seed)
     model = OneLayerTransformer(task.V, model_cfg, seed=train_cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    g = _generator(train_cfg.seed + 1_000_003)
+    g = generator(train_cfg.seed + 1_000_003)
     losses = []
     t0 = time.time()
     if params and train_cfg.steps > 0:

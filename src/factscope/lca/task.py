@@ -135,7 +135,7 @@ class LCATask:
 
         ``seed`` is an int or a ``torch.Generator`` (advanced in place).  ``y`` fixes the outputs.
         """
-        g = _generator(seed)
+        g = generator(seed)
         L = self.L if L is None else int(L)
         if L < 1:
             raise FactscopeError(f"LCA: context length L must be >= 1, got {L}")
@@ -145,7 +145,8 @@ class LCATask:
         return x, y
 
 
-def _generator(seed) -> torch.Generator:
+def generator(seed) -> torch.Generator:
+    """A seeded CPU ``torch.Generator`` (a generator passes through unchanged)."""
     if isinstance(seed, torch.Generator):
         return seed
     g = torch.Generator()
@@ -206,7 +207,7 @@ def mixed_contexts(task: LCATask, n: int, frac: float, seed=0, L: int | None = N
     """
     if not 0.0 <= frac <= 1.0:
         raise FactscopeError(f"LCA: mixing fraction must lie in [0, 1], got {frac!r}")
-    g = _generator(seed)
+    g = generator(seed)
     L = task.L if L is None else int(L)
     y = torch.randint(0, task.V, (n,), generator=g)
     y_alt = (y + torch.randint(1, task.V, (n,), generator=g)) % task.V
