@@ -159,13 +159,18 @@ class _QKVState:
             h.remove()
 
 
-class _QKVHandle:
-    def __init__(self, model: "Model", l: int, point: str, fn):
+class _SharedHandle:
+    """One hook's registration with a per-layer state that all hooks of its kind share (kept on the
+    attention module as ``attr``, created with the first hook and removed with the last): ``q_in`` /
+    ``k_in`` / ``v_in`` (:class:`_QKVState`) and ``head_out`` (:class:`_HeadOutState`)."""
+
+    def __init__(self, model: "Model", l: int, attr: str, make, point: str, fn):
         attn = model.attn(l)
-        state = getattr(attn, "_fs_qkv", None)
+        state = getattr(attn, attr, None)
         if state is None:
-            state = attn._fs_qkv = _QKVState(model, l)
-        self.attn, self.state, self.point, self.fn = attn, state, point, fn
+            state = make(model, l)
+            setattr(attn, attr, state)
+        self.attn, self.attr, self.state, self.point, self.fn = attn, attr, state, point, fn
         state.fns[point].append(fn)
 
     def remove(self) -> None:
@@ -174,9 +179,9 @@ class _QKVHandle:
             if f is self.fn:
                 del fns[i]
                 break
-        if not any(self.state.fns.values()) and getattr(self.attn, "_fs_qkv", None) is self.state:
+        if not any(self.state.fns.values()) and getattr(self.attn, self.attr, None) is self.state:
             self.state.remove()
-            self.attn._fs_qkv = None
+            setattr(self.attn, self.attr, None)
 
 
 def available_points(model: "Model", editable: bool = False) -> list[str]:
@@ -226,9 +231,9 @@ def _register_edit(model: "Model", point: str, layer: int, fn: Callable[[torch.T
     """
     site = POINT_SITES[point]
     if site.heads == "copy":
-        return _QKVHandle(model, layer, point, fn)
+        return _SharedHandle(model, layer, "_fs_qkv", _QKVState, point, fn)
     if site.heads == "W_O":
-        return _HeadOutHandle(model, layer, fn)
+        return _SharedHandle(model, layer, "_fs_head_out", _HeadOutState, point, fn)
     mod = _site_module(model, point, layer)
     H, hd = model.n_heads, model.head_dim
     split = site.heads == "split"
@@ -273,7 +278,7 @@ class _HeadOutState:
 
     def __init__(self, model: "Model", l: int):
         self.model, self.l = model, l
-        self.fns: list = []
+        self.fns: dict[str, list] = {"head_out": []}
         self.delta: torch.Tensor | None = None
         self.handles = [model.module(l, model.spec.o_proj).register_forward_hook(self._shares),
                         model.module(l, model.spec.attn_out).register_forward_hook(self._apply)]
@@ -286,7 +291,7 @@ class _HeadOutState:
         if not isinstance(scale, float):
             scale = scale.unsqueeze(-2)
         orig = cur = heads * scale
-        for fn in list(self.fns):
+        for fn in list(self.fns["head_out"]):
             new = fn(cur)
             if new is not None:
                 cur = new
@@ -301,26 +306,6 @@ class _HeadOutState:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-
-
-class _HeadOutHandle:
-    def __init__(self, model: "Model", l: int, fn):
-        attn = model.attn(l)
-        state = getattr(attn, "_fs_head_out", None)
-        if state is None:
-            state = attn._fs_head_out = _HeadOutState(model, l)
-        self.attn, self.state, self.fn = attn, state, fn
-        state.fns.append(fn)
-
-    def remove(self) -> None:
-        fns = self.state.fns
-        for i, f in enumerate(fns):
-            if f is self.fn:
-                del fns[i]
-                break
-        if not fns and getattr(self.attn, "_fs_head_out", None) is self.state:
-            self.state.remove()
-            self.attn._fs_head_out = None
 
 
 @contextlib.contextmanager
