@@ -257,3 +257,9 @@ def test_generate_is_greedy(name):
             nxt = int(model.run(model.batch_from_ids([ids]))[0].argmax())
             assert int(got[i, k]) == nxt, (name, i, k)
             ids = ids + [nxt]
+
+
+def test_architecture_doc_lists_every_point():
+    doc = (SRC.parents[1] / "docs" / "ARCHITECTURE.md").read_text()
+    missing = [p for p in archs.POINT_SITES if f"| `{p}` |" not in doc]
+    assert not missing, f"docs/ARCHITECTURE.md's point table lacks {missing}"
