@@ -162,14 +162,13 @@ def curves(records: Sequence[dict]) -> pd.DataFrame:
 
 
 def plot(df: pd.DataFrame, model_name: str, n_facts: int, n_layers: int, source: str, mean_set_size: float | None = None):
-    from factscope.plotting import COLORS, PALETTE, new_figure
+    from factscope.plotting import COLORS, PALETTE, band, new_figure
 
     colors = {"subject_first": PALETTE[5], "subject_last": COLORS["subject"], "after_subject": COLORS["relation"], "last": COLORS["last"]}
     fig, (ax, ax2) = new_figure(ncols=2, width=12, height=4.6)
     for p in POSITIONS:
         g = df[df["position"] == p].sort_values("layer")
-        ax.plot(g["layer"], g["mean"], marker="o", ms=4, color=colors[p], label=POSITION_LABELS[p])
-        ax.fill_between(g["layer"], g["mean"] - g["ci95"].fillna(0), g["mean"] + g["ci95"].fillna(0), color=colors[p], alpha=0.12, lw=0)
+        band(ax, g["layer"], g["mean"], g["ci95"], alpha=0.12, marker="o", ms=4, color=colors[p], label=POSITION_LABELS[p])
     b = df[df["position"] == "embedding_baseline"]
     step = max(1, -(-(n_layers + 1) // 12))
     g = df[df["position"] == "subject_last"].sort_values("layer")

@@ -302,7 +302,7 @@ def critical_points(df: pd.DataFrame) -> dict:
 
 
 def plot(df: pd.DataFrame, model_name: str, n_facts: int, window: int, n_layers: int):
-    from factscope.plotting import COLORS, PALETTE, layer_axis, new_figure
+    from factscope.plotting import COLORS, PALETTE, band, layer_axis, new_figure
 
     have = set(df["set"])
     two = bool(have & {"subject_first", "subject_last", "non_subject_bos"})
@@ -324,8 +324,7 @@ def plot(df: pd.DataFrame, model_name: str, n_facts: int, window: int, n_layers:
             g = df[df["set"] == s].sort_values("layer")
             if not len(g):
                 continue
-            ax.plot(g["layer"], g["mean"], color=color, ls=ls, marker="o", label=LABELS.get(s, s))
-            ax.fill_between(g["layer"], g["mean"] - g["ci95"].fillna(0), g["mean"] + g["ci95"].fillna(0), color=color, alpha=0.15, lw=0)
+            band(ax, g["layer"], g["mean"], g["ci95"], color=color, ls=ls, marker="o", label=LABELS.get(s, s))
         ax.axhline(0, color="#888888", lw=0.8)
         layer_axis(ax, n_layers, label=f"centre layer of the {window}-layer knockout window")
         ax.set_title(title)

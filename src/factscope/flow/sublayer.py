@@ -160,7 +160,7 @@ def curves(records: Sequence[dict]) -> pd.DataFrame:
 
 
 def plot(df: pd.DataFrame, model_name: str, n_facts: int, upper: int, k: int, abl: dict | None = None):
-    from factscope.plotting import COLORS, new_figure
+    from factscope.plotting import COLORS, band, new_figure
 
     abl = abl or PRESETS["paper"]
     fig, axes = new_figure(ncols=2, width=11, height=4.2)
@@ -172,8 +172,8 @@ def plot(df: pd.DataFrame, model_name: str, n_facts: int, upper: int, k: int, ab
         ci = "ci95" if col == "mean" else "mass_ci95"
         for kind, color, label, ls in styles:
             g = df[df["knockout"] == kind].sort_values("start_layer")
-            ax.plot(g["start_layer"], g[col], ls=ls, marker="o" if kind != "none" else None, ms=4, color=color, label=label)
-            ax.fill_between(g["start_layer"], g[col] - g[ci].fillna(0), g[col] + g[ci].fillna(0), color=color, alpha=0.12, lw=0)
+            band(ax, g["start_layer"], g[col], g[ci], alpha=0.12, ls=ls, marker="o" if kind != "none" else None, ms=4, color=color,
+                 label=label)
         ax.set_xticks(list(range(0, n, max(1, -(-n // 12)))))
         ax.set_xlabel(f"first ablated layer (window of {k} layers, stopping below layer {upper})")
         ax.set_ylabel(ylabel)

@@ -48,6 +48,11 @@ class Prepared:
     true_ids: list[int]
     false_ids: list[int]
 
+    def top1_is_true(self, score: Score) -> bool:
+        """The model's top-1 token is target_true's first token: for the plain prompt, the fact is
+        known (:func:`factscope.predict.known_facts` with top-k 1, read off the score)."""
+        return score.top1 == self.true_ids[0]
+
 
 @dataclass
 class ModelResult:
@@ -353,7 +358,7 @@ def run_model(
     base_items = [((BASE, 0, p.fact.id), p.fact.prompt, p) for p in prepared]
     base = _execute(model, ck, "base", base_items, metric=metric, batch_size=batch_size, max_tokens=max_tokens,
                     chunk_size=chunk_size, progress=progress, desc=f"hijack {model.name}: base", on_chunk=on_chunk)
-    known = [p for p in prepared if base[(BASE, 0, p.fact.id)].top1 == p.true_ids[0]]
+    known = [p for p in prepared if p.top1_is_true(base[(BASE, 0, p.fact.id)])]
     counts["known"] = len(known)
     kept = known if known_only else prepared
     counts["kept"] = len(kept)
@@ -412,7 +417,7 @@ def run_model(
                     "relation_id": f.relation_id, "subject": f.subject, "prompt": f.prompt,
                     "target_true": f.target_true, "target_false": f.target_false, "sentence": sent,
                     "lp_true": sc.lp_true, "lp_false": sc.lp_false, "top1": tok.decode([sc.top1]),
-                    "top1_is_true": sc.top1 == p.true_ids[0],
+                    "top1_is_true": p.top1_is_true(sc),
                 })
     cols = ["model", "scheme", "n", "fact_id", "relation_id", "subject", "prompt", "target_true", "target_false",
             "sentence", "lp_true", "lp_false", "top1", "top1_is_true"]
@@ -444,7 +449,7 @@ def run_benchmark(
     write ``hijack_results.csv``, ``hijack_efficacy.csv``, ``hijack_relations.csv``, the figures
     (``hijack_efficacy``: a panel per model; with several models also
     ``hijack_efficacy_by_scheme``, the paper's Figure 2 layout; ``hijack_probs``),
-    ``summary.json`` (``efficacy`` = {model: {scheme: [ES for n = 0..N]}}, ``mean_p_true``,
+    ``summary.json`` under ``"hijack"`` (``efficacy`` = {model: {scheme: [ES for n = 0..N]}}, ``mean_p_true``,
     ``mean_p_false`` and ``top1_acc`` of the same shape, ``n_facts`` = {model: facts kept}) and a
     report section into ``run``."""
     if not models:
