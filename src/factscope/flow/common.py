@@ -7,8 +7,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
 from factscope.errors import FactscopeError
 from factscope.facts import Fact, fact_subject_span
+from factscope.loop import resumable
 from factscope.models import Batch, Model
 from factscope.predict import length_batches, token_rank
 
@@ -124,15 +126,9 @@ def run_facts(model, facts, batch_fn, *, batch_size: int, checkpoint=None, progr
     :func:`fact_key`) not yet in ``checkpoint``, in batches of similar prompt length, through
     ``batch_fn(items) -> list[dict]``; each record starts with the fact's ``fact_id``,
     ``subject``, ``prompt`` and ``target``. Returns {key: record} of every finished usable fact."""
-    from factscope.loop import resumable
-
-    items, keys = [], []
-    for i, f in enumerate(facts):
-        try:
-            items.append(fact_tokens(model, f))
-        except FactscopeError:  # the subject touches the last token
-            continue
-        keys.append(fact_key(i, f))
+    items, _ = usable(model, facts)
+    ok = {id(t.fact) for t in items}
+    keys = [fact_key(i, f) for i, f in enumerate(facts) if id(f) in ok]
 
     def group(pending: list[int]):
         for b in batches([items[i] for i in pending], batch_size):

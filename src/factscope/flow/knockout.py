@@ -243,24 +243,13 @@ def naive_knockout(
     }
 
 
-def knockout_facts(
-    model: Model,
-    facts: Sequence[Fact],
-    *,
-    window: int | None = None,
-    sets: Sequence[str] = SETS,
-    heads: Sequence[int] | None = None,
-    from_positions: Sequence[int | str] = (-1,),
-    batch_size: int = 8,
-    checkpoint=None,
-    progress: bool = False,
-    desc: str = "knockout",
-) -> dict[str, dict]:
-    """Knockout records for many facts, keyed by :func:`fact_key` (:func:`run_facts`: resumable
+def knockout_facts(model: Model, facts: Sequence[Fact], *, batch_size: int = 8, checkpoint=None, progress: bool = False,
+                   desc: str = "knockout", **kw) -> dict[str, dict]:
+    """:func:`knockout_batch` records (options ``kw``: ``window``, ``sets``, ``heads``,
+    ``from_positions``) for many facts, keyed by :func:`fact_key` (:func:`run_facts`: resumable
     through ``checkpoint``, whose finished facts are not run again)."""
-    return run_facts(model, facts, lambda items: knockout_batch(model, items, window=window, sets=sets, heads=heads,
-                                                                from_positions=from_positions),
-                     batch_size=batch_size, checkpoint=checkpoint, progress=progress, desc=desc)
+    return run_facts(model, facts, lambda items: knockout_batch(model, items, **kw), batch_size=batch_size,
+                     checkpoint=checkpoint, progress=progress, desc=desc)
 
 
 # --------------------------------------------------------------------------------------------
