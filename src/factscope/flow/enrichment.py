@@ -34,7 +34,7 @@ from factscope.flow.common import (
     run_facts,
     upper_layer,
 )
-from factscope.loop import publish
+from factscope.loop import publish, resumable
 from factscope.models import Model
 
 POSITIONS = ("subject_first", "subject_last", "after_subject", "last")
@@ -276,8 +276,6 @@ def run_enrichment(run, model: Model, facts: Sequence[Fact], *, paragraphs_file:
 def load_or_make_texts(run, model: Model, facts: Sequence[Fact], paragraphs_file: str | None, progress: bool) -> tuple[dict[str, list[str]], str]:
     """Attribute texts per subject, cached in the run's ``attributes`` checkpoint so that a resumed
     run does not generate again, and a description of their source."""
-    ck = run.checkpoint("attributes")
-    have = {r["key"]: r["texts"] for r in ck.records()}
     subjects = sorted({f.subject for f in facts})
     if paragraphs_file:
         paragraphs = A.load_paragraphs(paragraphs_file)
@@ -285,14 +283,15 @@ def load_or_make_texts(run, model: Model, facts: Sequence[Fact], paragraphs_file
     else:
         paragraphs = None
         source = "built-in: objects of shipped facts + the model's greedy continuations of neutral prompts"
-    todo = [s for s in subjects if s not in have]
-    if todo:
-        todo_facts = [f for f in facts if f.subject in set(todo)]
-        _, texts = attribute_sets(model, todo_facts, paragraphs, False, progress)
-        for s in todo:
-            ck.append(s, {"texts": texts.get(s, [])})
-            have[s] = texts.get(s, [])
-    return {s: have[s] for s in subjects}, source
+
+    def work(idx: list[int], report) -> list[dict]:  # every subject not done yet, in one go
+        todo = {subjects[i] for i in idx}
+        _, texts = attribute_sets(model, [f for f in facts if f.subject in todo], paragraphs, False, progress)
+        return [{"texts": texts.get(subjects[i], [])} for i in idx]
+
+    recs = resumable(subjects, work, run.checkpoint("attributes"), batches=lambda pending: [pending] if pending else [],
+                     desc="attributes", unit="subject")
+    return {s: recs[s]["texts"] for s in subjects}, source
 
 
 def load_or_make_attributes(run, model: Model, facts: Sequence[Fact], paragraphs_file: str | None, keep_subject_tokens: bool,
