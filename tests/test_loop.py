@@ -229,3 +229,20 @@ def test_band_is_the_line_and_its_interval():
             ys = v[np.isclose(v[:, 0], xi), 1]
             assert np.isclose(ys.min(), l) and np.isclose(ys.max(), h)
         assert np.allclose(poly.get_facecolor()[0][:3], [int(color[i : i + 2], 16) / 255 for i in (1, 3, 5)])
+
+
+def test_hijack_checkpoint_of_another_run_is_one_clear_error_before_any_work(tmp_path):
+    from factscope.errors import FactscopeError
+    from factscope.hijack import parse_schemes, run_benchmark
+    from factscope.models import load_model
+
+    model = load_model("tiny-gpt2")
+    facts = load_facts("known_1000", limit=6, seed=0)
+    kw = dict(known_only=False, progress=False, figures=False, n_boot=10)
+    schemes = parse_schemes(["generic"])
+    run_benchmark(Run.create(tmp_path / "a", {}), [model], facts, schemes, 1, **kw)
+    chunks = []
+    with pytest.raises(FactscopeError, match="chunk base:0 holds other prompts"):
+        run_benchmark(Run.create(tmp_path / "a", {}, resume=True), [model], facts[:5], schemes, 1,
+                      on_chunk=chunks.append, **kw)
+    assert chunks == []

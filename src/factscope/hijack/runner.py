@@ -202,8 +202,9 @@ def _run_chunks(
     holds other prompts than ``chunks[c]`` means the run changed: one clear error, before any
     work."""
     ckeys = [f"{phase}:{c}" for c in range(len(chunks))]
+    done = {r["key"]: r for r in ck.records()}
     for ckey, keys in zip(ckeys, chunks):
-        rec = ck.get(ckey)
+        rec = done.get(ckey)
         if rec is not None and [r[:3] for r in rec["items"]] != [list(k) for k in keys]:
             raise FactscopeError(
                 f"checkpoint {ck.path} does not match this run (chunk {ckey} holds other prompts); "
@@ -216,7 +217,7 @@ def _run_chunks(
         return [{"items": [list(k) + [s.lp_true, s.lp_false, s.top1] for k, s in zip(chunks[c], scores)]}]
 
     recs = resumable(ckeys, work, ck, batches=1, sizes=[len(k) for k in chunks], progress=progress, desc=desc,
-                     unit="prompt", on_batch=(lambda done: on_chunk(done[0])) if on_chunk is not None else None)
+                     unit="prompt", on_batch=(lambda finished: on_chunk(finished[0])) if on_chunk is not None else None)
     return {tuple(r[:3]): Score(r[3], r[4], r[5]) for ckey in ckeys for r in recs[ckey]["items"]}
 
 
