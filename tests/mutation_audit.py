@@ -72,7 +72,7 @@ AUDIT = [
     ("P01", "predict.py", "if cur and (len(cur) >= batch_size or", "if cur and (len(cur) > batch_size or", "batches one too big"),
     ("P02", "predict.py", "(max_tokens and width * (len(cur) + 1) > max_tokens)", "(max_tokens and width * len(cur) > max_tokens)", "token budget off by one prompt"),
     ("P03", "predict.py", "for i, r in zip(idx, reduce(logits, idx)):", "for i, r in zip(sorted(idx), reduce(logits, idx)):", "results in the wrong order"),
-    ("P04", "predict.py", "rank = (lg > t_logit).sum(-1)", "rank = (lg >= t_logit).sum(-1)", "rank counts the target itself"),
+    ("P04", "predict.py", "return (logits > logits.gather(1, tokens.view(-1, 1))).sum(-1)", "return (logits >= logits.gather(1, tokens.view(-1, 1))).sum(-1)", "rank counts the target itself"),
     ("P05", "predict.py", "\"known\": rank < top_k,", "\"known\": rank <= top_k,", "known = within top-(k+1)"),
     ("P06", "predict.py", "p, ix = lg.softmax(-1).topk(k, dim=-1)", "p, ix = lg.topk(k, dim=-1)", "top-k reports logits as probabilities"),
     ("P07", "predict.py", "first = [target_ids(model.tokenizer, f.prompt, f.target_true)[0] for f in facts]", "first = [target_ids(model.tokenizer, f.prompt, f.target_true)[-1] for f in facts]", "last target token instead of the first"),

@@ -32,7 +32,7 @@ def test_facts_known_writes_a_run_and_refuses_to_overwrite(tmp_path, gemma):
     args = ["facts", "known", "--dataset", "known_1000", "--limit", "24", "--out", str(out)]
     r = _run(*args)
     assert r.exit_code == 0, r.output
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())["known"]
     assert summary["n_facts"] == 24 and 0 < summary["n_known"] <= 24
     known = [json.loads(line) for line in (out / "known.jsonl").read_text().splitlines()]
     assert len(known) == summary["n_known"]
@@ -43,7 +43,7 @@ def test_facts_known_writes_a_run_and_refuses_to_overwrite(tmp_path, gemma):
     assert r.exit_code == 2 and "--resume" in r.output
     assert (out / "summary.json").read_text() == before
     r = _run(*args, "--resume")
-    assert r.exit_code == 0 and json.loads((out / "summary.json").read_text())["n_known"] == summary["n_known"]
+    assert r.exit_code == 0 and json.loads((out / "summary.json").read_text())["known"]["n_known"] == summary["n_known"]
 
 
 def test_demo_runs_on_a_tiny_model(tmp_path):

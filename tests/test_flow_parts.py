@@ -305,9 +305,10 @@ def test_cli_all_and_resume(tmp_path):
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     s = json.loads((out / "summary.json").read_text())
-    assert s["n_facts"] == 3 and s["window"] == 1
-    assert set(s["curves"]) >= {"subject", "non_subject", "last"}
-    assert all(len(v) == 4 for v in s["curves"].values())
+    ko = s["knockout"]
+    assert ko["n_facts"] == 3 and ko["window"] == 1
+    assert set(ko["curves"]) >= {"subject", "non_subject", "last"}
+    assert all(len(v) == 4 for v in ko["curves"].values())
     for name in ("knockout", "enrichment", "sublayer", "extraction", "heads"):
         assert (out / f"{name}.png").is_file()
     sub, enr = s["sublayer"], s["enrichment"]

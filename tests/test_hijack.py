@@ -391,7 +391,7 @@ def test_cli_run_writes_summary_and_resumes(tmp_path):
             "--no-progress", "--out", str(out)]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
-    s = json.loads((out / "summary.json").read_text())
+    s = json.loads((out / "summary.json").read_text())["hijack"]
     assert set(s["efficacy"]) == {"tiny-gpt2", "tiny-qwen2"}
     for m in s["efficacy"]:
         assert set(s["efficacy"][m]) == {"generic", "reverse"}
@@ -406,7 +406,7 @@ def test_cli_run_writes_summary_and_resumes(tmp_path):
     # same command with --resume reuses every chunk and gives the same summary
     r2 = CliRunner().invoke(main, args + ["--resume"])
     assert r2.exit_code == 0, r2.output
-    assert json.loads((out / "summary.json").read_text())["efficacy"] == s["efficacy"]
+    assert json.loads((out / "summary.json").read_text())["hijack"]["efficacy"] == s["efficacy"]
     # a different config is refused
     r3 = CliRunner().invoke(main, [a if a != "2" else "3" for a in args] + ["--resume"])
     assert r3.exit_code == 2 and "max_prepends" in r3.output

@@ -149,30 +149,30 @@ def facts() -> None:
 
 def known_section(run, model, facts, top_k: int = 1, batch_size: int = 32) -> list:
     """Find the known facts, write their tables, figure and report section; return them."""
+    from factscope.loop import publish
     from factscope.plotting import COLORS, new_figure
     from factscope.predict import known_facts, known_rate_by_relation
 
     known, table = known_facts(model, facts, top_k=top_k, batch_size=batch_size)
     by_rel = known_rate_by_relation(table)
-    run.save_table("known_facts", table)
-    run.save_table("known_by_relation", by_rel)
     shown = by_rel.nlargest(25, "n").sort_values("rate")
     fig, ax = new_figure(size=(6.4, 0.25 * len(shown) + 1.2), title=f"{model.name}: facts known (top-{top_k})")
     labels = [f"{r} ({n})" for r, n in zip(shown["relation"].astype(str).str.slice(0, 38), shown["n"])]
     ax.barh(labels, shown["rate"], color=COLORS.get("subject", "C0"))
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of facts whose target's first token is in the top-%d" % top_k)
-    run.save_figure("known_by_relation", fig)
     rate = len(known) / max(1, len(facts))
-    run.update_summary({"n_facts": len(facts), "n_known": len(known), "known_rate": rate})
-    run.add_section(
-        "known",
-        "Facts the model knows",
-        f"{len(known)} of {len(facts)} facts ({rate:.1%}) are known: the first token of the target is the "
-        f"model's top-{top_k} next token after the prompt. Later sections use only the known facts. "
-        f"Known rate per relation (relations with the most facts shown; the table lists all).",
-        figures=["known_by_relation"],
-        tables=["known_by_relation", "known_facts"],
+    publish(
+        run, "known", {"n_facts": len(facts), "n_known": len(known), "known_rate": rate},
+        tables={"known_facts": table, "known_by_relation": by_rel}, figures={"known_by_relation": fig},
+        section={
+            "title": "Facts the model knows",
+            "text": f"{len(known)} of {len(facts)} facts ({rate:.1%}) are known: the first token of the target is the "
+            f"model's top-{top_k} next token after the prompt. Later sections use only the known facts. "
+            f"Known rate per relation (relations with the most facts shown; the table lists all).",
+            "figures": ["known_by_relation"],
+            "tables": ["known_by_relation", "known_facts"],
+        },
     )
     return known
 

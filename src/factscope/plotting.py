@@ -179,6 +179,22 @@ def heatmap(
     return im
 
 
+def band(ax: Any, x: Any, y: Any, ci: Any = None, *, lo: Any = None, hi: Any = None, alpha: float = 0.15, **line: Any):
+    """A line with its shaded confidence band: ``ax.plot(x, y, **line)``, then the band in the
+    line's colour between ``y - ci`` and ``y + ci`` (a missing half-width, NaN, gives a band of
+    width 0 there) or, with ``lo``/``hi``, between those. Returns the line."""
+    import numpy as np
+
+    (ln,) = ax.plot(x, y, **line)
+    if lo is None or hi is None:
+        y_ = np.asarray(y, dtype=float)
+        half = np.asarray(ci, dtype=float)
+        half = np.where(np.isnan(half), 0.0, half)
+        lo, hi = y_ - half, y_ + half
+    ax.fill_between(x, lo, hi, color=line.get("color", ln.get_color()), alpha=alpha, lw=0)
+    return ln
+
+
 def layer_axis(ax: Any, n_layers: int, label: str = "layer") -> None:
     """Integer ticks for a layer axis (x), at most ~12 of them."""
     step = max(1, -(-n_layers // 12))

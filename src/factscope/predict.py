@@ -45,9 +45,11 @@ def map_last(
     batch_size: int = 32,
     max_tokens: int | None = 4096,
     progress: bool | str = False,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list:
     """Run every prompt (text or token ids) and return ``reduce(logits[B, V], indices)`` results in
-    prompt order (``reduce`` returns one item per prompt of the batch)."""
+    prompt order (``reduce`` returns one item per prompt of the batch); ``on_batch(n)`` is called
+    as each batch of ``n`` prompts finishes."""
     seqs = [model.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
     results: list = [None] * len(seqs)
     batches = length_batches([len(s) for s in seqs], batch_size, max_tokens)
@@ -58,6 +60,8 @@ def map_last(
             for i, r in zip(idx, reduce(logits, idx)):
                 results[i] = r
             bar.update(len(idx))
+            if on_batch is not None:
+                on_batch(len(idx))
     bar.close()
     return results
 
@@ -84,6 +88,12 @@ def top_k(model: Model, prompts: Sequence[str], k: int = 10, batch_size: int = 3
     return map_last(model, prompts, reduce, batch_size)
 
 
+def token_rank(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Rank (0 = top) of ``tokens[i]`` under ``logits[i]`` ``[N, V]``: the number of tokens with a
+    strictly larger logit (ties share the better rank)."""
+    return (logits > logits.gather(1, tokens.view(-1, 1))).sum(-1)
+
+
 def known_facts(
     model: Model, facts: Sequence[Fact], top_k: int = 1, batch_size: int = 32, progress: bool = True
 ) -> tuple[list[Fact], pd.DataFrame]:
@@ -98,8 +108,7 @@ def known_facts(
 
     def reduce(lg, idx):
         tgt = torch.tensor([first[i] for i in idx], device=lg.device)
-        t_logit = lg.gather(1, tgt[:, None])
-        rank = (lg > t_logit).sum(-1)
+        rank = token_rank(lg, tgt)
         prob = lg.softmax(-1).gather(1, tgt[:, None])[:, 0]
         top = lg.argmax(-1)
         return [(int(r), float(p), int(t)) for r, p, t in zip(rank, prob, top)]

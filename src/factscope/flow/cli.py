@@ -206,7 +206,6 @@ def all_cmd(attributes_file, keep_subject_tokens, top_n, keep, **kw):
     run, model, facts = _setup(kw, "all", extra)
     run_all(run, model, facts, paragraphs_file=attributes_file, keep_subject_tokens=keep_subject_tokens, top_n=top_n, keep=keep,
             batch_size=kw["batch_size"], progress=not kw["no_progress"])
-    s = run.summary
-    for k, v in s.get("critical", {}).items():
+    for k, v in run.summary.get("knockout", {}).get("critical", {}).items():
         click.echo(f"knockout {k:16s} strongest drop {v['min_change']:7.1f}% at layer {v['layer']}")
     _finish(run)

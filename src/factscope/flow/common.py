@@ -7,12 +7,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from factscope.errors import FactscopeError
 from factscope.facts import Fact, fact_subject_span
+from factscope.loop import resumable
 from factscope.models import Batch, Model
-from factscope.predict import length_batches
+from factscope.predict import length_batches, token_rank
 
 
 @dataclass
@@ -104,6 +104,13 @@ def prob_of(logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     return logits.float().softmax(-1).gather(1, token.view(-1, 1)).squeeze(1)
 
 
+def project_rank(model: Model, vectors: torch.Tensor, tokens: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """Rank (0 = top) of ``tokens[i]`` in the logit-lens projection of ``vectors[i]``: ``[N, d] -> [N]``
+    (:func:`factscope.predict.token_rank` on ``model.logit_lens``, ``chunk`` vectors at a time)."""
+    out = [token_rank(model.logit_lens(vectors[i : i + chunk]).float(), tokens[i : i + chunk]) for i in range(0, len(vectors), chunk)]
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
 def default_window(n_layers: int) -> int:
     """The issue's default window: max(1, round(n_layers / 5)) (the paper used 9 of 48 layers)."""
     return max(1, round(n_layers / 5))
@@ -114,23 +121,25 @@ def upper_layer(n_layers: int) -> int:
     return min(n_layers - 1, round(0.83 * n_layers))
 
 
-def run_facts(model, facts, batch_fn, *, batch_size: int, skip=None, on_result=None, progress=False, desc="facts") -> dict:
-    """Resumable per-fact loop shared by the flow parts: skip finished keys, batch the usable facts,
-    call ``batch_fn(items) -> list[dict]`` and report each result as ``on_result(key, record)``."""
-    skip = skip or set()
-    keyed = [(fact_key(i, f), f) for i, f in enumerate(facts) if fact_key(i, f) not in skip]
-    items, _ = usable(model, [f for _, f in keyed])
+def run_facts(model, facts, batch_fn, *, batch_size: int, checkpoint=None, progress=False, desc="facts") -> dict:
+    """The flow parts' per-fact loop (:func:`factscope.loop.resumable`): the usable facts (keyed by
+    :func:`fact_key`) not yet in ``checkpoint``, in batches of similar prompt length, through
+    ``batch_fn(items) -> list[dict]``; each record starts with the fact's ``fact_id``,
+    ``subject``, ``prompt`` and ``target``. Returns {key: record} of every finished usable fact."""
+    items, _ = usable(model, facts)
     ok = {id(t.fact) for t in items}
-    keys = [k for k, f in keyed if id(f) in ok]
-    res = {}
-    bar = tqdm(total=len(items), desc=desc, unit="fact", disable=not progress)
-    for idx in batches(items, batch_size):
-        for i, r in zip(idx, batch_fn([items[i] for i in idx])):
-            f = items[i].fact
-            r = {"fact_id": f.id, "subject": f.subject, **r}
-            res[keys[i]] = r
-            if on_result:
-                on_result(keys[i], r)
-        bar.update(len(idx))
-    bar.close()
-    return res
+    keys = [fact_key(i, f) for i, f in enumerate(facts) if id(f) in ok]
+
+    def group(pending: list[int]):
+        for b in batches([items[i] for i in pending], batch_size):
+            yield [pending[j] for j in b]
+
+    def work(idx: list[int], report) -> list[dict]:
+        recs = batch_fn([items[i] for i in idx])
+        return [{**_fact_fields(items[i].fact), **r} for i, r in zip(idx, recs)]
+
+    return resumable(keys, work, checkpoint, batches=group, progress=progress, desc=desc, unit="fact")
+
+
+def _fact_fields(f: Fact) -> dict:
+    return {"fact_id": f.id, "subject": f.subject, "prompt": f.prompt, "target": f.target_true}

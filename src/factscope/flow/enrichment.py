@@ -30,11 +30,11 @@ from factscope.flow import attributes as A
 from factscope.flow.common import (
     FactTokens,
     encode,
-    fact_key,
     mean_ci,
     run_facts,
     upper_layer,
 )
+from factscope.loop import publish, resumable
 from factscope.models import Model
 
 POSITIONS = ("subject_first", "subject_last", "after_subject", "last")
@@ -125,10 +125,12 @@ def enrichment_batch(model: Model, items: Sequence[FactTokens], attrs: dict[str,
     return out
 
 
-def enrichment_facts(model: Model, facts: Sequence[Fact], attrs: dict[str, set[str]], *, batch_size: int = 8, skip=None,
-                     on_result=None, progress: bool = False, **kw) -> dict:
+def enrichment_facts(model: Model, facts: Sequence[Fact], attrs: dict[str, set[str]], *, batch_size: int = 8, checkpoint=None,
+                     progress: bool = False, **kw) -> dict:
+    """:func:`enrichment_batch` records for many facts, keyed by :func:`fact_key` (resumable
+    through ``checkpoint``, :func:`run_facts`)."""
     return run_facts(model, facts, lambda items: enrichment_batch(model, items, attrs, **kw), batch_size=batch_size,
-                     skip=skip, on_result=on_result, progress=progress, desc="enrichment")
+                     checkpoint=checkpoint, progress=progress, desc="enrichment")
 
 
 CONTROLS = ("chance", "subject_kept", "subject_removed")
@@ -160,14 +162,13 @@ def curves(records: Sequence[dict]) -> pd.DataFrame:
 
 
 def plot(df: pd.DataFrame, model_name: str, n_facts: int, n_layers: int, source: str, mean_set_size: float | None = None):
-    from factscope.plotting import COLORS, PALETTE, new_figure
+    from factscope.plotting import COLORS, PALETTE, band, new_figure
 
     colors = {"subject_first": PALETTE[5], "subject_last": COLORS["subject"], "after_subject": COLORS["relation"], "last": COLORS["last"]}
     fig, (ax, ax2) = new_figure(ncols=2, width=12, height=4.6)
     for p in POSITIONS:
         g = df[df["position"] == p].sort_values("layer")
-        ax.plot(g["layer"], g["mean"], marker="o", ms=4, color=colors[p], label=POSITION_LABELS[p])
-        ax.fill_between(g["layer"], g["mean"] - g["ci95"].fillna(0), g["mean"] + g["ci95"].fillna(0), color=colors[p], alpha=0.12, lw=0)
+        band(ax, g["layer"], g["mean"], g["ci95"], alpha=0.12, marker="o", ms=4, color=colors[p], label=POSITION_LABELS[p])
     b = df[df["position"] == "embedding_baseline"]
     step = max(1, -(-(n_layers + 1) // 12))
     g = df[df["position"] == "subject_last"].sort_values("layer")
@@ -199,23 +200,18 @@ def run_enrichment(run, model: Model, facts: Sequence[Fact], *, paragraphs_file:
     sets = {kept: {s: A.attribute_set(model, s, t, kept) for s, t in texts.items()} for kept in (False, True)}
     attrs = sets[keep_subject_tokens]
     controls = {"chance": chance_sets(attrs, n_shuffles, seed), "subject_kept": [sets[True]], "subject_removed": [sets[False]]}
-    ck = run.checkpoint("enrichment")
     up = upper_layer(model.n_layers)
     show = [0, model.n_layers // 4, model.n_layers // 2, up + 1, model.n_layers]
-    enrichment_facts(model, facts, attrs, batch_size=batch_size, skip=ck.done(), on_result=lambda k, r: ck.append(k, r),
-                     progress=progress, top_n=top_n, keep=keep, show_layers=show, controls=controls)
-    wanted = {fact_key(i, f) for i, f in enumerate(facts)}
-    recs = [r for r in ck.records() if r["key"] in wanted]
+    recs = list(enrichment_facts(model, facts, attrs, batch_size=batch_size, checkpoint=run.checkpoint("enrichment"),
+                                 progress=progress, top_n=top_n, keep=keep, show_layers=show, controls=controls).values())
     if not recs:
         return {}, attrs
     used = [r for r in recs if r["n_attributes"] > 0]
     df = curves(recs)
-    run.save_table("enrichment", df)
     n_used = len(used)
     subjects = {r["subject"] for r in used}
     mean_size = sum(len(attrs[s]) for s in subjects) / len(subjects) if subjects else 0.0
     mean_size_kept = sum(len(sets[True][s]) for s in subjects) / len(subjects) if subjects else 0.0
-    run.save_figure("enrichment", plot(df, model.name, n_used, model.n_layers, source, mean_size))
     peak = {}
     for p in POSITIONS:
         g = df[df["position"] == p]
@@ -244,7 +240,6 @@ def run_enrichment(run, model: Model, facts: Sequence[Fact], *, paragraphs_file:
         "curves": {p: [float(x) for x in df[df["position"] == p].sort_values("layer")["mean"]] for p in POSITIONS},
         "chance_curve": [float(x) for x in df[df["position"] == "subject_last"].sort_values("layer")["chance"]],
     }
-    run.update_summary({"enrichment": summ})
     ratio = f" ({sl['max_rate'] / sl['chance']:.1f}x chance)" if sl["chance"] > 0 else ""
     lines = [
         (
@@ -271,15 +266,16 @@ def run_enrichment(run, model: Model, facts: Sequence[Fact], *, paragraphs_file:
         key = str(up + 1)
         if key in top:
             lines.append(f"- {r['subject']}, last subject token, hidden state {key}: {', '.join(top[key])}")
-    run.add_section("enrichment", "Subject enrichment (attributes rate)", "\n".join(lines), figures=["enrichment"], tables=["enrichment"])
+    publish(run, "enrichment", summ, tables={"enrichment": df},
+            figures={"enrichment": plot(df, model.name, n_used, model.n_layers, source, mean_size)},
+            section={"title": "Subject enrichment (attributes rate)", "text": "\n".join(lines), "figures": ["enrichment"],
+                     "tables": ["enrichment"]})
     return summ, attrs
 
 
 def load_or_make_texts(run, model: Model, facts: Sequence[Fact], paragraphs_file: str | None, progress: bool) -> tuple[dict[str, list[str]], str]:
     """Attribute texts per subject, cached in the run's ``attributes`` checkpoint so that a resumed
     run does not generate again, and a description of their source."""
-    ck = run.checkpoint("attributes")
-    have = {r["key"]: r["texts"] for r in ck.records()}
     subjects = sorted({f.subject for f in facts})
     if paragraphs_file:
         paragraphs = A.load_paragraphs(paragraphs_file)
@@ -287,14 +283,15 @@ def load_or_make_texts(run, model: Model, facts: Sequence[Fact], paragraphs_file
     else:
         paragraphs = None
         source = "built-in: objects of shipped facts + the model's greedy continuations of neutral prompts"
-    todo = [s for s in subjects if s not in have]
-    if todo:
-        todo_facts = [f for f in facts if f.subject in set(todo)]
-        _, texts = attribute_sets(model, todo_facts, paragraphs, False, progress)
-        for s in todo:
-            ck.append(s, {"texts": texts.get(s, [])})
-            have[s] = texts.get(s, [])
-    return {s: have[s] for s in subjects}, source
+
+    def work(idx: list[int], report) -> list[dict]:  # every subject not done yet, in one go
+        todo = {subjects[i] for i in idx}
+        _, texts = attribute_sets(model, [f for f in facts if f.subject in todo], paragraphs, False, progress)
+        return [{"texts": texts.get(subjects[i], [])} for i in idx]
+
+    recs = resumable(subjects, work, run.checkpoint("attributes"), batches=lambda pending: [pending] if pending else [],
+                     desc="attributes", unit="subject")
+    return {s: recs[s]["texts"] for s in subjects}, source
 
 
 def load_or_make_attributes(run, model: Model, facts: Sequence[Fact], paragraphs_file: str | None, keep_subject_tokens: bool,

@@ -22,25 +22,15 @@ from collections.abc import Sequence
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from factscope import hooks
 from factscope.facts import Fact
-from factscope.flow.common import FactTokens, batches, encode, fact_key, usable
+from factscope.flow.common import FactTokens, encode, project_rank, run_facts
 from factscope.flow.knockout import LABELS, set_positions
+from factscope.loop import publish
 from factscope.models import Model
 
 KO_SETS = ("subject", "non_subject", "last")
-
-
-def project_rank(model: Model, vectors: torch.Tensor, tokens: torch.Tensor, chunk: int = 128) -> torch.Tensor:
-    """Rank (0 = top) of ``tokens[i]`` in the logit-lens projection of ``vectors[i]``: ``[N, d] -> [N]``."""
-    out = []
-    for i in range(0, len(vectors), chunk):
-        lg = model.logit_lens(vectors[i : i + chunk]).float()
-        t = lg.gather(1, tokens[i : i + chunk, None])
-        out.append((lg > t).sum(-1))
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
 class _Stop(Exception):
@@ -130,27 +120,12 @@ def extraction_batch(
     return out
 
 
-def extraction_facts(
-    model: Model, facts: Sequence[Fact], *, batch_size: int = 8, skip: set | None = None, on_result=None, progress: bool = False, **kw
-) -> dict[str, dict]:
-    skip = skip or set()
-    keyed = [(fact_key(i, f), f) for i, f in enumerate(facts)]
-    todo = [(k, f) for k, f in keyed if k not in skip]
-    items, _ = usable(model, [f for _, f in todo])
-    ok = {id(t.fact) for t in items}
-    keys = [k for k, f in todo if id(f) in ok]
-    res = {}
-    bar = tqdm(total=len(items), desc="extraction", unit="fact", disable=not progress)
-    for idx in batches(items, batch_size):
-        for i, r in zip(idx, extraction_batch(model, [items[i] for i in idx], **kw)):
-            f = items[i].fact
-            r = {"fact_id": f.id, "subject": f.subject, "prompt": f.prompt, **r}
-            res[keys[i]] = r
-            if on_result:
-                on_result(keys[i], r)
-        bar.update(len(idx))
-    bar.close()
-    return res
+def extraction_facts(model: Model, facts: Sequence[Fact], *, batch_size: int = 8, checkpoint=None, progress: bool = False,
+                     desc: str = "extraction", **kw) -> dict[str, dict]:
+    """:func:`extraction_batch` records for many facts, keyed by :func:`fact_key` (resumable
+    through ``checkpoint``, :func:`run_facts`)."""
+    return run_facts(model, facts, lambda items: extraction_batch(model, items, **kw), batch_size=batch_size,
+                     checkpoint=checkpoint, progress=progress, desc=desc)
 
 
 def _first(events: Sequence[int], lo: int = 0) -> int | None:
@@ -268,17 +243,11 @@ def run_extraction(run, model: Model, facts: Sequence[Fact], *, batch_size: int 
                    name: str = "extraction", **kw) -> dict:
     """Resumable extraction analysis writing ``name.csv``, ``name_knockout.csv``, ``name.png``, the
     summary key ``name`` and a report section."""
-    ck = run.checkpoint(name)
-    extraction_facts(model, facts, batch_size=batch_size, skip=ck.done(), on_result=lambda k, r: ck.append(k, r), progress=progress, heads=heads, **kw)
-    wanted = {fact_key(i, f) for i, f in enumerate(facts)}
-    recs = [r for r in ck.records() if r["key"] in wanted]
+    recs = list(extraction_facts(model, facts, batch_size=batch_size, checkpoint=run.checkpoint(name), progress=progress,
+                                 desc=name, heads=heads, **kw).values())
     if not recs:
         return {}
     per_layer, ko, overall = summarize(recs, model.n_layers)
-    run.save_table(name, per_layer)
-    run.save_table(name + "_knockout", ko)
-    run.save_figure(name, plot(per_layer, ko, overall, model.name, model.n_layers))
-    run.update_summary({name: overall})
     o = overall
     lines = [
         f"Share of {o['n_facts']} facts with at least one extraction event (the final top-1 token is the top token of the "
@@ -303,5 +272,7 @@ def run_extraction(run, model: Model, facts: Sequence[Fact], *, batch_size: int 
             + ", ".join(f"{'no knockout' if k_ == 'none' else 'last -> ' + LABELS.get(k_, k_)} {100 * v:.0f}%" for k_, v in o["knockout_local_attn"].items())
             + ".",
         ]
-    run.add_section(name, "Attribute extraction at the last position", "\n".join(lines), figures=[name], tables=[name + "_knockout"])
-    return overall
+    return publish(run, name, overall, tables={name: per_layer, name + "_knockout": ko},
+                   figures={name: plot(per_layer, ko, overall, model.name, model.n_layers)},
+                   section={"title": "Attribute extraction at the last position", "text": "\n".join(lines),
+                            "figures": [name], "tables": [name + "_knockout"]})

@@ -21,11 +21,11 @@ from collections.abc import Sequence
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from factscope import hooks
 from factscope.facts import Fact, target_ids
-from factscope.flow.common import FactTokens, batches, encode, fact_key, usable
+from factscope.flow.common import FactTokens, encode, fact_key, project_rank, run_facts, usable
+from factscope.loop import publish
 from factscope.models import Model
 
 
@@ -54,12 +54,7 @@ def head_ranks_batch(model: Model, items: Sequence[FactTokens], targets: Sequenc
         for l in range(L):
             x = c["resid_pre", l][torch.arange(F), cols]  # [F, d]
             vec = head_vectors(model, l, x).reshape(F * H, -1)
-            t = tgt.repeat_interleave(H)
-            ranks = []
-            for i in range(0, len(vec), chunk):
-                lg = model.logit_lens(vec[i : i + chunk]).float()
-                ranks.append((lg > lg.gather(1, t[i : i + chunk, None])).sum(-1))
-            out[:, l] = torch.cat(ranks).view(F, H).cpu()
+            out[:, l] = project_rank(model, vec, tgt.repeat_interleave(H), chunk).view(F, H).cpu()
     return out
 
 
@@ -74,27 +69,19 @@ def head_top_tokens(model: Model, fact: Fact | FactTokens, layer: int, head: int
     return model.to_str_tokens(lg.topk(k).indices.tolist())
 
 
-def heads_facts(model: Model, facts: Sequence[Fact], *, batch_size: int = 16, skip=None, on_result=None, progress: bool = False) -> dict:
-    skip = skip or set()
-    keyed = [(fact_key(i, f), f) for i, f in enumerate(facts) if fact_key(i, f) not in skip]
-    items, _ = usable(model, [f for _, f in keyed])
-    ok = {id(t.fact) for t in items}
-    keys = [k for k, f in keyed if id(f) in ok]
-    res = {}
-    bar = tqdm(total=len(items), desc="heads", unit="fact", disable=not progress)
-    for idx in batches(items, batch_size):
-        sub = [items[i] for i in idx]
-        tg = [target_ids(model.tokenizer, t.fact.prompt, t.fact.target_true)[0] for t in sub]
-        ranks = head_ranks_batch(model, sub, tg)
-        for j, i in enumerate(idx):
-            f = items[i].fact
-            r = {"fact_id": f.id, "subject": f.subject, "target": f.target_true, "target_id": tg[j], "ranks": ranks[j].tolist()}
-            res[keys[i]] = r
-            if on_result:
-                on_result(keys[i], r)
-        bar.update(len(idx))
-    bar.close()
-    return res
+def heads_batch(model: Model, items: Sequence[FactTokens]) -> list[dict]:
+    """Per fact: its target's first token id and the rank of that token in every head's W_VO
+    projection of the last subject token (``ranks[layer][head]``)."""
+    tg = [target_ids(model.tokenizer, t.fact.prompt, t.fact.target_true)[0] for t in items]
+    ranks = head_ranks_batch(model, items, tg)
+    return [{"target_id": tg[j], "ranks": ranks[j].tolist()} for j in range(len(items))]
+
+
+def heads_facts(model: Model, facts: Sequence[Fact], *, batch_size: int = 16, checkpoint=None, progress: bool = False) -> dict:
+    """:func:`heads_batch` records for many facts, keyed by :func:`fact_key` (resumable through
+    ``checkpoint``, :func:`run_facts`)."""
+    return run_facts(model, facts, lambda items: heads_batch(model, items), batch_size=batch_size, checkpoint=checkpoint,
+                     progress=progress, desc="heads")
 
 
 def rank_heads(records: Sequence[dict], top_k: int = 10) -> pd.DataFrame:
@@ -126,15 +113,10 @@ def plot(df: pd.DataFrame, model_name: str, n_facts: int, top_k: int, n_layers: 
 
 def run_heads(run, model: Model, facts: Sequence[Fact], *, top_k: int = 10, show_head: tuple[int, int] | None = None,
               n_show: int = 8, batch_size: int = 16, progress: bool = True) -> dict:
-    ck = run.checkpoint("heads")
-    heads_facts(model, facts, batch_size=batch_size, skip=ck.done(), on_result=lambda k, r: ck.append(k, r), progress=progress)
-    wanted = {fact_key(i, f) for i, f in enumerate(facts)}
-    recs = [r for r in ck.records() if r["key"] in wanted]
+    recs = list(heads_facts(model, facts, batch_size=batch_size, checkpoint=run.checkpoint("heads"), progress=progress).values())
     if not recs:
         return {}
     df = rank_heads(recs, top_k)
-    run.save_table("heads", df)
-    run.save_figure("heads", plot(df, model.name, len(recs), top_k, model.n_layers, model.n_heads))
     best = df.iloc[0]
     layer, head = show_head if show_head else (int(best["layer"]), int(best["head"]))
     by_key = {fact_key(i, f): f for i, f in enumerate(facts)}
@@ -143,7 +125,6 @@ def run_heads(run, model: Model, facts: Sequence[Fact], *, top_k: int = 10, show
         f = by_key[r["key"]]
         toks = head_top_tokens(model, f, layer, head, k=10)
         shown.append({"subject": f.subject, "target": f.target_true, "rank": r["ranks"][layer][head], "top_tokens": " | ".join(t.strip() or repr(t) for t in toks)})
-    run.save_table("heads_example", pd.DataFrame(shown))
     top = df.head(5)
     summ = {
         "n_facts": len(recs),
@@ -152,7 +133,6 @@ def run_heads(run, model: Model, facts: Sequence[Fact], *, top_k: int = 10, show
         "shown_head": [layer, head],
         "mean_rate_all_heads": float(df["rate"].mean()),
     }
-    run.update_summary({"heads": summ})
     lines = [
         (
             f"For each head, the last subject token's hidden state entering the layer, through the layer's attention input norm and "
@@ -164,5 +144,7 @@ def run_heads(run, model: Model, facts: Sequence[Fact], *, top_k: int = 10, show
         "",
         f"Table heads_example: top tokens of head L{layer}H{head} for some facts.",
     ]
-    run.add_section("heads", "Heads that map the subject to its attributes (W_VO)", "\n".join(lines), figures=["heads"], tables=["heads_example"])
-    return summ
+    return publish(run, "heads", summ, tables={"heads": df, "heads_example": pd.DataFrame(shown)},
+                   figures={"heads": plot(df, model.name, len(recs), top_k, model.n_layers, model.n_heads)},
+                   section={"title": "Heads that map the subject to its attributes (W_VO)", "text": "\n".join(lines),
+                            "figures": ["heads"], "tables": ["heads_example"]})

@@ -33,26 +33,24 @@ logits at every position.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from factscope import hooks
 from factscope.errors import FactscopeError
 from factscope.facts import Fact, fact_subject_span
 from factscope.flow.common import (
     FactTokens,
-    batches,
     default_window,
     encode,
-    fact_key,
     mean_ci,
     prob_of,
-    usable,
+    run_facts,
 )
+from factscope.loop import publish
 from factscope.models import Model, Prefix
 
 SETS = ("subject", "non_subject", "last", "subject_first", "subject_last", "non_subject_bos")
@@ -245,40 +243,13 @@ def naive_knockout(
     }
 
 
-def knockout_facts(
-    model: Model,
-    facts: Sequence[Fact],
-    *,
-    window: int | None = None,
-    sets: Sequence[str] = SETS,
-    heads: Sequence[int] | None = None,
-    from_positions: Sequence[int | str] = (-1,),
-    batch_size: int = 8,
-    skip: set | None = None,
-    on_result: Callable[[str, dict], None] | None = None,
-    progress: bool = False,
-) -> dict[str, dict]:
-    """Knockout records for many facts, keyed by :func:`fact_key`; ``skip`` holds keys already done
-    (resuming) and ``on_result(key, record)`` is called as each batch finishes."""
-    skip = skip or set()
-    keyed = [(fact_key(i, f), f) for i, f in enumerate(facts)]
-    todo = [(k, f) for k, f in keyed if k not in skip]
-    items, _ = usable(model, [f for _, f in todo])
-    ok_ids = {id(t.fact) for t in items}
-    keys = [k for k, f in todo if id(f) in ok_ids]
-    results: dict[str, dict] = {}
-    bar = tqdm(total=len(items), desc="knockout", unit="fact", disable=not progress)
-    for idx in batches(items, batch_size):
-        recs = knockout_batch(model, [items[i] for i in idx], window=window, sets=sets, heads=heads, from_positions=from_positions)
-        for i, r in zip(idx, recs):
-            f = items[i].fact
-            r = {"fact_id": f.id, "subject": f.subject, "prompt": f.prompt, "target": f.target_true, **r}
-            results[keys[i]] = r
-            if on_result:
-                on_result(keys[i], r)
-        bar.update(len(idx))
-    bar.close()
-    return results
+def knockout_facts(model: Model, facts: Sequence[Fact], *, batch_size: int = 8, checkpoint=None, progress: bool = False,
+                   desc: str = "knockout", **kw) -> dict[str, dict]:
+    """:func:`knockout_batch` records (options ``kw``: ``window``, ``sets``, ``heads``,
+    ``from_positions``) for many facts, keyed by :func:`fact_key` (:func:`run_facts`: resumable
+    through ``checkpoint``, whose finished facts are not run again)."""
+    return run_facts(model, facts, lambda items: knockout_batch(model, items, **kw), batch_size=batch_size,
+                     checkpoint=checkpoint, progress=progress, desc=desc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +291,7 @@ def critical_points(df: pd.DataFrame) -> dict:
 
 
 def plot(df: pd.DataFrame, model_name: str, n_facts: int, window: int, n_layers: int):
-    from factscope.plotting import COLORS, PALETTE, layer_axis, new_figure
+    from factscope.plotting import COLORS, PALETTE, band, layer_axis, new_figure
 
     have = set(df["set"])
     two = bool(have & {"subject_first", "subject_last", "non_subject_bos"})
@@ -342,8 +313,7 @@ def plot(df: pd.DataFrame, model_name: str, n_facts: int, window: int, n_layers:
             g = df[df["set"] == s].sort_values("layer")
             if not len(g):
                 continue
-            ax.plot(g["layer"], g["mean"], color=color, ls=ls, marker="o", label=LABELS.get(s, s))
-            ax.fill_between(g["layer"], g["mean"] - g["ci95"].fillna(0), g["mean"] + g["ci95"].fillna(0), color=color, alpha=0.15, lw=0)
+            band(ax, g["layer"], g["mean"], g["ci95"], color=color, ls=ls, marker="o", label=LABELS.get(s, s))
         ax.axhline(0, color="#888888", lw=0.8)
         layer_axis(ax, n_layers, label=f"centre layer of the {window}-layer knockout window")
         ax.set_title(title)
@@ -367,21 +337,13 @@ def run_knockout(
     name: str = "knockout",
 ) -> dict:
     """Resumable knockout over ``facts`` writing ``name.csv``, ``name_facts.csv``, ``name.png``, the
-    summary (``n_facts``, ``window``, ``curves``) and a report section. Returns the summary part."""
+    summary ``summary[name]`` (``n_facts``, ``window``, ``curves``, ...) and a report section.
+    Returns that summary."""
     k = window or default_window(model.n_layers)
-    ck = run.checkpoint(name)
-    knockout_facts(
-        model, facts, window=k, sets=sets, heads=heads, from_positions=from_positions, batch_size=batch_size,
-        skip=ck.done(), on_result=lambda key, r: ck.append(key, r), progress=progress,
-    )
-    wanted = {fact_key(i, f) for i, f in enumerate(facts)}
-    recs = {r["key"]: r for r in ck.records() if r["key"] in wanted}
+    recs = knockout_facts(model, facts, window=k, sets=sets, heads=heads, from_positions=from_positions, batch_size=batch_size,
+                          checkpoint=run.checkpoint(name), progress=progress, desc=name)
     df = curves(list(recs.values()))
-    run.save_table(name, df)
-    run.save_table(name + "_facts", per_fact_table(recs))
     n = len(recs)
-    if n:
-        run.save_figure(name, plot(df, model.name, n, k, model.n_layers))
     crit = critical_points(df)
     summ = {
         "n_facts": n,
@@ -396,10 +358,13 @@ def run_knockout(
     if "subject" in crit and "non_subject" in crit:
         summ["subject_drop_at_least_30"] = crit["subject"]["min_change"] <= -30
         summ["non_subject_peak_not_after_subject_peak"] = crit["non_subject"]["layer"] <= crit["subject"]["layer"]
-    run.update_summary(summ if name == "knockout" else {name: summ})
-    text = _section_text(summ, model)
-    run.add_section(name, "Attention knockout (information flow to the last position)", text, figures=[name] if n else [], tables=[name])
-    return summ
+    return publish(
+        run, name, summ,
+        tables={name: df, name + "_facts": per_fact_table(recs)},
+        figures={name: plot(df, model.name, n, k, model.n_layers)} if n else {},
+        section={"title": "Attention knockout (information flow to the last position)", "text": _section_text(summ, model),
+                 "figures": [name] if n else [], "tables": [name]},
+    )
 
 
 def _section_text(s: dict, model: Model) -> str:

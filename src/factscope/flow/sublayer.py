@@ -37,11 +37,11 @@ from factscope.flow import attributes as A
 from factscope.flow.common import (
     FactTokens,
     default_window,
-    fact_key,
     mean_ci,
     run_facts,
     upper_layer,
 )
+from factscope.loop import publish
 from factscope.models import Model
 
 KINDS = ("mlp", "attn")
@@ -133,9 +133,11 @@ def sublayer_batch(model: Model, items: Sequence[FactTokens], attrs: dict[str, s
     return out
 
 
-def sublayer_facts(model: Model, facts: Sequence[Fact], attrs, *, batch_size: int = 4, skip=None, on_result=None, progress=False, **kw) -> dict:
+def sublayer_facts(model: Model, facts: Sequence[Fact], attrs, *, batch_size: int = 4, checkpoint=None, progress=False, **kw) -> dict:
+    """:func:`sublayer_batch` records for many facts, keyed by :func:`fact_key` (resumable through
+    ``checkpoint``, :func:`run_facts`)."""
     return run_facts(model, facts, lambda items: sublayer_batch(model, items, attrs, **kw), batch_size=batch_size,
-                     skip=skip, on_result=on_result, progress=progress, desc="sublayer knockout")
+                     checkpoint=checkpoint, progress=progress, desc="sublayer knockout")
 
 
 def curves(records: Sequence[dict]) -> pd.DataFrame:
@@ -158,7 +160,7 @@ def curves(records: Sequence[dict]) -> pd.DataFrame:
 
 
 def plot(df: pd.DataFrame, model_name: str, n_facts: int, upper: int, k: int, abl: dict | None = None):
-    from factscope.plotting import COLORS, new_figure
+    from factscope.plotting import COLORS, band, new_figure
 
     abl = abl or PRESETS["paper"]
     fig, axes = new_figure(ncols=2, width=11, height=4.2)
@@ -170,8 +172,8 @@ def plot(df: pd.DataFrame, model_name: str, n_facts: int, upper: int, k: int, ab
         ci = "ci95" if col == "mean" else "mass_ci95"
         for kind, color, label, ls in styles:
             g = df[df["knockout"] == kind].sort_values("start_layer")
-            ax.plot(g["start_layer"], g[col], ls=ls, marker="o" if kind != "none" else None, ms=4, color=color, label=label)
-            ax.fill_between(g["start_layer"], g[col] - g[ci].fillna(0), g[col] + g[ci].fillna(0), color=color, alpha=0.12, lw=0)
+            band(ax, g["start_layer"], g[col], g[ci], alpha=0.12, ls=ls, marker="o" if kind != "none" else None, ms=4, color=color,
+                 label=label)
         ax.set_xticks(list(range(0, n, max(1, -(-n // 12)))))
         ax.set_xlabel(f"first ablated layer (window of {k} layers, stopping below layer {upper})")
         ax.set_ylabel(ylabel)
@@ -192,17 +194,12 @@ def run_sublayer(run, model: Model, facts: Sequence[Fact], attrs: dict[str, set[
     U = upper_layer(model.n_layers) if upper is None else upper
     k = window or default_window(model.n_layers)
     abl = ablations(how)
-    ck = run.checkpoint("sublayer")
-    sublayer_facts(model, facts, attrs, batch_size=batch_size, skip=ck.done(), on_result=lambda key, r: ck.append(key, r), progress=progress,
-                   upper=U, window=k, how=abl, top_n=top_n, keep=keep)
-    wanted = {fact_key(i, f) for i, f in enumerate(facts)}
-    recs = [r for r in ck.records() if r["key"] in wanted]
+    recs = list(sublayer_facts(model, facts, attrs, batch_size=batch_size, checkpoint=run.checkpoint("sublayer"), progress=progress,
+                               upper=U, window=k, how=abl, top_n=top_n, keep=keep).values())
     if not recs:
         return {}
     df = curves(recs)
-    run.save_table("sublayer", df)
     n_used = int(sum(r["n_attributes"] > 0 for r in recs))
-    run.save_figure("sublayer", plot(df, model.name, n_used, U, k, abl))
     none = df[df["knockout"] == "none"]
     summ = {"n_facts": n_used, "upper_layer": U, "window": k, "ablation": abl,
             "none_rate": float(none["mean"].iloc[0]), "none_mass": float(none["mass_mean"].iloc[0])}
@@ -211,7 +208,6 @@ def run_sublayer(run, model: Model, facts: Sequence[Fact], attrs: dict[str, set[
         summ[f"{kind}_min_mass"], summ[f"{kind}_min_mass_start"] = _lowest(df, kind, "mass_mean")
     summ["curves"] = {kind: [float(x) for x in df[df["knockout"] == kind].sort_values("start_layer")["mean"]] for kind in KINDS}
     summ["mass_curves"] = {kind: [float(x) for x in df[df["knockout"] == kind].sort_values("start_layer")["mass_mean"]] for kind in KINDS}
-    run.update_summary({"sublayer": summ})
     text = (
         f"Attributes rate and attribute mass (softmax probability of the attribute set's tokens) of the last subject token's "
         f"logit-lens projection leaving block {U} (0-based), with {k} consecutive layers ablated at every position "
@@ -221,5 +217,6 @@ def run_sublayer(run, model: Model, facts: Sequence[Fact], attrs: dict[str, set[
         f"with attention ablated: rate {summ['attn_min_rate']:.1f}% (from layer {summ['attn_min_rate_start']}), mass "
         f"{summ['attn_min_mass']:.2f}% (from layer {summ['attn_min_mass_start']})."
     )
-    run.add_section("sublayer", "Sublayer knockout (what drives enrichment)", text, figures=["sublayer"], tables=["sublayer"])
-    return summ
+    return publish(run, "sublayer", summ, tables={"sublayer": df}, figures={"sublayer": plot(df, model.name, n_used, U, k, abl)},
+                   section={"title": "Sublayer knockout (what drives enrichment)", "text": text, "figures": ["sublayer"],
+                            "tables": ["sublayer"]})

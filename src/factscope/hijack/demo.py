@@ -27,7 +27,7 @@ def demo_section(run: Run, model: Model, facts: Sequence[Fact], n_facts: int = 5
         part = pool[start : start + step]
         base = score_ids(model, tokenize(model, [p.fact.prompt for p in part]), [p.true_ids for p in part],
                          [p.false_ids for p in part])
-        chosen += [p.fact for p, s in zip(part, base) if s.top1 == p.true_ids[0]]
+        chosen += [p.fact for p, s in zip(part, base) if p.top1_is_true(s)]
         if len(chosen) >= n_facts:
             break
     chosen = chosen[:n_facts]

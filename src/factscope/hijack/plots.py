@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from factscope.plotting import PALETTE, new_figure
+from factscope.plotting import PALETTE, band, new_figure
 
 # one colour per built-in scheme, the same in every figure; custom schemes take the rest
 SCHEME_COLORS = {
@@ -113,9 +113,10 @@ def _grid_figure(eff: pd.DataFrame, panel_key: str, line_key: str, metric: str):
                 continue
             st = styles[line]
             nf = int(g["n_facts"].iloc[0])
-            for ax, y in zip(col, ROWS):
-                ax.plot(g["n"], g[y], label=f"{line} ({nf} facts)", **st)
-            col[0].fill_between(g["n"], g["es_lo"], g["es_hi"], color=st["color"], alpha=0.15, lw=0)
+            label = f"{line} ({nf} facts)"
+            band(col[0], g["n"], g[ROWS[0]], lo=g["es_lo"], hi=g["es_hi"], label=label, **st)  # ES with its bootstrap band
+            for ax, y in zip(col[1:], ROWS[1:]):
+                ax.plot(g["n"], g[y], label=label, **st)
         for ax, y in zip(col, ROWS):
             ax.set_xticks(range(0, nmax + 1, max(1, -(-nmax // 10))))
             ax.set_xlim(-0.2, nmax + 0.2)

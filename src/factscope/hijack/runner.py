@@ -28,12 +28,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from factscope.errors import FactscopeError
 from factscope.facts import Fact, load_facts, target_ids
 from factscope.hijack.schemes import Scheme, build_prompt, relation_sentence, related_words, scheme_sentence
 from factscope.hijack.scoring import METRICS, Score, efficacy_table, score_ids, score_shared, tokenize
+from factscope.loop import publish, resumable
 from factscope.models import Model, load_model
 from factscope.runs import Run
 
@@ -47,6 +47,11 @@ class Prepared:
     fact: Fact
     true_ids: list[int]
     false_ids: list[int]
+
+    def top1_is_true(self, score: Score) -> bool:
+        """The model's top-1 token is target_true's first token: for the plain prompt, the fact is
+        known (:func:`factscope.predict.known_facts` with top-k 1, read off the score)."""
+        return score.top1 == self.true_ids[0]
 
 
 @dataclass
@@ -180,27 +185,40 @@ def safe_name(name: str) -> str:
     return s or "model"
 
 
-def _reuse_chunk(ck, ckey: str, keys: list, out: dict) -> bool:
-    """Put a finished chunk's scores from the checkpoint into ``out``; False when it is not there.
-    A chunk that holds other prompts than ``keys`` means the run changed: one clear error."""
-    rec = ck.get(ckey)
-    if rec is None:
-        return False
-    if [r[:3] for r in rec["items"]] != keys:
-        raise FactscopeError(
-            f"checkpoint {ck.path} does not match this run (chunk {ckey} holds other prompts); "
-            "was the model or the data changed? Use a new --out directory"
-        )
-    for r in rec["items"]:
-        out[tuple(r[:3])] = Score(r[3], r[4], r[5])
-    return True
+def _run_chunks(
+    ck,
+    phase: str,
+    chunks: list[list[tuple]],
+    score: Callable[[int, Callable[[float], None]], list[Score]],
+    *,
+    progress: bool,
+    desc: str,
+    on_chunk: Callable[[str], None] | None,
+) -> dict[tuple, Score]:
+    """Score prompts chunk by chunk through the resumable loop (:func:`factscope.loop.resumable`):
+    chunk ``c`` (its prompts' keys ``chunks[c]``) is the checkpoint unit ``"{phase}:{c}"``, whose
+    record lists ``[scheme, n, fact id, lp_true, lp_false, top1]`` per prompt; ``score(c, report)``
+    scores it (reporting the fraction done, so the bar moves per batch). A finished chunk that
+    holds other prompts than ``chunks[c]`` means the run changed: one clear error, before any
+    work."""
+    ckeys = [f"{phase}:{c}" for c in range(len(chunks))]
+    done = {r["key"]: r for r in ck.records()}
+    for ckey, keys in zip(ckeys, chunks):
+        rec = done.get(ckey)
+        if rec is not None and [r[:3] for r in rec["items"]] != [list(k) for k in keys]:
+            raise FactscopeError(
+                f"checkpoint {ck.path} does not match this run (chunk {ckey} holds other prompts); "
+                "was the model or the data changed? Use a new --out directory"
+            )
 
+    def work(idx: list[int], report) -> list[dict]:
+        (c,) = idx
+        scores = score(c, report)
+        return [{"items": [list(k) + [s.lp_true, s.lp_false, s.top1] for k, s in zip(chunks[c], scores)]}]
 
-def _store_chunk(ck, ckey: str, keys: list, scores: list, out: dict) -> None:
-    """Checkpoint a scored chunk (what :func:`_reuse_chunk` reads back) and put it into ``out``."""
-    ck.append(ckey, {"items": [k + [s.lp_true, s.lp_false, s.top1] for k, s in zip(keys, scores)]})
-    for k, s in zip(keys, scores):
-        out[tuple(k)] = s
+    recs = resumable(ckeys, work, ck, batches=1, sizes=[len(k) for k in chunks], progress=progress, desc=desc,
+                     unit="prompt", on_batch=(lambda finished: on_chunk(finished[0])) if on_chunk is not None else None)
+    return {tuple(r[:3]): Score(r[3], r[4], r[5]) for ckey in ckeys for r in recs[ckey]["items"]}
 
 
 def _execute(
@@ -213,22 +231,19 @@ def _execute(
     batch_size: int,
     max_tokens: int | None,
     chunk_size: int,
-    bar,
+    progress: bool,
+    desc: str,
     on_chunk: Callable[[str], None] | None,
 ) -> dict[tuple, Score]:
     """Score ``items`` = [(key, prompt, prepared fact)] in length-sorted chunks, reusing finished
     chunks from the checkpoint ``ck``."""
     seqs = tokenize(model, [p for _, p, _ in items])
     order = sorted(range(len(items)), key=lambda i: (-len(seqs[i]), i))
-    out: dict[tuple, Score] = {}
-    for c, start in enumerate(range(0, len(order), chunk_size)):
-        idx = order[start : start + chunk_size]
-        keys = [list(items[i][0]) for i in idx]
-        ckey = f"{phase}:{c}"
-        if _reuse_chunk(ck, ckey, keys, out):
-            bar.update(len(idx))
-            continue
-        scores = score_ids(
+    parts = [order[start : start + chunk_size] for start in range(0, len(order), chunk_size)]
+
+    def score(c: int, report) -> list[Score]:
+        idx = parts[c]
+        return score_ids(
             model,
             [seqs[i] for i in idx],
             [items[i][2].true_ids for i in idx],
@@ -236,12 +251,11 @@ def _execute(
             metric=metric,
             batch_size=batch_size,
             max_tokens=max_tokens,
+            on_progress=report,
         )
-        _store_chunk(ck, ckey, keys, scores, out)
-        bar.update(len(idx))
-        if on_chunk is not None:
-            on_chunk(ckey)
-    return out
+
+    return _run_chunks(ck, phase, [[items[i][0] for i in idx] for idx in parts], score, progress=progress, desc=desc,
+                       on_chunk=on_chunk)
 
 
 def shared_prompts(model: Model, sentence: str, prompt: str, max_prepends: int) -> tuple[list[int], list[tuple[int, list[int]]]]:
@@ -277,7 +291,8 @@ def _execute_shared(
     batch_size: int,
     max_tokens: int | None,
     chunk_size: int,
-    bar,
+    progress: bool,
+    desc: str,
     on_chunk: Callable[[str], None] | None,
 ) -> dict[tuple, Score]:
     """Score prompts that share prefixes: ``groups`` = [(context ids, [(key, m, suffix ids,
@@ -287,33 +302,27 @@ def _execute_shared(
     chunk, up to the longest prefix its prompts read)."""
     order = sorted(range(len(groups)), key=lambda g: (-len(groups[g][0]), g))
     flat = [(g, it) for g in order for it in groups[g][1]]
-    out: dict[tuple, Score] = {}
-    for c, start in enumerate(range(0, len(flat), chunk_size)):
-        part = flat[start : start + chunk_size]
-        keys = [list(it[0]) for _, it in part]
-        ckey = f"{phase}:{c}"
-        if _reuse_chunk(ck, ckey, keys, out):
-            bar.update(len(part))
-            continue
+    parts = [flat[start : start + chunk_size] for start in range(0, len(flat), chunk_size)]
+
+    def score(c: int, report) -> list[Score]:
+        part = parts[c]
         ctx_index: dict[int, int] = {}
         for g, _ in part:
             ctx_index.setdefault(g, len(ctx_index))
-        contexts = [groups[g][0] for g in ctx_index]
-        scores = score_shared(
+        return score_shared(
             model,
-            contexts,
+            [groups[g][0] for g in ctx_index],
             [(ctx_index[g], it[1], it[2]) for g, it in part],
             [it[3].true_ids for _, it in part],
             [it[3].false_ids for _, it in part],
             metric=metric,
             batch_size=batch_size,
             max_tokens=max_tokens,
+            on_progress=report,
         )
-        _store_chunk(ck, ckey, keys, scores, out)
-        bar.update(len(part))
-        if on_chunk is not None:
-            on_chunk(ckey)
-    return out
+
+    return _run_chunks(ck, phase, [[it[0] for _, it in part] for part in parts], score, progress=progress, desc=desc,
+                       on_chunk=on_chunk)
 
 
 def run_model(
@@ -347,12 +356,10 @@ def run_model(
     if any(s.uses_related for s in schemes) and related is None:
         related = related_words()
     ck = run.checkpoint(f"hijack_{safe_name(model.name)}")
-    bar = tqdm(total=len(prepared), desc=f"hijack {model.name}: base", unit="prompt", disable=not progress)
     base_items = [((BASE, 0, p.fact.id), p.fact.prompt, p) for p in prepared]
     base = _execute(model, ck, "base", base_items, metric=metric, batch_size=batch_size, max_tokens=max_tokens,
-                    chunk_size=chunk_size, bar=bar, on_chunk=on_chunk)
-    bar.close()
-    known = [p for p in prepared if base[(BASE, 0, p.fact.id)].top1 == p.true_ids[0]]
+                    chunk_size=chunk_size, progress=progress, desc=f"hijack {model.name}: base", on_chunk=on_chunk)
+    known = [p for p in prepared if p.top1_is_true(base[(BASE, 0, p.fact.id)])]
     counts["known"] = len(known)
     kept = known if known_only else prepared
     counts["kept"] = len(kept)
@@ -389,15 +396,12 @@ def run_model(
             counts["unshared_prompts"][s.name] = n_whole
         if s.kind == "relation":
             counts["fallback_template"][s.name] = n_fb
-    total = sum(len(g[1]) for g in groups) if shared_prefix else len(items)
-    bar = tqdm(total=total, desc=f"hijack {model.name}", unit="prompt", disable=not progress)
+    kw = dict(metric=metric, batch_size=batch_size, max_tokens=max_tokens, chunk_size=chunk_size, progress=progress,
+              desc=f"hijack {model.name}", on_chunk=on_chunk)
     if shared_prefix:
-        scores = _execute_shared(model, ck, "hijack-shared", groups, metric=metric, batch_size=batch_size,
-                                 max_tokens=max_tokens, chunk_size=chunk_size, bar=bar, on_chunk=on_chunk)
+        scores = _execute_shared(model, ck, "hijack-shared", groups, **kw)
     else:
-        scores = _execute(model, ck, "hijack", items, metric=metric, batch_size=batch_size, max_tokens=max_tokens,
-                          chunk_size=chunk_size, bar=bar, on_chunk=on_chunk)
-    bar.close()
+        scores = _execute(model, ck, "hijack", items, **kw)
 
     tok = model.tokenizer
     rows = []
@@ -414,7 +418,7 @@ def run_model(
                     "relation_id": f.relation_id, "subject": f.subject, "prompt": f.prompt,
                     "target_true": f.target_true, "target_false": f.target_false, "sentence": sent,
                     "lp_true": sc.lp_true, "lp_false": sc.lp_false, "top1": tok.decode([sc.top1]),
-                    "top1_is_true": sc.top1 == p.true_ids[0],
+                    "top1_is_true": p.top1_is_true(sc),
                 })
     cols = ["model", "scheme", "n", "fact_id", "relation_id", "subject", "prompt", "target_true", "target_false",
             "sentence", "lp_true", "lp_false", "top1", "top1_is_true"]
@@ -446,7 +450,7 @@ def run_benchmark(
     write ``hijack_results.csv``, ``hijack_efficacy.csv``, ``hijack_relations.csv``, the figures
     (``hijack_efficacy``: a panel per model; with several models also
     ``hijack_efficacy_by_scheme``, the paper's Figure 2 layout; ``hijack_probs``),
-    ``summary.json`` (``efficacy`` = {model: {scheme: [ES for n = 0..N]}}, ``mean_p_true``,
+    ``summary.json`` under ``"hijack"`` (``efficacy`` = {model: {scheme: [ES for n = 0..N]}}, ``mean_p_true``,
     ``mean_p_false`` and ``top1_acc`` of the same shape, ``n_facts`` = {model: facts kept}) and a
     report section into ``run``."""
     if not models:
@@ -491,29 +495,25 @@ def finish(run: Run, out: list[ModelResult], schemes: Sequence[Scheme], max_prep
         "max_prepends": max_prepends,
         "metric": metric,
     }
-    run.save_table(f"{prefix}_results", results)
-    run.save_table(f"{prefix}_efficacy", eff)
-    run.save_table(f"{prefix}_relations", rel)
-    run.update_summary(summary if prefix == "hijack" else {prefix: summary})
     res = HijackResult(out, eff, rel, summary)
+    figs, captions, section = {}, [], None
     if figures:
         from factscope.hijack.plots import efficacy_by_scheme_figure, efficacy_figure, probability_figure
 
         rows = ("Top: efficacy score ES(n), the share of facts with P(target_false) > P(target_true) after "
                 "n prepended sentences (bands: bootstrap 95% intervals); middle: mean P(target_true); bottom: "
                 "top-1 accuracy (the top-1 token is target_true's first token).")
-        figs = []
         if len(out) > 1:  # the paper's Figure 2: one panel per scheme, the models overlaid
-            run.save_figure(f"{prefix}_efficacy_by_scheme", efficacy_by_scheme_figure(eff, metric=metric))
-            figs.append({"name": f"{prefix}_efficacy_by_scheme",
-                         "caption": "One panel per scheme, one line per model (the layout of Jiang et al.'s "
-                                    "Figure 2). " + rows})
-        run.save_figure(f"{prefix}_efficacy", efficacy_figure(eff, metric=metric))
-        figs.append({"name": f"{prefix}_efficacy", "caption": "One panel per model, one line per scheme. " + rows})
-        run.save_figure(f"{prefix}_probs", probability_figure(eff))
-        figs.append({"name": f"{prefix}_probs", "caption": "Mean probability of the true and the false target "
-                                                            "against n."})
-        run.add_section(prefix, "Context hijacking", section_text(res), figures=figs, tables=[f"{prefix}_efficacy"])
+            figs[f"{prefix}_efficacy_by_scheme"] = efficacy_by_scheme_figure(eff, metric=metric)
+            captions.append("One panel per scheme, one line per model (the layout of Jiang et al.'s Figure 2). " + rows)
+        figs[f"{prefix}_efficacy"] = efficacy_figure(eff, metric=metric)
+        captions.append("One panel per model, one line per scheme. " + rows)
+        figs[f"{prefix}_probs"] = probability_figure(eff)
+        captions.append("Mean probability of the true and the false target against n.")
+        section = {"title": "Context hijacking", "text": section_text(res), "tables": [f"{prefix}_efficacy"],
+                   "figures": [{"name": f, "caption": c} for f, c in zip(figs, captions)]}
+    publish(run, prefix, summary, tables={f"{prefix}_results": results, f"{prefix}_efficacy": eff, f"{prefix}_relations": rel},
+            figures=figs, section=section)
     return res
 
 

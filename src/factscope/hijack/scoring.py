@@ -15,7 +15,7 @@ logits, a reducer that keeps only the few numbers needed).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,15 +62,31 @@ def score_ids(
     metric: str = "first",
     batch_size: int = 32,
     max_tokens: int | None = 4096,
+    on_progress: Callable[[float], None] | None = None,
 ) -> list[Score]:
-    """Score tokenized prompts (see the module docstring)."""
+    """Score tokenized prompts (see the module docstring); ``on_progress(f)`` is told the fraction
+    ``f`` of the forwards done as each batch finishes."""
     _check_args(metric, "seqs", seqs, true_ids, false_ids)
     if any(len(s) == 0 for s in seqs):
         raise FactscopeError("empty prompt")
     run_seqs, wants, plans = _plan([tuple(int(x) for x in s) for s in seqs], true_ids, false_ids, metric,
                                    lambda base, toks: base + toks)
-    res = map_last(model, run_seqs, _reducer(wants), batch_size=batch_size, max_tokens=max_tokens)
+    res = map_last(model, run_seqs, _reducer(wants), batch_size=batch_size, max_tokens=max_tokens,
+                   on_batch=_fractions(len(run_seqs), on_progress))
     return _scores(plans, res, metric)
+
+
+def _fractions(total: int, on_progress: Callable[[float], None] | None) -> Callable[[int], None] | None:
+    """A counter of finished forwards that reports the fraction done to ``on_progress``."""
+    if on_progress is None:
+        return None
+    done = [0]
+
+    def count(n: int) -> None:
+        done[0] += n
+        on_progress(done[0] / max(1, total))
+
+    return count
 
 
 def _plan(bases: Sequence, true_ids, false_ids, metric: str, extend):
@@ -138,12 +154,14 @@ def score_shared(
     metric: str = "first",
     batch_size: int = 32,
     max_tokens: int | None = 4096,
+    on_progress: Callable[[float], None] | None = None,
 ) -> list[Score]:
     """:func:`score_ids` for prompts that share prefixes: prompt i is ``contexts[c][:m] + suffix``
     for ``prompts[i] = (c, m, suffix)``. The keys/values of each context are computed once
     (:meth:`Model.prefill`, in length-sorted batches of contexts) and every prompt's suffix is run
     against the first ``m`` tokens of its context (:meth:`Model.forward_from`); prompts with
-    ``m = 0`` run whole. Equals :func:`score_ids` on the joined token sequences."""
+    ``m = 0`` run whole. Equals :func:`score_ids` on the joined token sequences. ``on_progress``
+    as for :func:`score_ids`."""
     _check_args(metric, "prompts", prompts, true_ids, false_ids)
     bases = []
     for c, m, suffix in prompts:
@@ -154,12 +172,13 @@ def score_shared(
         bases.append((int(c), int(m) if m else -1, tuple(int(x) for x in suffix)))
     runs, wants, plans = _plan(bases, true_ids, false_ids, metric, lambda b, toks: (b[0], b[1], b[2] + toks))
     reduce = _reducer(wants)
+    count = _fractions(len(runs), on_progress)
     res: list = [None] * len(runs)
     # runs without a shared context (m = 0): ordinary forwards
     whole = [j for j, (c, m, _) in enumerate(runs) if m < 0]
     if whole:
         part = map_last(model, [runs[j][2] for j in whole], lambda lg, idx: reduce(lg, [whole[i] for i in idx]),
-                        batch_size=batch_size, max_tokens=max_tokens)
+                        batch_size=batch_size, max_tokens=max_tokens, on_batch=count)
         for j, r in zip(whole, part):
             res[j] = r
     by_ctx: dict[int, list[int]] = {}
@@ -180,6 +199,8 @@ def score_shared(
                 logits = model.forward_from(sub, model.batch_from_ids([runs[j][2] for j in js])).float()
                 for j, r in zip(js, reduce(logits, js)):
                     res[j] = r
+                if count is not None:
+                    count(len(js))
     return _scores(plans, res, metric)
 
 
