@@ -48,7 +48,7 @@ def test_facts_known_writes_a_run_and_refuses_to_overwrite(tmp_path, gemma):
 
 def test_demo_runs_on_a_tiny_model(tmp_path):
     out = tmp_path / "demo"
-    r = _run("demo", "--model", "tiny-gpt2", "--n-facts", "20", "--skip", "flow", "--skip", "hijack",
+    r = _run("demo", "--model", "tiny-gpt2", "--limit", "20", "--skip", "flow", "--skip", "hijack",
              "--skip", "lca", "--out", str(out))
     assert r.exit_code == 0, r.output
     html = (out / "report.html").read_text()
