@@ -187,3 +187,34 @@ def test_config_keys_are_the_same_in_every_command(tmp_path):
         assert cfg["seed"] == 0 and cfg["dtype"] == "float32" and cfg["runtime"]["device"] == "cpu"
         assert cfg["runtime"]["threads"] == 1 and cfg["dataset"] in ("known_1000", ["known_1000"],
                                                                      "lre:factual/country_capital_city")
+
+
+def _first_sentence(text: str) -> str:
+    """Independent of commands.first_sentence: the first paragraph up to the first period that ends
+    it or is followed by a capital letter."""
+    para = " ".join(text.strip().split("\n\n")[0].split())
+    m = re.search(r"\.(?=\s+[A-Z]|$)", para)
+    return para[: m.end()] if m else para
+
+
+@pytest.mark.parametrize("group", [[], ["flow"], ["hijack"], ["circuit"], ["lca"], ["facts"], ["models"], ["data"]],
+                         ids=lambda g: " ".join(g) or "factscope")
+def test_group_help_shows_whole_first_sentences(group):
+    """click cuts a command's short help at the terminal width with '...': the listings show it whole."""
+    import click
+
+    r = CliRunner().invoke(main, [*group, "--help"], terminal_width=80)
+    assert r.exit_code == 0, r.output
+    listing = r.output.split("Commands:")[1]
+    assert "..." not in listing, listing
+    flat = " ".join(listing.split())
+    grp = _command(group) if group else main
+    ctx = click.Context(grp)
+    names = grp.list_commands(ctx)
+    assert names
+    for name in names:
+        if not group and name in main._lazy:  # factscope --help shows the registered line, importing nothing
+            expected = main._lazy[name][1]
+        else:
+            expected = _first_sentence(grp.get_command(ctx, name).help)
+        assert len(expected) > 10 and f"{name} {expected}" in flat, (name, expected, listing)

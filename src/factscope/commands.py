@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,12 +233,37 @@ def analysis_options(analysis: str | None, *, without: Sequence[str] = (), multi
     return decorate
 
 
+def first_sentence(text: str) -> str:
+    """The first sentence of ``text``'s first paragraph, whitespace normalized ("et al. 2024" and
+    "e.g. x" do not end it: a sentence ends at . ! or ? before a capital letter)."""
+    para = " ".join(inspect.cleandoc(text or "").split("\n\n")[0].split())
+    return re.split(r"(?<=[.!?])\s+(?=[A-Z])", para)[0]
+
+
+class CommandGroup(click.Group):
+    """A click group whose command listing shows each command's whole first sentence (click cuts
+    short help at the terminal width with "..."); long lines wrap instead. Every factscope group
+    uses it (``@click.group(..., cls=CommandGroup)``)."""
+
+    def command_help(self, ctx: click.Context, name: str) -> str | None:
+        cmd = self.get_command(ctx, name)
+        if cmd is None or cmd.hidden:
+            return None
+        return first_sentence(cmd.short_help or cmd.help or "")
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(n, h) for n in self.list_commands(ctx) if (h := self.command_help(ctx, n)) is not None]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
 # --------------------------------------------------------------------------------------------
 # factscope models
 # --------------------------------------------------------------------------------------------
 
 
-@click.group("models")
+@click.group("models", cls=CommandGroup)
 def models() -> None:
     """List and pull models."""
 
@@ -302,7 +329,7 @@ def predict(common: Common, k: int, as_json: bool, prompt: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@click.group("facts")
+@click.group("facts", cls=CommandGroup)
 def facts() -> None:
     """Facts a model knows."""
 

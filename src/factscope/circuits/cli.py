@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from factscope.circuits.run import ABLATIONS, METHODS
-from factscope.commands import Common, analysis_options
+from factscope.commands import CommandGroup, Common, analysis_options
 from factscope.errors import FactscopeError
 
 
@@ -40,7 +40,7 @@ def _common(f):
                "limit": "At most this many known facts (seeded sample); discover needs 2, evaluate 4."})(f)
 
 
-@click.group("circuit")
+@click.group("circuit", cls=CommandGroup)
 def circuit() -> None:
     """Knowledge circuits (Yao et al. 2024): discover and evaluate edge-level circuits."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from factscope.commands import Common, analysis_options
+from factscope.commands import CommandGroup, Common, analysis_options
 from factscope.errors import FactscopeError
 
 
@@ -58,7 +58,7 @@ def _finish(run) -> None:
     click.echo(f"report: {path}")
 
 
-@click.group("flow")
+@click.group("flow", cls=CommandGroup)
 def flow() -> None:
     """Information flow and attribute extraction (Geva et al. 2023)."""
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from factscope.commands import Common, analysis_options
+from factscope.commands import CommandGroup, Common, analysis_options
 from factscope.hijack.schemes import BUILTIN
 
 
-@click.group("hijack")
+@click.group("hijack", cls=CommandGroup)
 def hijack() -> None:
     """Context hijacking benchmark (Jiang et al. 2024, sec. 3)."""
 

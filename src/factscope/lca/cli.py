@@ -8,7 +8,7 @@ import time
 
 import click
 
-from factscope.commands import Common, analysis_options
+from factscope.commands import CommandGroup, Common, analysis_options
 
 COMMANDS = {
     "value-matrix": ("value_matrix", "Accuracy with W_V trained vs frozen at the identity (Figure 3a)."),
@@ -19,7 +19,7 @@ COMMANDS = {
 }
 
 
-@click.group("lca")
+@click.group("lca", cls=CommandGroup)
 def lca() -> None:
     """Latent concept association: synthetic task and one-layer transformer (Jiang et al. 2024, sec. 4-6)."""
 
