@@ -208,6 +208,9 @@ def analysis_options(analysis: str | None, *, without: Sequence[str] = (), multi
     unknown = set(without) - set(COMMON_OPTIONS)
     if unknown:
         raise ValueError(f"not common options: {sorted(unknown)}")
+    unknown = set(defaults) - {"model", "dataset", "limit", "seed", "out", "batch_size"}
+    if unknown:
+        raise ValueError(f"no default can be set for {sorted(unknown)}")
     names = [n for n in COMMON_OPTIONS if n not in without] + (["all_facts"] if all_facts else [])
     options = _click_options(names, multiple, defaults, helps or {})
 
