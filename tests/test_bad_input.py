@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from factscope.cli import main
+from factscope.errors import FactscopeError
 
 
 def _fails(args, *needles):
@@ -113,3 +114,80 @@ def test_fake_gguf_is_named_before_dequantizing(tmp_path, monkeypatch):
     fake.write_bytes(b"not a model at all" * 10)
     r = _fails(["predict", "--model", fake, "x"], "is not a GGUF file")
     assert "dequantizing" not in r.output
+
+
+# --------------------------------------------------------------------------------------------
+# an uncached hub id fails fast: offline without a request, online after one short probe
+# --------------------------------------------------------------------------------------------
+
+FAKE_ID = "nobody-factscope/no-such-model"
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """Records what the hub check asks: ``calls`` of model_info (with their timeout); loading the
+    weights through transformers raises (so a test sees whether the real hub path was taken)."""
+    import huggingface_hub
+    import transformers
+
+    calls = []
+
+    def from_pretrained(*a, **k):
+        raise FactscopeError("reached from_pretrained")
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)  # nothing cached
+
+    def answer(result):
+        def model_info(repo_id, timeout=None, **k):
+            calls.append((repo_id, timeout))
+            if isinstance(result, Exception):
+                raise result
+            return result
+
+        monkeypatch.setattr(huggingface_hub, "model_info", model_info)
+
+    answer(AssertionError("the hub was asked"))
+    return calls, answer
+
+
+
+@pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_uncached_hub_id_offline_fails_without_a_request(tmp_path, monkeypatch, hub, var):
+    calls, _ = hub
+    monkeypatch.setenv(var, "1")
+    _fails(["flow", "knockout", "--model", FAKE_ID, "--out", tmp_path / "x"],
+           f"model '{FAKE_ID}' cannot load", "not in the local Hugging Face cache", "HF_HUB_OFFLINE")
+    _fails(["hijack", "run", "--model", "tiny-llama", "--model", FAKE_ID, "--out", tmp_path / "x"], FAKE_ID)
+    assert calls == [] and not (tmp_path / "x").exists()
+
+
+def test_uncached_hub_id_online_is_one_short_probe(tmp_path, hub):
+    from unittest import mock
+
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    calls, answer = hub
+    answer(OSError("[Errno -2] Name or service not known"))  # no network: one request, no retries
+    _fails(["predict", "--model", FAKE_ID, "x"], f"model '{FAKE_ID}' cannot load", "not in the local Hugging Face "
+           "cache", "cannot be reached", "Name or service not known")
+    assert len(calls) == 1 and calls[0][0] == FAKE_ID and 0 < calls[0][1] <= 5
+    answer(RepositoryNotFoundError("404", response=mock.MagicMock()))
+    _fails(["facts", "known", "--model", FAKE_ID, "--out", tmp_path / "x"], "the Hugging Face hub has no such model")
+    # the hub has it: the usual download path runs (here stopped by the fake from_pretrained)
+    answer(object())
+    _fails(["predict", "--model", FAKE_ID, "x"], "reached from_pretrained")
+    assert not (tmp_path / "x").exists()
+
+
+def test_cached_hub_id_is_not_probed_even_offline(monkeypatch, hub):
+    import huggingface_hub
+
+    from factscope.models import resolve
+
+    calls, _ = hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: "/hf/cache/config.json")
+    assert resolve(FAKE_ID) == (FAKE_ID, None) and calls == []

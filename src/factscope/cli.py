@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 
 from factscope import __version__
+from factscope.commands import CommandGroup
 from factscope.errors import FactscopeError
 
 # The CLI never shows windows: make sure matplotlib (if an analysis imports pyplot) uses Agg.
@@ -51,7 +52,7 @@ class _Unavailable(click.Command):
         raise FactscopeError(self._message)
 
 
-class FactscopeGroup(click.Group):
+class FactscopeGroup(CommandGroup):
     """A click group with lazily imported subcommands and clean error reporting."""
 
     def __init__(self, *args, **kwargs):
@@ -86,22 +87,11 @@ class FactscopeGroup(click.Group):
             return _Unavailable(cmd_name, target, TypeError(f"{target} is not a click command"))
         return cmd
 
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        # Like click's, but lazy commands show their registered help without being imported.
-        rows = []
-        names = self.list_commands(ctx)
-        limit = formatter.width - 6 - max((len(n) for n in names), default=0)
-        for name in names:
-            if name in self._lazy and name not in self.commands:
-                rows.append((name, self._lazy[name][1]))
-                continue
-            cmd = super().get_command(ctx, name)
-            if cmd is None or cmd.hidden:
-                continue
-            rows.append((name, cmd.get_short_help_str(limit=limit)))
-        if rows:
-            with formatter.section("Commands"):
-                formatter.write_dl(rows)
+    def command_help(self, ctx: click.Context, name: str) -> str | None:
+        # lazy commands show their registered help without being imported
+        if name in self._lazy and name not in self.commands:
+            return self._lazy[name][1]
+        return super().command_help(ctx, name)
 
     # ---- errors ------------------------------------------------------------------------------
 

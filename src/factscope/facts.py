@@ -873,7 +873,9 @@ def target_logprob(model, tokenizer, prompt: str, target: str) -> float:
 def _make_cli():
     import click
 
-    @click.group("data", help="Fact data sets: list them, show facts, download CounterFact.")
+    from factscope.commands import CommandGroup
+
+    @click.group("data", cls=CommandGroup, help="Fact data sets: list them, show facts, download CounterFact.")
     def data_cli():
         pass
 

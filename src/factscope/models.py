@@ -343,6 +343,45 @@ def _gguf_key(path: Path) -> str:
     return f"{path.stem}-{h}"
 
 
+HUB_PROBE_TIMEOUT = 3.0  # seconds for the one request that asks the hub about an uncached model
+
+
+def hub_offline() -> bool:
+    """Whether the user told the Hugging Face libraries to stay offline (``HF_HUB_OFFLINE`` or
+    ``TRANSFORMERS_OFFLINE`` set to 1/true/yes/on)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_hub_id(repo_id: str) -> None:
+    """Fail fast on a hub id that cannot load: a model in the local Hugging Face cache passes
+    without a request; offline (:func:`hub_offline`) an uncached one is refused at once; otherwise
+    one request with a short timeout (no retries) asks the hub, and a model the hub does not have,
+    or a hub that cannot be reached, is refused with one line naming ``repo_id``. A model the
+    hub has loads the usual way (transformers downloads it)."""
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    where = "it is not in the local Hugging Face cache"
+    if hub_offline():
+        raise FactscopeError(f"model {repo_id!r} cannot load: {where} and HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is "
+                             "set (unset it to download, or use a registered name, local directory or .gguf file)")
+    try:
+        huggingface_hub.model_info(repo_id, timeout=HUB_PROBE_TIMEOUT)
+    except GatedRepoError:
+        return  # the hub has it: transformers says what access it needs
+    except RepositoryNotFoundError:
+        raise FactscopeError(f"model {repo_id!r} cannot load: {where} and the Hugging Face hub has no such "
+                             "model (or it is private)") from None
+    except Exception as e:  # noqa: BLE001 - no connection, timeout, proxy or server error
+        raise FactscopeError(
+            f"model {repo_id!r} cannot load: {where} and the Hugging Face hub cannot be reached "
+            f"({type(e).__name__}: {e}); connect to the internet, or use a registered name, local directory or .gguf file"
+        ) from None
+
+
 def resolve(spec: str) -> tuple[str, Path | None]:
     """Map a model spec to (display name, local HF directory or None for tiny models/hub ids)."""
     if spec in REGISTRY:
@@ -360,6 +399,7 @@ def resolve(spec: str) -> tuple[str, Path | None]:
             raise FactscopeError(f"{spec} is not a model directory (it has no config.json)")
         return path.name, path
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        check_hub_id(spec)  # not cached and offline: fail now, not after HTTP retries
         return spec, None  # a hub id
     raise FactscopeError(
         f"unknown model {spec!r}: use a registered name ({', '.join(REGISTRY)}), a Hugging Face hub id "

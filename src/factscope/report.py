@@ -29,7 +29,9 @@ SIG_DIGITS = 4
 # Config keys shown first, in this order, under these labels.
 _CONFIG_HEAD = [
     ("command", "command"),
+    ("analysis", "analysis"),
     ("model", "model"),
+    ("model_spec", "model as typed"),
     ("weights", "weights"),
     ("dtype", "dtype"),
     ("data", "data"),

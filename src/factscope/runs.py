@@ -397,6 +397,28 @@ class Checkpoint:
 
 
 
+def check_out_dir(out: str | os.PathLike, resume: bool = False) -> bool:
+    """Refuse an ``--out`` that cannot hold a run: a file, a non-empty directory without
+    ``resume``, or (with ``resume``) one that is no factscope run. Returns whether ``out`` is a
+    non-empty directory (a run to resume). The CLI calls it before loading anything; ``Run.create``
+    again."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FactscopeError(f"--out {out} exists and is not a directory")
+    nonempty = out.is_dir() and any(out.iterdir())
+    if nonempty and not resume:
+        raise FactscopeError(
+            f"output directory {out} already exists and is not empty; "
+            "pass --resume to continue the run in it, or choose another --out directory"
+        )
+    if nonempty and not (out / CONFIG_FILE).is_file():
+        raise FactscopeError(
+            f"cannot resume in {out}: it is not empty but has no {CONFIG_FILE}, so it is not "
+            "a factscope run; choose another --out directory"
+        )
+    return nonempty
+
+
 @contextlib.contextmanager
 def recording(entries: Callable[[Mapping[str, Any]], Mapping[str, Any]]) -> Iterator[None]:
     """Within the block, :meth:`Run.create` adds ``entries(config)`` to each new run's config (the
@@ -436,21 +458,8 @@ class Run:
         reserved = {"versions", "created_utc", "resumed_utc"} & set(new)
         if reserved:
             raise ValueError(f"config keys {sorted(reserved)} are reserved for Run")
-        if out.exists() and not out.is_dir():
-            raise FactscopeError(f"--out {out} exists and is not a directory")
-        nonempty = out.is_dir() and any(out.iterdir())
-        if nonempty and not resume:
-            raise FactscopeError(
-                f"output directory {out} already exists and is not empty; "
-                "pass --resume to continue the run in it, or choose another --out directory"
-            )
-        if nonempty:  # resume
+        if check_out_dir(out, resume):  # resume
             cfg_path = out / CONFIG_FILE
-            if not cfg_path.is_file():
-                raise FactscopeError(
-                    f"cannot resume in {out}: it is not empty but has no {CONFIG_FILE}, so it is not "
-                    "a factscope run; choose another --out directory"
-                )
             old = read_json(cfg_path)
             if not isinstance(old, dict):
                 raise FactscopeError(f"{cfg_path} does not hold a JSON object")

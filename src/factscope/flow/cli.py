@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import click
 
-from factscope.commands import dtype_option
+from factscope.commands import CommandGroup, Common, analysis_options
 from factscope.errors import FactscopeError
 
 
-def _common(f):
-    options = [
-        click.option("--model", "model_name", default="gemma-3-270m", show_default=True, help="Model name, hub id, directory or .gguf file."),
-        click.option("--dataset", default="known_1000", show_default=True, help="Fact set name or file."),
-        click.option("--limit", type=click.IntRange(1), default=100, show_default=True, help="Number of known facts to analyse (seeded random sample of the facts the model knows)."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--all-facts", is_flag=True, help="Do not filter to facts the model knows (e.g. for random test models)."),
-        click.option("--out", type=click.Path(file_okay=False), required=True, help="Output directory (created with its parents if missing)."),
-        click.option("--resume", is_flag=True, help="Continue an interrupted run in --out (finished facts are kept)."),
-        click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Facts per batch."),
-        click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads (default: torch's choice)."),
-        click.option("--device", default="cpu", show_default=True),
-        dtype_option,
-        click.option("--no-progress", is_flag=True, help="Hide progress bars."),
-    ]
-    for o in reversed(options):
-        f = o(f)
-    return f
+def _common(command: str):
+    return analysis_options(
+        f"flow {command}", all_facts=True, limit=100, batch_size=8,
+        helps={"limit": "Number of known facts to analyse (seeded random sample of the facts the model knows).",
+               "batch_size": "Facts per batch."})
 
 
 def _int_list(text: str | None) -> list[int] | None:
@@ -53,32 +40,16 @@ def _positions(text: str) -> list:
     return out
 
 
-def _setup(kw: dict, command: str, extra: dict):
-    import torch
-
+def _setup(common: Common, extra: dict):
     from factscope.facts import load_facts
     from factscope.flow.select import facts_for_run
-    from factscope.models import load_model
-    from factscope.runs import Run
 
-    if kw["threads"]:
-        torch.set_num_threads(kw["threads"])
-    config = {
-        "analysis": f"flow {command}",
-        "model": kw["model_name"],
-        "dataset": kw["dataset"],
-        "limit": kw["limit"],
-        "seed": kw["seed"],
-        "known_only": not kw["all_facts"],
-        **extra,
-        "runtime": {"batch_size": kw["batch_size"], "threads": kw["threads"], "device": kw["device"]},
-    }
-    model = load_model(kw["model_name"], device=kw["device"])  # bad model or device: fail before the run exists
-    all_facts = load_facts(kw["dataset"])  # bad data likewise
-    run = Run.create(kw["out"], config, resume=kw["resume"])
-    facts = facts_for_run(run, model, kw["dataset"], kw["limit"], seed=kw["seed"], progress=not kw["no_progress"],
-                          known_only=not kw["all_facts"], all_facts=all_facts)
-    run.update_summary({"model": model.name, "dataset": kw["dataset"]})
+    all_facts = load_facts(common.dataset)  # bad data: fail before the model loads and the run exists
+    model = common.load_model()
+    run = common.create_run(model, **extra)
+    facts = facts_for_run(run, model, common.dataset, common.limit, seed=common.seed, progress=common.progress,
+                          known_only=common.known_only, all_facts=all_facts)
+    run.update_summary({"model": model.name, "dataset": common.dataset})
     return run, model, facts
 
 
@@ -87,25 +58,25 @@ def _finish(run) -> None:
     click.echo(f"report: {path}")
 
 
-@click.group("flow")
+@click.group("flow", cls=CommandGroup)
 def flow() -> None:
     """Information flow and attribute extraction (Geva et al. 2023)."""
 
 
 @flow.command("knockout")
-@_common
+@_common("knockout")
 @click.option("--window", type=click.IntRange(1), default=None, help="Layers per knockout window (default max(1, round(n_layers/5))).")
 @click.option("--heads", default=None, help="Only knock out these heads (comma-separated), in every layer of the window.")
 @click.option("--from", "from_", default="last", show_default=True, help="Query positions to block from: 'last', token indices (negatives from the end) or set names, comma-separated.")
-def knockout_cmd(window, heads, from_, **kw):
+def knockout_cmd(window, heads, from_, common: Common):
     """Attention knockout: block last -> subject / non-subject / last edges per layer window."""
     from factscope.flow.knockout import run_knockout
 
     extra = {"window": window, "heads": _int_list(heads), "from": from_}
-    run, model, facts = _setup(kw, "knockout", extra)
+    run, model, facts = _setup(common, extra)
     s = run_knockout(
         run, model, facts, window=window, heads=_int_list(heads), from_positions=_positions(from_),
-        batch_size=kw["batch_size"], progress=not kw["no_progress"],
+        batch_size=common.batch_size, progress=common.progress,
     )
     for k, v in s["critical"].items():
         click.echo(f"{k:16s} strongest drop {v['min_change']:7.1f}% at layer {v['layer']}")
@@ -113,15 +84,15 @@ def knockout_cmd(window, heads, from_, **kw):
 
 
 @flow.command("extraction")
-@_common
+@_common("extraction")
 @click.option("--ko-from-layer", type=int, default=None, help="Block the last position's edges in layers >= this (default n_layers // 2).")
 @click.option("--no-heads", is_flag=True, help="Skip per-head projections.")
-def extraction_cmd(ko_from_layer, no_heads, **kw):
+def extraction_cmd(ko_from_layer, no_heads, common: Common):
     """Attribute extraction: logit-lens events of attention, MLP and heads at the last position."""
     from factscope.flow.extraction import run_extraction
 
-    run, model, facts = _setup(kw, "extraction", {"ko_from_layer": ko_from_layer, "heads": not no_heads})
-    o = run_extraction(run, model, facts, batch_size=kw["batch_size"], progress=not kw["no_progress"], heads=not no_heads, ko_from_layer=ko_from_layer)
+    run, model, facts = _setup(common, {"ko_from_layer": ko_from_layer, "heads": not no_heads})
+    o = run_extraction(run, model, facts, batch_size=common.batch_size, progress=common.progress, heads=not no_heads, ko_from_layer=ko_from_layer)
     click.echo(f"facts with an extraction event: attention {o['attn_any_event']:.0%}, MLP {o['mlp_any_event']:.0%}")
     _finish(run)
 
@@ -136,23 +107,23 @@ def _attr_options(f):
 
 
 @flow.command("enrichment")
-@_common
+@_common("enrichment")
 @_attr_options
-def enrichment_cmd(attributes_file, keep_subject_tokens, top_n, keep, **kw):
+def enrichment_cmd(attributes_file, keep_subject_tokens, top_n, keep, common: Common):
     """Subject enrichment: attributes rate per layer at four positions."""
     from factscope.flow.enrichment import run_enrichment
 
     extra = {"attributes": attributes_file, "keep_subject_tokens": keep_subject_tokens, "top_n": top_n, "keep": keep}
-    run, model, facts = _setup(kw, "enrichment", extra)
+    run, model, facts = _setup(common, extra)
     s, _ = run_enrichment(run, model, facts, paragraphs_file=attributes_file, keep_subject_tokens=keep_subject_tokens, top_n=top_n,
-                          keep=keep, batch_size=kw["batch_size"], progress=not kw["no_progress"])
+                          keep=keep, batch_size=common.batch_size, progress=common.progress)
     if s:
         click.echo(f"baseline {s['baseline']:.1f}%; chance {s['chance_rate']:.1f}%; mean set size {s['mean_set_size']:.0f}; " + "; ".join(f"{p} peak {v['max_rate']:.1f}% at {v['hidden_state']}" for p, v in s["peak"].items()))
     _finish(run)
 
 
 @flow.command("sublayer")
-@_common
+@_common("sublayer")
 @_attr_options
 @click.option("--upper", type=int, default=None, help="Layer whose output is measured (default round(0.83 * n_layers)).")
 @click.option("--window", type=click.IntRange(1), default=None, help="Consecutive layers ablated (default max(1, round(n_layers/5))).")
@@ -160,7 +131,7 @@ def enrichment_cmd(attributes_file, keep_subject_tokens, top_n, keep, **kw):
               help="uniform: every query attends uniformly to its visible keys (the paper's code); zero: zero the attention output.")
 @click.option("--mlp-ablation", type=click.Choice(["hidden", "zero"]), default="hidden", show_default=True,
               help="hidden: zero the MLP's hidden activation, the input of its down projection (the paper's code); zero: zero the MLP output.")
-def sublayer_cmd(attributes_file, keep_subject_tokens, top_n, keep, upper, window, attn_ablation, mlp_ablation, **kw):
+def sublayer_cmd(attributes_file, keep_subject_tokens, top_n, keep, upper, window, attn_ablation, mlp_ablation, common: Common):
     """Sublayer knockout: ablate MLP or attention sublayers and measure enrichment at an upper layer."""
     from factscope.flow.enrichment import load_or_make_attributes
     from factscope.flow.sublayer import run_sublayer
@@ -168,9 +139,9 @@ def sublayer_cmd(attributes_file, keep_subject_tokens, top_n, keep, upper, windo
     how = {"attn": attn_ablation, "mlp": mlp_ablation}
     extra = {"attributes": attributes_file, "keep_subject_tokens": keep_subject_tokens, "top_n": top_n, "keep": keep, "upper": upper,
              "window": window, "ablation": how}
-    run, model, facts = _setup(kw, "sublayer", extra)
-    attrs, _ = load_or_make_attributes(run, model, facts, attributes_file, keep_subject_tokens, not kw["no_progress"])
-    s = run_sublayer(run, model, facts, attrs, upper=upper, window=window, how=how, top_n=top_n, keep=keep, progress=not kw["no_progress"])
+    run, model, facts = _setup(common, extra)
+    attrs, _ = load_or_make_attributes(run, model, facts, attributes_file, keep_subject_tokens, common.progress)
+    s = run_sublayer(run, model, facts, attrs, upper=upper, window=window, how=how, top_n=top_n, keep=keep, progress=common.progress)
     if s:
         click.echo(f"no intervention {s['none_rate']:.1f}% (mass {s['none_mass']:.2f}%); lowest: MLP {s['mlp_min_rate']:.1f}% "
                    f"(mass {s['mlp_min_mass']:.2f}%), attention {s['attn_min_rate']:.1f}% (mass {s['attn_min_mass']:.2f}%)")
@@ -178,34 +149,34 @@ def sublayer_cmd(attributes_file, keep_subject_tokens, top_n, keep, upper, windo
 
 
 @flow.command("heads")
-@_common
+@_common("heads")
 @click.option("--top-k", type=int, default=10, show_default=True, help="A head maps a fact when the target is in this many top tokens.")
 @click.option("--head", "show", default=None, help="LAYER,HEAD whose top tokens to show per fact (default: the best head).")
-def heads_cmd(top_k, show, **kw):
+def heads_cmd(top_k, show, common: Common):
     """Heads whose W_VO maps the last subject token to the fact's attribute."""
     from factscope.flow.heads import run_heads
 
     sh = _int_list(show)
     if sh is not None and len(sh) != 2:
         raise FactscopeError("--head takes LAYER,HEAD")
-    run, model, facts = _setup(kw, "heads", {"top_k": top_k, "head": sh})
-    s = run_heads(run, model, facts, top_k=top_k, show_head=tuple(sh) if sh else None, progress=not kw["no_progress"])
+    run, model, facts = _setup(common, {"top_k": top_k, "head": sh})
+    s = run_heads(run, model, facts, top_k=top_k, show_head=tuple(sh) if sh else None, progress=common.progress)
     if s:
         click.echo("best heads: " + ", ".join(f"L{h['layer']}H{h['head']} {h['rate']:.0%}" for h in s["top_heads"]))
     _finish(run)
 
 
 @flow.command("all")
-@_common
+@_common("all")
 @_attr_options
-def all_cmd(attributes_file, keep_subject_tokens, top_n, keep, **kw):
+def all_cmd(attributes_file, keep_subject_tokens, top_n, keep, common: Common):
     """Every part: knockout, enrichment, sublayer knockout, extraction and heads, one report."""
     from factscope.flow import run_all
 
     extra = {"attributes": attributes_file, "keep_subject_tokens": keep_subject_tokens, "top_n": top_n, "keep": keep}
-    run, model, facts = _setup(kw, "all", extra)
+    run, model, facts = _setup(common, extra)
     run_all(run, model, facts, paragraphs_file=attributes_file, keep_subject_tokens=keep_subject_tokens, top_n=top_n, keep=keep,
-            batch_size=kw["batch_size"], progress=not kw["no_progress"])
+            batch_size=common.batch_size, progress=common.progress)
     for k, v in run.summary.get("knockout", {}).get("critical", {}).items():
         click.echo(f"knockout {k:16s} strongest drop {v['min_change']:7.1f}% at layer {v['layer']}")
     _finish(run)

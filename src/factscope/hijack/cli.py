@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import click
 
-from factscope.commands import dtype_option
+from factscope.commands import CommandGroup, Common, analysis_options
 from factscope.hijack.schemes import BUILTIN
 
 
-@click.group("hijack")
+@click.group("hijack", cls=CommandGroup)
 def hijack() -> None:
     """Context hijacking benchmark (Jiang et al. 2024, sec. 3)."""
 
 
 @hijack.command("run")
-@click.option("--model", "models", multiple=True, default=("gemma-3-270m",), show_default=True,
-              help="Model name/path; repeat for several models (run one after another).")
-@click.option("--dataset", "datasets", multiple=True, default=("known_1000",), show_default=True,
-              help="known_1000, lre, lre:<category>[/<relation>], counterfact (full file if downloaded, "
-                   "else the shipped sample), counterfact-sample, or a path; repeat to combine.")
-@click.option("--limit", type=click.IntRange(1), default=None, help="Seeded random subset of this many facts per dataset.")
+@analysis_options(
+    "hijack", multiple=True, all_facts=True,
+    helps={"dataset": "known_1000, lre, lre:<category>[/<relation>], counterfact (full file if downloaded, else the "
+                      "shipped sample), counterfact-sample, or a path.",
+           "limit": "Seeded random subset of this many facts per dataset.",
+           "seed": "Seed for subsets, false targets, bootstrap."})
 @click.option("--relation", "relations", multiple=True,
               help="Keep only facts of this relation id (e.g. P190, as the paper's Figure 2b); repeat for several. "
                    "The --limit subset is drawn after this filter.")
@@ -37,52 +37,37 @@ def hijack() -> None:
 @click.option("--metric", type=click.Choice(["first", "full", "full-sum"]), default="first", show_default=True,
               help="Compare the targets' first answer tokens; 'full': their mean log-probability per token "
                    "(ROME's CounterFact comparison); 'full-sum': their whole-target log-probabilities.")
-@click.option("--all-facts", is_flag=True, help="Keep facts the model does not know (top-1 is not the target).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for subsets, false targets, bootstrap.")
 @click.option("--bootstrap", "n_boot", type=click.IntRange(1), default=1000, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--chunk-size", type=click.IntRange(1), default=256, show_default=True,
               help="Prompts per checkpointed chunk.")
-@click.option("--device", default="cpu", show_default=True)
-@dtype_option
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output run directory (created with its parents if missing).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
-@click.option("--no-progress", is_flag=True)
-def run_cmd(models, datasets, limit, relations, schemes, templates, related, max_prepends, metric, all_facts, seed, n_boot,
-            batch_size, chunk_size, device, out, resume, no_progress):
+def run_cmd(common: Common, relations, schemes, templates, related, max_prepends, metric, n_boot, chunk_size):
     """Efficacy score ES(n) of hijacking schemes for n = 0..N prepended sentences."""
     from factscope.hijack.runner import load_datasets, run_benchmark
     from factscope.hijack.schemes import parse_schemes, related_words
-    from factscope.runs import Run
 
     sch = parse_schemes(schemes, templates)
     relations = list(dict.fromkeys(r.strip() for rr in relations for r in rr.split(",") if r.strip()))
-    facts, notes = load_datasets(datasets, limit=limit, seed=seed, relations=relations or None)
+    facts, notes = load_datasets(common.dataset, limit=common.limit, seed=common.seed, relations=relations or None)
     rel = related_words(related) if related else None
-    config = {
-        "analysis": "hijack",
-        "models": list(models),
-        "datasets": list(datasets),
-        "limit": limit,
+    # the models load one after another in run_benchmark; their specs are resolved (a bad one
+    # refused) before the run exists
+    run = common.create_run(
+        common.resolved(),
         **({"relations": relations} if relations else {}),
-        "schemes": [s.__dict__ for s in sch],
-        "related_words": related,
-        "max_prepends": max_prepends,
-        "metric": metric,
+        schemes=[s.__dict__ for s in sch],
+        related_words=related,
+        max_prepends=max_prepends,
+        metric=metric,
         # "full" was the sum of token log-probs before it became ROME's per-token mean: a run made
         # then must not be resumed now (its checkpoint holds sums)
         **({"full_metric": "mean per token"} if metric == "full" else {}),
-        "known_only": not all_facts,
-        "seed": seed,
-        "bootstrap": n_boot,
-        "chunk_size": chunk_size,
-        "runtime": {"batch_size": batch_size, "device": device},
-    }
-    run = Run.create(out, config, resume=resume)
+        bootstrap=n_boot,
+        chunk_size=chunk_size,
+    )
     click.echo(f"{len(facts)} facts from {'; '.join(notes)}", err=True)
-    res = run_benchmark(run, list(models), facts, sch, max_prepends, metric=metric, known_only=not all_facts,
-                        related=rel, batch_size=batch_size, chunk_size=chunk_size, n_boot=n_boot, seed=seed,
-                        progress=not no_progress, device=device)
+    res = run_benchmark(run, list(common.model_spec), facts, sch, max_prepends, metric=metric,
+                        known_only=common.known_only, related=rel, batch_size=common.batch_size, chunk_size=chunk_size,
+                        n_boot=n_boot, seed=common.seed, progress=common.progress, device=common.device)
     run.update_summary({"data": notes})
     run.write_report(title="Context hijacking")
     for m, by in res.summary["efficacy"].items():

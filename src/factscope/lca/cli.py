@@ -8,6 +8,8 @@ import time
 
 import click
 
+from factscope.commands import CommandGroup, Common, analysis_options
+
 COMMANDS = {
     "value-matrix": ("value_matrix", "Accuracy with W_V trained vs frozen at the identity (Figure 3a)."),
     "constructed": ("constructed", "Trained W_V vs the Hamming-1 and random-pairing constructions."),
@@ -17,49 +19,49 @@ COMMANDS = {
 }
 
 
-@click.group("lca")
+@click.group("lca", cls=CommandGroup)
 def lca() -> None:
     """Latent concept association: synthetic task and one-layer transformer (Jiang et al. 2024, sec. 4-6)."""
 
 
 def _options(f):
     opts = [
-        click.option("--out", type=click.Path(file_okay=False), required=True, help="Output run directory."),
         click.option("--quick", is_flag=True, help="The short demo configuration (smaller m, fewer steps and grids)."),
         click.option("--m", "m", type=int, default=None, help="Number of latent variables (V = 2**m). [default: 6, quick 5]"),
         click.option("--L", "L", type=int, default=None, help="Context length for training. [default: 64]"),
         click.option("--w", "w", type=float, default=None, help="Mixing weight of pi vs uniform. [default: 0.2, quick 0.25]"),
         click.option("--d", "d", type=int, default=None, help="Embedding (and attention) dimension of the main model. [default: 32, quick 16]"),
         click.option("--steps", type=int, default=None, help="AdamW steps per model. [default: 800, quick 250]"),
-        click.option("--seed", type=int, default=None, help="First seed for initialization and training data. [default: 0]"),
         click.option("--seeds", type=int, default=None,
                      help="Number of training seeds (seed, seed+1, ...); tables show mean ± std. [default: 3, quick 1]"),
-        click.option("--resume", is_flag=True, help="Write into an existing run directory with the same config."),
-        click.option("--no-progress", is_flag=True, help="Hide the progress bars."),
     ]
     for o in reversed(opts):
         f = o(f)
-    return f
+    # the synthetic task has no model to load, no facts and trains on the CPU in float32
+    return analysis_options("lca", without=("model", "dataset", "limit", "batch_size", "device", "dtype"),
+                            helps={"seed": "First seed for initialization and training data.",
+                                   "threads": "torch CPU threads for training (default: 1)."})(f)
 
 
-def _config(quick, m, L, w, d, steps, seed, seeds):
+def _config(quick, m, L, w, d, steps, seed, seeds, threads):
     from factscope.lca.experiments import LCAConfig
 
-    kw = {k: v for k, v in dict(m=m, L=L, w=w, steps=steps, seed=seed, seeds=seeds).items() if v is not None}
+    kw = {k: v for k, v in dict(m=m, L=L, w=w, steps=steps, seed=seed, seeds=seeds, threads=threads).items()
+          if v is not None}
     if d is not None:
         kw.update(d=d, d_a=d)
     return LCAConfig.quick(**kw) if quick else LCAConfig(**kw)
 
 
-def _run(names, out, quick, m, L, w, d, steps, seed, seeds, resume, no_progress):
+def _run(names, common: Common, quick, m, L, w, d, steps, seeds):
     from factscope.lca.experiments import run_experiments
-    from factscope.runs import Run
 
-    cfg = _config(quick, m, L, w, d, steps, seed, seeds)
-    run = Run.create(out, {"analysis": "lca", "experiments": list(names), "quick": bool(quick), **cfg.to_dict()},
-                     resume=resume)
+    cfg = _config(quick, m, L, w, d, steps, common.seed, seeds, common.threads)
+    defining = cfg.to_dict()
+    defining.pop("threads")  # how fast, not what: recorded under runtime
+    run = common.create_run(experiments=list(names), quick=bool(quick), **defining)
     t0 = time.time()
-    summary = run_experiments(run, names, cfg, progress=not no_progress)
+    summary = run_experiments(run, names, cfg, progress=common.progress)
     run.write_report(title="Latent concept association")
     click.echo(f"wrote {run.dir} in {time.time() - t0:.0f} s")
     for k in ("value_matrix", "constructed", "embeddings", "attention", "lca_hijack"):
@@ -69,8 +71,8 @@ def _run(names, out, quick, m, L, w, d, steps, seed, seeds, resume, no_progress)
 
 def _make(cmd_name, exp, help_text):
     @_options
-    def cmd(**kw):
-        _run([exp], **kw)
+    def cmd(common: Common, **kw):
+        _run([exp], common, **kw)
 
     cmd.__doc__ = help_text
     return lca.command(cmd_name, help=help_text)(cmd)
@@ -82,8 +84,8 @@ for _name, (_exp, _help) in COMMANDS.items():
 
 @lca.command("all")
 @_options
-def all_cmd(**kw):
+def all_cmd(common: Common, **kw):
     """All five experiments into one run directory (summary.json, tables, figures, report.html)."""
     from factscope.lca.experiments import EXPERIMENTS
 
-    _run(list(EXPERIMENTS), **kw)
+    _run(list(EXPERIMENTS), common, **kw)
