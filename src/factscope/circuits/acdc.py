@@ -13,7 +13,8 @@ Batching (exact, not an approximation): the decisions for a receiver are sequent
 most edges, so we speculate that every candidate is removed: one batched masked forward evaluates
 the graphs with the first 1, 2, ..., k candidates removed; walking them in order, each step's ``d``
 is exact as long as all earlier candidates were removed; at the first kept edge the remaining
-candidates are re-evaluated from the new current graph. Rounds = kept edges + 1 per receiver.
+candidates are re-evaluated from the new current graph. Rounds = kept edges + 1 per receiver; a
+round speculates over at most twice as many candidates as the previous round decided.
 """
 
 from __future__ import annotations
@@ -94,8 +95,9 @@ def acdc(graph, run_many: ManyRunner, badness_sign: float = 1.0, threshold: floa
             cur[:, r] = False  # the receiver's node feeds nothing: drop its inputs
             continue
         cand = [int(u) for u in cur[:, r].nonzero()[:, 0].flip(0)]
+        size = max_batch
         while cand:
-            chunk = cand[:max_batch]
+            chunk = cand[:size]
             masks = cur[None].repeat(len(chunk), 1, 1)
             for j, u in enumerate(chunk):
                 masks[j:, u, r] = False  # graph j: the first j+1 candidates removed
@@ -113,6 +115,9 @@ def acdc(graph, run_many: ManyRunner, badness_sign: float = 1.0, threshold: floa
                     break  # kept: later graphs assumed it removed, re-evaluate the rest
             cur_bad = prev
             cand = cand[done:]
+            # speculate as far as the last round got before a kept edge (twice that), so receivers
+            # that keep many edges do not re-evaluate long batches of graphs assumed pruned
+            size = max(1, min(max_batch, 2 * done))
     graph.in_graph.copy_(cur)
     graph.scores.copy_(scores.to(graph.scores.dtype))
     return graph
