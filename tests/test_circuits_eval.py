@@ -514,20 +514,23 @@ def test_many_runner_equals_one_masked_forward_per_mask():
         assert got[k].item() == pytest.approx(want.item(), rel=1e-4, abs=1e-5)
 
 
-@pytest.mark.parametrize("name,ablation", [("tiny-llama", "counterfactual"), ("tiny-gemma3", "zero"),
-                                           ("tiny-gpt2", "mean")])
-def test_many_runner_starting_at_the_first_changed_layer_equals_masked_forwards(name, ablation):
+@pytest.mark.parametrize("name,ablation,metric", [("tiny-llama", "counterfactual", "nll"),
+                                                  ("tiny-gemma3", "zero", "logit_diff"), ("tiny-gpt2", "mean", "nll")])
+def test_many_runner_starting_at_the_first_changed_layer_equals_masked_forwards(name, ablation, metric):
     """ACDC's runner starts its forwards at the lowest layer with a removed edge (the layers below
     frozen at their clean outputs) and only unembeds when just logits edges are removed: each value
     equals a full masked forward, for masks that change only layers >= 1, only the last layer, only
-    the logits, and nothing."""
+    the logits, and nothing. With the logit difference the forwards also stop at the first answer
+    position and unembed two vocabulary rows."""
     from factscope.circuits import Graph, run_masked
+    from factscope.circuits import metrics as M
     from factscope.circuits.acdc import many_runner
-    from factscope.circuits.metrics import target_nll
 
     m = _model(name)
     d = _data(name).subset(range(3))
-    met = target_nll(m, d.clean, d.answers)
+    met = M.make(metric, m, d)
+    if metric == "logit_diff":  # a multi-token answer: the columns after the first answer position are cut
+        assert int(met.positions.max()) + 1 < d.clean.input_ids.shape[1]
     g = Graph.from_model(m)
     torch.manual_seed(0)
     L = m.n_layers

@@ -132,12 +132,14 @@ def many_runner(model, batch, metric, ablation: str = "zero", corrupted=None, re
     their clean outputs): ACDC visits receivers from the logits down, so the layers below the
     receiver under test are always clean. Masks that remove only edges into the logits need just
     the final norm and the unembedding of the clean final stream plus the removed edges' deltas.
+    As in exact patching, the forwards run only the columns up to the last one the metric reads, and
+    a metric that names its vocabulary rows (the logit difference) has only those unembedded.
     """
     import contextlib
 
     from factscope import hooks
     from factscope.circuits import Graph
-    from factscope.circuits.attribute import _unembed_metric
+    from factscope.circuits.attribute import _truncate, _unembed_metric
     from factscope.circuits.patching import ablated_outputs, masked, node_outputs
 
     g = Graph.from_model(model)
@@ -149,6 +151,9 @@ def many_runner(model, batch, metric, ablation: str = "zero", corrupted=None, re
     delta = -clean_out if abl is None else abl.to(clean_out.dtype) - clean_out
     with torch.no_grad(), hooks.cache(model, ["resid_pre"]) as rc, hooks.cache(model, ["logits_in"], [L - 1]) as fc:
         model.forward(batch, positions=metric.positions)
+    # the forwards run only the columns up to the last one the metric reads
+    t_end = int(metric.positions.max()) + 1
+    short = _truncate(batch, t_end)
     pos = metric.positions.to(model.device)
     x_fin = fc["logits_in", L - 1]
     xp = x_fin.gather(1, pos.unsqueeze(-1).expand(-1, -1, x_fin.shape[-1]))  # [B, P, d]
@@ -174,18 +179,18 @@ def many_runner(model, batch, metric, ablation: str = "zero", corrupted=None, re
         for s in range(0, K, per):
             mk = masks[s : s + per]
             k = mk.shape[0]
-            rep = batch.repeat(k)  # example i, mask j at row i*k + j
+            rep = short.repeat(k)  # example i, mask j at row i*k + j
             m = mk.repeat(B, 1, 1)
-            rows = torch.arange(B).repeat_interleave(k)
-            r = lambda t: t.repeat_interleave(k, 0)  # noqa: E731
+            rows = torch.arange(B, device=model.device).repeat_interleave(k)
+            r = lambda t: t[:, :t_end].repeat_interleave(k, 0)  # noqa: E731
             ablated = None if abl is None else (abl if abl.dim() == 2 else r(abl))
             with torch.no_grad(), contextlib.ExitStack() as st:
                 # the masked hooks first: they read the layer modules that start_at stands in for
                 st.enter_context(masked(model, m.to(model.dtype), ablated, frozen=r(clean_out[:, :, :nf])))
                 if start > 0:
                     st.enter_context(hooks.start_at(model, start, r(rc["resid_pre", start])))
-                lg = model.forward(rep, positions=r(metric.positions))
-            outs.append(metric.fn(lg, rows.to(lg.device)).view(B, k).mean(0))
+                h = model.final_hidden(rep, metric.positions.repeat_interleave(k, 0))
+                outs.append(_unembed_metric(model, metric, h, rows).view(B, k).mean(0))
         return torch.cat(outs)
 
     return run
