@@ -1,14 +1,16 @@
 """Knowledge circuits (issue 11): EAP-IG and exact edge scores on Gemma 3 270M, against the naive loop.
 
-For one fact of a relation (teacher-forced answer, target-NLL metric over the answer positions,
-zero ablation by default as in the paper):
+For one fact of a relation (teacher-forced answer; `--metric nll`: the target NLL over the answer
+positions, every copy unembeds the whole vocabulary; `--metric logit_diff`: the target's minus the
+counterfactual answer's logit at the first answer position, two vocabulary rows and the copies cut
+after that position; zero ablation by default as in the paper):
 - EAP-IG (m = 5 steps, interpolating the input embeddings): one batched forward + backward.
 - exact: the metric change of removing each of the ~5.6k edges alone, `attribute(method="exact")`
   (per receiver layer, many copies run from that layer on, logits only at the answer positions).
 - naive: one `run_masked` forward per edge (mask = full graph minus that edge), timed on a seeded
   sample of edges and extrapolated to all edges; the sampled values must equal the exact scores.
-Then, on a few facts: Spearman correlation of EAP-IG with exact (signed and |score|) and the
-overlap of their top-50 edges by |score|. All in one run; FLOPs counted with bench/common.py.
+Then, on a few facts: Spearman correlation of EAP-IG and of EAP with exact (signed and |score|)
+and the overlap of their top-50 edges by |score|. All in one run; FLOPs counted with bench/common.py.
 
     python bench/bench_circuits.py [--model gemma-3-270m] [--facts 3] [--naive-edges 24] [--threads 1] [--json out.json]
 """
@@ -43,15 +45,17 @@ def top_overlap(a: torch.Tensor, b: torch.Tensor, k: int = 50) -> float:
     return len(set(a.abs().topk(k).indices.tolist()) & set(b.abs().topk(k).indices.tolist())) / k
 
 
-def exact_flops(model, g: Graph, T: int, P: int) -> float:
-    """Copies from each receiver layer on (T tokens, P logit rows each), the logits edges' P rows,
-    and the clean forward."""
+def exact_flops(model, g: Graph, T: int, P: int, t_copy: int, rows: int) -> float:
+    """Copies from each receiver layer on (``t_copy`` tokens: up to the last column the metric reads;
+    P positions x ``rows`` vocabulary rows unembedded each), the logits edges' unembedding, and the
+    clean forward (T tokens, P full-vocabulary positions)."""
+    unembed = 2 * model.d_model * rows * P
     total = forward_flops(model, T, P)
     for l in range(model.n_layers):
         c = g.receiver_cols(l)
         n = int(g.real[:, c["q"][0] : c["m"] + 1].sum())
-        total += n * forward_flops(model, T, P, start_layer=l)
-    total += g.n_up * 2 * model.d_model * model.vocab_size * P
+        total += n * (forward_flops(model, t_copy, 0, start_layer=l) + unembed)
+    total += (g.n_up + 1) * unembed
     return total
 
 
@@ -62,6 +66,9 @@ def main() -> None:
     ap.add_argument("--facts", type=int, default=3, help="facts for the EAP-IG vs exact agreement (the first is timed)")
     ap.add_argument("--naive-edges", type=int, default=24, help="edges timed with one run_masked each")
     ap.add_argument("--ablation", default="zero", choices=["zero", "mean", "counterfactual"])
+    ap.add_argument("--metric", default="nll", choices=["nll", "logit_diff"],
+                    help="target NLL over the answer positions (every copy unembeds the whole vocabulary) "
+                         "or the logit difference at the first answer position (two vocabulary rows)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--max-rows", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
@@ -79,13 +86,16 @@ def main() -> None:
     real = g.real
     kw = dict(ablation=args.ablation)
     res: dict = {"model": args.model, "relation": args.relation, "threads": args.threads, "ablation": args.ablation,
+                 "metric": args.metric,
                  "n_edges": g.n_edges, "matmul_peak_gflops": peak / 1e9}
 
     sub = data.subset([0])
-    metric = M.make("nll", model, sub)
+    metric = M.make(args.metric, model, sub)
     T, P = sub.clean.input_ids.shape[1], metric.positions.shape[1]
+    t_copy = int(metric.positions.max()) + 1
+    rows_unembedded = model.vocab_size if metric.vocab is None else metric.vocab.shape[1]
     res.update(fact=sub.facts[0].prompt if hasattr(sub.facts[0], "prompt") else str(sub.facts[0]), tokens=T,
-               answer_positions=P)
+               answer_positions=P, copy_tokens=t_copy, vocab_rows_per_position=rows_unembedded)
 
     t = time.perf_counter()
     ig = attribute(model, Graph.from_model(model), sub.clean, sub.corrupted, metric, method="eap-ig",
@@ -98,7 +108,7 @@ def main() -> None:
     attribute(model, ge, sub.clean, sub.corrupted, metric, method="exact", max_rows=args.max_rows, **kw)
     res["exact_s"] = time.perf_counter() - t
     ex = ge.scores[real].clone()
-    fl = exact_flops(model, g, T, P)
+    fl = exact_flops(model, g, T, P, t_copy, rows_unembedded)
     res["exact_gflops"] = fl / res["exact_s"] / 1e9
     print(f"exact, all {g.n_edges} edges: {res['exact_s']:.1f} s ({res['exact_gflops']:.1f} GFLOP/s, "
           f"{100 * fl / res['exact_s'] / peak:.0f}% of the {peak / 1e9:.0f} GFLOP/s matmul peak)", flush=True)
@@ -128,19 +138,25 @@ def main() -> None:
           f"({res['naive_gflops']:.1f} GFLOP/s); exact is {res['speedup']:.1f}x faster (FLOP ratio "
           f"{res['flop_ratio']:.2f}x); largest |naive - exact| on {len(pick)} edges: {max(diffs):.2e}", flush=True)
 
-    agree = [{"fact": 0, "spearman": spearman(ig, ex), "spearman_abs": spearman(ig.abs(), ex.abs()),
-              "top50_overlap": top_overlap(ig, ex)}]
+    def compare(i: int, s, m, ig: torch.Tensor, ex: torch.Tensor) -> dict:
+        eap = attribute(model, Graph.from_model(model), s.clean, s.corrupted, m, method="eap", **kw)[real]
+        row = {"fact": i, "prompt": getattr(s.facts[0], "prompt", "")}
+        for name, sc in (("eap_ig", ig), ("eap", eap)):
+            row[name] = {"spearman": spearman(sc, ex), "spearman_abs": spearman(sc.abs(), ex.abs()),
+                         "top50_overlap": top_overlap(sc, ex)}
+        print(f"fact {i} ({row['prompt']!r}): " + "; ".join(
+            f"{n}: Spearman {r['spearman']:.3f} (|score| {r['spearman_abs']:.3f}), top-50 overlap {r['top50_overlap']:.2f}"
+            for n, r in (("EAP-IG", row["eap_ig"]), ("EAP", row["eap"]))), flush=True)
+        return row
+
+    agree = [compare(0, sub, metric, ig, ex)]
     for i in range(1, min(args.facts, len(data))):
         s = data.subset([i])
-        m = M.make("nll", model, s)
+        m = M.make(args.metric, model, s)
         a = attribute(model, Graph.from_model(model), s.clean, s.corrupted, m, method="eap-ig", steps=args.steps, **kw)[real]
         b = attribute(model, Graph.from_model(model), s.clean, s.corrupted, m, method="exact",
                       max_rows=args.max_rows, **kw)[real]
-        agree.append({"fact": i, "prompt": getattr(s.facts[0], "prompt", ""), "spearman": spearman(a, b), "spearman_abs": spearman(a.abs(), b.abs()),
-                      "top50_overlap": top_overlap(a, b)})
-    for row in agree:
-        print(f"fact {row['fact']}: Spearman(EAP-IG, exact) {row['spearman']:.3f} (|score| {row['spearman_abs']:.3f}), "
-              f"top-50 overlap {row['top50_overlap']:.2f}", flush=True)
+        agree.append(compare(i, s, m, a, b))
     res["agreement"] = agree
     res["load_before"], res["load_after"] = load0, os.getloadavg()[0]
     print(json.dumps(res))

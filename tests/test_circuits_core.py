@@ -497,6 +497,40 @@ def test_exact_equals_one_at_a_time_masked_forwards(name, ablation):
     assert not (g.scores[~g.real] != 0).any() and (g.scores[g.real] != 0).float().mean() > 0.5
 
 
+@pytest.mark.parametrize("name,ablation", [("tiny-llama", "counterfactual"), ("tiny-gemma3", "zero"),
+                                           ("tiny-gpt2", "mean")])
+def test_exact_logit_diff_reads_two_rows_and_cuts_the_answer(name, ablation):
+    """With the logit difference, exact patching unembeds only the target's and the counterfactual
+    answer's rows and runs the copies only up to the first answer position (the teacher-forced rest
+    of a 3-token answer is cut); each score still equals one full masked forward per edge, scored
+    with the full-vocabulary metric."""
+    from factscope.circuits.metrics import logit_diff
+
+    model = _load(name)
+    clean, cf, _ = _task(model)
+    with torch.no_grad():
+        top = model.forward(clean).argmax(-1).tolist()
+    tail = [5, 6]  # answer = [top, 5, 6]: the batch holds prompt + [top, 5]
+    seq = lambda b: [b.input_ids[i].tolist() + [top[i], tail[0]] for i in range(len(b))]  # noqa: E731
+    clean3, cf3 = model.batch_from_ids(seq(clean)), model.batch_from_ids(seq(cf))
+    metric = logit_diff(model, clean3, [[t] + tail for t in top], [[7], [8]])
+    assert metric.positions.max() < clean3.input_ids.shape[1] - 2 and metric.vocab.shape == (2, 2)
+    g = Graph.from_model(model)
+    attribute(model, g, clean3, cf3, metric, method="exact", ablation=ablation, max_rows=16)
+    base = _metric_of(model, metric, run_masked(model, clean3, g.real.float(), positions=metric.positions))
+    edges = g.real.nonzero()
+    pick = edges[torch.randperm(len(edges), generator=torch.Generator().manual_seed(1))[:30]]
+    pick = torch.cat([pick, edges[-3:], edges[:3]])
+    for u, r in pick.tolist():
+        mask = g.real.float()
+        mask[u, r] = 0
+        out = run_masked(model, clean3, mask, ablation=ablation, corrupted=cf3, reference=clean3,
+                         positions=metric.positions)
+        want = _metric_of(model, metric, out) - base
+        assert abs(float(g.scores[u, r]) - want) <= 1e-4 * max(1.0, abs(want)), (g.up_names[u], g.down_names[r])
+    assert (g.scores[g.real] != 0).float().mean() > 0.5
+
+
 def test_eap_equals_minus_mask_gradient():
     """EAP's score is the first-order change of the metric when the edge's mask goes from 1 to 0:
     minus the mask gradient of the masked forward at the full graph (float64; every edge), and that
@@ -560,11 +594,19 @@ def _spearman_ties(x, y):
     return float(pd.Series(x.double().numpy()).rank().corr(pd.Series(y.double().numpy()).rank()))
 
 
+# measured floors (counterfactual ablation, target NLL, 2 examples; values in bench/README.md)
+AGREEMENT_FLOORS = {"eap": 0.74, "eap-ig": 0.5, "eap-ig-act": 0.65, "eap-ig |score|": 0.7}
+
+
 @pytest.mark.parametrize("name", CTINY)
 def test_eap_ig_agrees_with_exact(name, capsys):
-    """Agreement of the gradient scores with exact single-edge patching, reported. The tiny models
-    have large random weights (initializer_range 0.2) and are far from linear: signed Spearman of
-    EAP-IG with exact is 0.5-0.85 here (EAP 0.75-0.9); the floor checks they track it at all."""
+    """Agreement of the gradient scores with exact single-edge patching, at the measured level. The
+    tiny models have large random weights (initializer_range 0.2) and are far from linear. Signed
+    Spearman over all real edges, measured: EAP 0.75-0.88, EAP-IG (m=5) 0.52-0.75, EAP-IG on
+    activations 0.67-0.85; EAP-IG on |score| 0.72-0.93. EAP-IG's limit is its definition, not its
+    discretization: with 50 steps (midpoint rule) it is 0.45-0.70 and with hannamw/EAP-IG's
+    alpha = k/m, k = 0..m-1 it is 0.36-0.67 (docs/circuits.md). A reversed interpolation (ablated
+    and clean swapped), a wrong sign or unrelated scores fall below the floors."""
     model = _load(name)
     clean, cf, metric = _task(model)
     g = Graph.from_model(model)
@@ -573,9 +615,11 @@ def test_eap_ig_agrees_with_exact(name, capsys):
     for method in ("eap", "eap-ig", "eap-ig-act"):
         s = attribute(model, g, clean, cf, metric, method=method, ablation="counterfactual", steps=5)[g.real]
         rho[method] = _spearman_ties(s, ex)
+        if method == "eap-ig":
+            rho["eap-ig |score|"] = _spearman_ties(s.abs(), ex.abs())
     with capsys.disabled():
         print(f"\n{name}: Spearman vs exact " + ", ".join(f"{k} {v:.3f}" for k, v in rho.items()))
-    assert min(rho.values()) >= 0.45
+    assert all(rho[k] >= AGREEMENT_FLOORS[k] for k in rho), rho
 
 
 def test_bad_input_is_one_clear_error(model):

@@ -514,6 +514,48 @@ def test_many_runner_equals_one_masked_forward_per_mask():
         assert got[k].item() == pytest.approx(want.item(), rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.parametrize("name,ablation,metric", [("tiny-llama", "counterfactual", "nll"),
+                                                  ("tiny-gemma3", "zero", "logit_diff"), ("tiny-gpt2", "mean", "nll")])
+def test_many_runner_starting_at_the_first_changed_layer_equals_masked_forwards(name, ablation, metric):
+    """ACDC's runner starts its forwards at the lowest layer with a removed edge (the layers below
+    frozen at their clean outputs) and only unembeds when just logits edges are removed: each value
+    equals a full masked forward, for masks that change only layers >= 1, only the last layer, only
+    the logits, and nothing. With the logit difference the forwards also stop at the first answer
+    position and unembed two vocabulary rows."""
+    from factscope.circuits import Graph, run_masked
+    from factscope.circuits import metrics as M
+    from factscope.circuits.acdc import many_runner
+
+    m = _model(name)
+    d = _data(name).subset(range(3))
+    met = M.make(metric, m, d)
+    if metric == "logit_diff":  # a multi-token answer: the columns after the first answer position are cut
+        assert int(met.positions.max()) + 1 < d.clean.input_ids.shape[1]
+    g = Graph.from_model(m)
+    torch.manual_seed(0)
+    L = m.n_layers
+
+    def keep_below(layer):  # random removals into receivers of layers >= layer (and the logits)
+        mk = g.real & (torch.rand(g.real.shape) > 0.3)
+        mk[:, : g.receiver_cols(layer)["q"][0]] = g.real[:, : g.receiver_cols(layer)["q"][0]]
+        return mk
+
+    logits_only = g.real.clone()
+    logits_only[torch.rand(g.n_up) > 0.5, -1] = False
+    sets = [torch.stack([keep_below(1), keep_below(1), keep_below(L - 1)]),  # start at layer 1
+            torch.stack([keep_below(L - 1), keep_below(L - 1)]),  # the last layer
+            torch.stack([logits_only, g.real & False | g.real])]  # logits edges only / nothing removed
+    ref = d.clean if ablation == "mean" else None
+    run = many_runner(m, d.clean, met, ablation=ablation, corrupted=d.corrupted, reference=ref, max_rows=4)
+    for masks in sets:
+        got = run(masks.float())
+        for k in range(len(masks)):
+            with torch.no_grad():
+                want = met.mean(run_masked(m, d.clean, masks[k].float(), ablation=ablation, corrupted=d.corrupted,
+                                           reference=ref, positions=met.positions))
+            assert got[k].item() == pytest.approx(want.item(), rel=1e-4, abs=1e-5), (k, masks.shape)
+
+
 def test_acdc_on_a_tiny_model_threshold_zero_and_huge():
     from factscope.circuits import Graph
     from factscope.circuits.acdc import acdc, many_runner

@@ -594,6 +594,19 @@ class Model:
             logits = torch.tanh(logits / softcap) * softcap
         return logits
 
+    def unembed_rows(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``[N, P, K]``: the logits of vocabulary ids ``ids [N, K]`` only, for final-normed ``x [N, P, d]``
+        (equal to ``unembed(x)`` gathered at ``ids``, without the full-vocabulary product)."""
+        head = _get(self.hf, self.spec.lm_head)
+        w = head.weight[ids.to(head.weight.device)]  # [N, K, d]
+        logits = torch.einsum("npd,nkd->npk", x.to(w.dtype), w)
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias[ids.to(head.bias.device)].unsqueeze(1)
+        softcap = getattr(self.hf.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
     def logit_lens(self, x: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits of residual-stream vectors; equals the model's logits at the last layer."""
         return self.unembed(self.final_norm(x))

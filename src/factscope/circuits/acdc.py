@@ -13,7 +13,8 @@ Batching (exact, not an approximation): the decisions for a receiver are sequent
 most edges, so we speculate that every candidate is removed: one batched masked forward evaluates
 the graphs with the first 1, 2, ..., k candidates removed; walking them in order, each step's ``d``
 is exact as long as all earlier candidates were removed; at the first kept edge the remaining
-candidates are re-evaluated from the new current graph. Rounds = kept edges + 1 per receiver.
+candidates are re-evaluated from the new current graph. Rounds = kept edges + 1 per receiver; a
+round speculates over at most twice as many candidates as the previous round decided.
 """
 
 from __future__ import annotations
@@ -94,8 +95,9 @@ def acdc(graph, run_many: ManyRunner, badness_sign: float = 1.0, threshold: floa
             cur[:, r] = False  # the receiver's node feeds nothing: drop its inputs
             continue
         cand = [int(u) for u in cur[:, r].nonzero()[:, 0].flip(0)]
+        size = max_batch
         while cand:
-            chunk = cand[:max_batch]
+            chunk = cand[:size]
             masks = cur[None].repeat(len(chunk), 1, 1)
             for j, u in enumerate(chunk):
                 masks[j:, u, r] = False  # graph j: the first j+1 candidates removed
@@ -113,6 +115,9 @@ def acdc(graph, run_many: ManyRunner, badness_sign: float = 1.0, threshold: floa
                     break  # kept: later graphs assumed it removed, re-evaluate the rest
             cur_bad = prev
             cand = cand[done:]
+            # speculate as far as the last round got before a kept edge (twice that), so receivers
+            # that keep many edges do not re-evaluate long batches of graphs assumed pruned
+            size = max(1, min(max_batch, 2 * done))
     graph.in_graph.copy_(cur)
     graph.scores.copy_(scores.to(graph.scores.dtype))
     return graph
@@ -120,25 +125,72 @@ def acdc(graph, run_many: ManyRunner, badness_sign: float = 1.0, threshold: floa
 
 def many_runner(model, batch, metric, ablation: str = "zero", corrupted=None, reference=None,
                 max_rows: int = 256) -> ManyRunner:
-    """``masks [K, n_up, n_down] -> mean metric [K]`` with per-example masks over a repeated batch."""
-    from factscope.circuits import run_masked
+    """``masks [K, n_up, n_down] -> mean metric [K]`` with per-example masks over a repeated batch.
 
-    B = len(batch)
+    The forwards start at the lowest layer with a removed edge into one of its receivers in any of
+    the masks (:func:`factscope.hooks.start_at` on the clean residual, the nodes below it frozen at
+    their clean outputs): ACDC visits receivers from the logits down, so the layers below the
+    receiver under test are always clean. Masks that remove only edges into the logits need just
+    the final norm and the unembedding of the clean final stream plus the removed edges' deltas.
+    As in exact patching, the forwards run only the columns up to the last one the metric reads, and
+    a metric that names its vocabulary rows (the logit difference) has only those unembedded.
+    """
+    import contextlib
+
+    from factscope import hooks
+    from factscope.circuits import Graph
+    from factscope.circuits.attribute import _truncate, _unembed_metric
+    from factscope.circuits.patching import ablated_outputs, masked, node_outputs
+
+    g = Graph.from_model(model)
+    L, B = model.n_layers, len(batch)
+    real = g.real.to(model.device)
+    per_layer = g.receiver_cols(0)["m"] + 1
+    clean_out = node_outputs(model, batch)  # [B, T, n_up, d]
+    abl = ablated_outputs(model, batch, ablation, corrupted, reference)
+    delta = -clean_out if abl is None else abl.to(clean_out.dtype) - clean_out
+    with torch.no_grad(), hooks.cache(model, ["resid_pre"]) as rc, hooks.cache(model, ["logits_in"], [L - 1]) as fc:
+        model.forward(batch, positions=metric.positions)
+    # the forwards run only the columns up to the last one the metric reads
+    t_end = int(metric.positions.max()) + 1
+    short = _truncate(batch, t_end)
+    pos = metric.positions.to(model.device)
+    x_fin = fc["logits_in", L - 1]
+    xp = x_fin.gather(1, pos.unsqueeze(-1).expand(-1, -1, x_fin.shape[-1]))  # [B, P, d]
+    dp = delta.gather(1, pos[:, :, None, None].expand(-1, -1, *delta.shape[2:]))  # [B, P, n_up, d]
+
+    def logits_only(inv: torch.Tensor) -> torch.Tensor:  # inv [k, n_up]: removed edges into logits
+        k = inv.shape[0]
+        x = xp.unsqueeze(1) + torch.einsum("bpud,ku->bkpd", dp, inv.to(dp.dtype))
+        rows = torch.arange(B, device=model.device).repeat_interleave(k)
+        return _unembed_metric(model, metric, model.final_norm(x.reshape(B * k, *xp.shape[1:])), rows).view(B, k).mean(0)
 
     def run(masks: torch.Tensor) -> torch.Tensor:
+        masks = masks.to(model.device)
+        inv = (1 - masks.float()) * real
+        cols = inv.abs().sum((0, 1)).nonzero()[:, 0]
+        start = L if len(cols) == 0 else int(cols.min()) // per_layer
+        if start >= L:
+            return logits_only(inv[:, :, -1])
         K = masks.shape[0]
         per = max(1, max_rows // B)
+        nf = g.up_start(start)
         outs = []
         for s in range(0, K, per):
             mk = masks[s : s + per]
             k = mk.shape[0]
-            rep = batch.repeat(k)  # example i, mask j at row i*k + j
-            cor = corrupted.repeat(k) if corrupted is not None else None
+            rep = short.repeat(k)  # example i, mask j at row i*k + j
             m = mk.repeat(B, 1, 1)
-            rows = torch.arange(B).repeat_interleave(k)
-            lg = run_masked(model, rep, m, ablation=ablation, corrupted=cor, reference=reference,
-                            positions=metric.positions.repeat_interleave(k, 0))
-            outs.append(metric.fn(lg, rows.to(lg.device)).view(B, k).mean(0))
+            rows = torch.arange(B, device=model.device).repeat_interleave(k)
+            r = lambda t: t[:, :t_end].repeat_interleave(k, 0)  # noqa: E731
+            ablated = None if abl is None else (abl if abl.dim() == 2 else r(abl))
+            with torch.no_grad(), contextlib.ExitStack() as st:
+                # the masked hooks first: they read the layer modules that start_at stands in for
+                st.enter_context(masked(model, m.to(model.dtype), ablated, frozen=r(clean_out[:, :, :nf])))
+                if start > 0:
+                    st.enter_context(hooks.start_at(model, start, r(rc["resid_pre", start])))
+                h = model.final_hidden(rep, metric.positions.repeat_interleave(k, 0))
+                outs.append(_unembed_metric(model, metric, h, rows).view(B, k).mean(0))
         return torch.cat(outs)
 
     return run

@@ -8,7 +8,9 @@ features and averaged over examples (as ``hannamw/EAP-IG`` ``attribute.py``):
 - ``eap``: the gradient at the clean input (one forward and one backward).
 - ``eap-ig``: the gradient averaged over ``steps`` forwards whose input embeddings (``resid_pre[0]``)
   are interpolated between the ablated input and the clean input (alpha = k/steps, k = 1..steps;
-  EAP-IG's ``get_scores_eap_ig`` uses k = 0..steps-1). All steps run as one batch.
+  EAP-IG's ``get_scores_eap_ig`` uses k = 0..steps-1, which includes the fully ablated input and
+  not the clean one; ours agrees better with exact single-edge patching, see docs/circuits.md).
+  All steps run as one batch.
 - ``eap-ig-act``: per upstream node group (the input, one layer's heads together, one MLP), the
   group's output is interpolated between ablated and clean while the rest of the model runs as
   usual, and the group's rows are scored with the gradients of its own runs (EAP-IG's
@@ -16,7 +18,10 @@ features and averaged over examples (as ``hannamw/EAP-IG`` ``attribute.py``):
 - ``exact``: the metric change of removing each edge alone. For the receivers of layer ``l``, many
   copies of the batch run from layer ``l`` on (:func:`factscope.hooks.start_at` on the cached clean
   residual), each with one edge's ``ablated_u - clean_u`` added to its receiver's input; edges into
-  ``logits`` only need the final norm and the unembedding.
+  ``logits`` only need the final norm and the unembedding. The copies run only the columns up to the
+  last one the metric reads, and a metric that names its vocabulary rows (``Metric.vocab``, e.g. the
+  logit difference: two) has only those rows unembedded (the target NLL needs the whole vocabulary
+  for its log-softmax).
 
 ``metric`` follows the circuits metric contract (``positions`` long ``[B, P]`` and
 ``fn(logits [N, P, V], rows [N]) -> [N]``); scores average the per-example values.
@@ -168,11 +173,27 @@ def _eap_ig_act(model, graph, clean, metric, delta, clean_out, steps: int, score
 
 
 def _unembed_metric(model, metric, h: torch.Tensor, rows: torch.Tensor, max_logit_rows: int = 64) -> torch.Tensor:
-    """metric values of final-normed hidden states ``h [N, P, d]``, unembedding at most
-    ``max_logit_rows`` rows at a time (the vocabulary is 262k wide on Gemma)."""
+    """metric values of final-normed hidden states ``h [N, P, d]``: with ``metric.vocab`` only the
+    vocabulary rows the metric reads are unembedded; otherwise the whole vocabulary (262k wide on
+    Gemma), at most ``max_logit_rows`` rows of ``h`` at a time."""
+    if metric.vocab is not None:
+        ids = metric.vocab.to(h.device)[rows.to(h.device)]
+        return metric.fn_vocab(model.unembed_rows(h, ids), rows).float()
     out = [metric.fn(model.unembed(h[s : s + max_logit_rows]), rows[s : s + max_logit_rows]).float()
            for s in range(0, h.shape[0], max_logit_rows)]
     return torch.cat(out)
+
+
+def _truncate(batch, t: int):
+    """The first ``t`` columns of a left-padded batch (causal attention: the outputs at those
+    columns do not depend on the columns cut)."""
+    from factscope.models import Batch
+
+    cut = batch.input_ids.shape[1] - t
+    if cut <= 0:
+        return batch
+    return Batch(batch.input_ids[:, :t], batch.attention_mask[:, :t], batch.position_ids[:, :t],
+                 [n - cut for n in batch.lengths])
 
 
 def _exact(model, graph, clean, metric, delta, scores, max_rows: int) -> None:
@@ -181,12 +202,18 @@ def _exact(model, graph, clean, metric, delta, scores, max_rows: int) -> None:
     rows_all = torch.arange(B)
     with torch.no_grad(), hooks.cache(model, ["resid_pre"]) as c, \
             hooks.cache(model, ["logits_in"], [L - 1]) as cl:
-        base = metric.fn(model.forward(clean, positions=metric.positions), rows_all.to(model.device)).float()
-    base_mean = base.mean()
+        model.forward(clean, positions=metric.positions)
+    # the copies only run the columns up to the last one the metric reads (a logit difference reads
+    # the first answer position: the rest of the teacher-forced answer is cut)
+    t_end = int(metric.positions.max()) + 1
+    clean = _truncate(clean, t_end)
+    delta = delta[:, :t_end]
     # edges into logits: final norm + unembedding of the clean final stream plus each delta
     pos = metric.positions.to(model.device)
     x_fin = cl["logits_in", L - 1]
     xp = x_fin.gather(1, pos.unsqueeze(-1).expand(-1, -1, x_fin.shape[-1]))  # [B, P, d]
+    with torch.no_grad():  # the clean value, computed as the copies' are
+        base_mean = _unembed_metric(model, metric, model.final_norm(xp), rows_all.to(model.device)).mean()
     dp = delta.gather(1, pos[:, :, None, None].expand(-1, -1, delta.shape[2], delta.shape[3]))  # [B, P, n_up, d]
     per = max(1, max_rows // B)
     for us in _chunks(graph.n_up, per):
@@ -200,7 +227,7 @@ def _exact(model, graph, clean, metric, delta, scores, max_rows: int) -> None:
         cols = graph.receiver_cols(l)
         c0, c1 = cols["q"][0], cols["m"] + 1
         edges = real[:, c0:c1].nonzero()  # (u, receiver slot within the layer)
-        resid = c["resid_pre", l]
+        resid = c["resid_pre", l][:, :t_end]
         for sel in _chunks(len(edges), per):
             e = edges[sel]
             k = len(e)

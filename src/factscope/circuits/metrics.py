@@ -35,6 +35,11 @@ class Metric:
     positions: torch.Tensor
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     higher_is_better: bool
+    # optional: the vocabulary ids the metric reads per example (long [B, K]) and the same values
+    # from the logits of those ids only (``fn_vocab(logits [N, P, K], rows) -> [N]``, column k of
+    # row i = id ``vocab[rows[i], k]``): exact patching then unembeds K rows instead of the vocabulary
+    vocab: torch.Tensor | None = None
+    fn_vocab: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def values(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Per-row values [N] (rows default to 0..N-1)."""
@@ -110,7 +115,12 @@ def logit_diff(model, batch, answers: Sequence, cf_answers: Sequence) -> Metric:
         lg = logits[:, 0].float()
         return (lg.gather(-1, tgt[rows, None].to(lg.device)) - lg.gather(-1, cf[rows, None].to(lg.device)))[:, 0]
 
-    return Metric("logit_diff", pos[:, :1].contiguous(), fn, higher_is_better=True)
+    def fn_vocab(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        lg = logits[:, 0].float()  # [N, 2]: the target's and the counterfactual answer's logits
+        return lg[:, 0] - lg[:, 1]
+
+    return Metric("logit_diff", pos[:, :1].contiguous(), fn, higher_is_better=True,
+                  vocab=torch.stack([tgt, cf], 1), fn_vocab=fn_vocab)
 
 
 def clean_logits(model, batch, positions: torch.Tensor) -> torch.Tensor:

@@ -72,10 +72,18 @@ def _mask_tensor(model, mask, B: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def masked(model, mask: torch.Tensor, ablated: torch.Tensor | None):
-    """Hooks making the forwards inside the block masked forwards (``mask`` float, validated)."""
+def masked(model, mask: torch.Tensor, ablated: torch.Tensor | None, frozen: torch.Tensor | None = None):
+    """Hooks making the forwards inside the block masked forwards (``mask`` float, validated).
+
+    ``frozen``: for forwards that start at a layer ``s`` (:func:`factscope.hooks.start_at` on the
+    clean ``resid_pre[s]``), the clean outputs ``[N, T, up_start(s), d]`` of the nodes below ``s``;
+    the receivers below ``s`` must keep every edge (their layers are not run)."""
     g = Graph.from_model(model)
     L, H = model.n_layers, model.n_heads
+    nf = 0 if frozen is None else frozen.shape[2]
+    start = 0 if frozen is None else (nf - 1) // (H + 1)
+    if frozen is not None and (nf != g.up_start(start) or start >= L):
+        raise FactscopeError(f"frozen outputs must cover whole layers below the start layer, got {nf} nodes")
     real = g.real.to(model.device)
     inv = (1 - mask.to(model.dtype)) * real  # only real edges ever carry a delta
     per_example = inv.dim() == 3
@@ -90,8 +98,8 @@ def masked(model, mask: torch.Tensor, ablated: torch.Tensor | None):
     acts: dict = {}  # the live cache of head_out / mlp_out (fills as the forward runs)
 
     def outputs(prev: int) -> torch.Tensor:
-        parts = [store["in"]]
-        for l in range(L):
+        parts = [store["in"] if frozen is None else frozen[:, :, : min(prev, nf)]]
+        for l in range(start, L):
             if 1 + l * (H + 1) >= prev:
                 break
             parts.append(acts["head_out", l])
@@ -119,12 +127,16 @@ def masked(model, mask: torch.Tensor, ablated: torch.Tensor | None):
 
     def keep_in(x, l):
         store.clear()  # a new forward
-        store["in"] = x.unsqueeze(2)
+        if frozen is None:
+            store["in"] = x.unsqueeze(2)
 
+    if frozen is not None and g.receiver_cols(start)["q"][0] > 0 and \
+            bool(inv[..., : g.receiver_cols(start)["q"][0]].any()):
+        raise FactscopeError(f"edges into receivers below layer {start} are removed: cannot start at layer {start}")
     with contextlib.ExitStack() as stack:
-        stack.enter_context(hooks.edit(model, "resid_pre", 0, keep_in))
-        acts = stack.enter_context(hooks.cache(model, ["head_out", "mlp_out"], detach=False))
-        for l in range(L):
+        stack.enter_context(hooks.edit(model, "resid_pre", start, keep_in))
+        acts = stack.enter_context(hooks.cache(model, ["head_out", "mlp_out"], list(range(start, L)), detach=False))
+        for l in range(start, L):
             cols = g.receiver_cols(l)
             prev = g.up_start(l)
             if needed(prev, cols["q"][0], cols["v"][1]):
