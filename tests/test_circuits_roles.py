@@ -123,6 +123,7 @@ def test_role_rules_fire_and_not():
     assert R.label({**base, "att_subject": 0.3, "target_rank": 19}, rules) == "mover"
     assert R.label({**base, "att_subject": 0.29, "target_rank": 19}, rules) == ""
     assert R.label({**base, "att_subject": 0.9, "target_rank": 20}, rules) == ""
+    assert R.label({**base, "att_subject": 0.35, "att_relation": 0.5, "target_rank": 3}, rules) == ""  # s < r
     assert R.label({**base, "att_relation": 0.5, "relation_hits": 1.0}, rules) == "relation"
     assert R.label({**base, "att_relation": 0.5, "relation_hits": 0.9}, rules) == ""
     assert R.label({**base, "att_subject": 0.6, "att_relation": 0.5, "relation_hits": 3}, rules) == ""  # r < s
