@@ -217,6 +217,14 @@ def lens_facts(model, facts: Sequence[Fact], extra: Sequence[Sequence[int]] | No
 # --------------------------------------------------------------------------------------------
 
 
+def layer_x(ax, layers: Sequence[int]) -> None:
+    """Integer ticks for a residual-point axis (-1 = embeddings, then layers)."""
+    step = max(1, -(-len(layers) // 12))
+    ax.set_xticks([x for x in layers if (x + 1) % step == 0])
+    ax.set_xlim(layers[0] - 0.5, layers[-1] + 0.5)
+    ax.set_xlabel("layer (-1 = embeddings)")
+
+
 def plot_lens(res: LensResult, title: str, k: int = 0, agg=None, groups: dict | None = None):
     """Figure 5 style: the target's rank (log scale) at the last position and its minimum over the
     subject's positions by layer (median over facts with bootstrap 95% bands, thin lines per fact),
@@ -249,13 +257,13 @@ def plot_lens(res: LensResult, title: str, k: int = 0, agg=None, groups: dict | 
             bx.plot(xs, res.prob_last[idx, k].double().mean(0).numpy(), color=c, lw=2, label=lab)
     ax.set_yscale("log")
     ax.invert_yaxis()
-    ax.set_xlabel("layer (-1 = embeddings)")
+    layer_x(ax, xs)
     ax.set_ylabel(f"rank of the {res.token_names[k]} + 1 (log)")
     ax.axhline(1, color="#999999", lw=0.6, ls=":")
     ax.axhline(10, color="#bbbbbb", lw=0.6, ls=":")
     ax.legend(fontsize=7, loc="lower left")
     ax.set_title("rank", fontsize=10)
-    bx.set_xlabel("layer (-1 = embeddings)")
+    layer_x(bx, xs)
     bx.set_ylabel(f"P({res.token_names[k]}) at the last position")
     bx.set_title("probability", fontsize=10)
     bx.legend(fontsize=7, loc="upper left")

@@ -272,8 +272,13 @@ def node_table(rows, mean_logits: dict, tokenizer, rules: RoleRules, n_top: int 
 
 
 def circuit_nodes(graph: Graph) -> list[str]:
-    """The heads and MLPs of ``graph``'s circuit (nodes touched by an edge in the graph)."""
-    return [n for n in graph.nodes_in_graph() if n not in ("input", "logits")]
+    """The heads and MLPs whose output the circuit uses (the upstream end of an edge in the graph).
+
+    A grouped-query key/value receiver is shared by its query heads, so an edge into ``a8.kv0<v>``
+    alone would make every head of layer 8 a node of :meth:`Graph.nodes_in_graph`; here a head
+    counts only when its own output feeds the circuit."""
+    used = (graph.in_graph & graph.real).any(1)
+    return [n for i, n in enumerate(graph.up_names) if used[i] and n != "input"]
 
 
 # --------------------------------------------------------------------------------------------
