@@ -280,7 +280,7 @@ def plot_hallucination(h: Hallucination, title: str):
     LENS.layer_x(ax, xs)
     ax.set_ylabel("median rank + 1 at the last token (log)")
     ax.set_title("logit lens", fontsize=10)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="center left")
     f = h.first.dropna(subset=["node"])
     counts = f.groupby(["node", "right"]).size().unstack(fill_value=0)
     if len(counts):
@@ -475,7 +475,7 @@ def plot_icl(res: ICL, title: str):
     from the last token to the demonstrations of the heads that appear in the circuit with them."""
     from factscope.plotting import PALETTE, new_figure
 
-    fig, (ax, bx) = new_figure(1, 2, size=(11, 4.0))
+    fig, (ax, bx) = new_figure(1, 2, size=(11, 4.6))
     xs = res.lens0.layers
     for lr, lab, c in ((res.lens0, "without demonstrations", PALETTE[7]),
                        (res.lens1, f"with {len(res.demos)} demonstrations", PALETTE[0])):
@@ -489,7 +489,7 @@ def plot_icl(res: ICL, title: str):
     LENS.layer_x(ax, xs)
     ax.set_ylabel("median target rank + 1 (log)")
     ax.set_title(f"logit lens, {len(res.facts)} facts the model does not know", fontsize=10)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="center left")
     nh = res.new_heads
     if nh is not None and len(nh):
         groups = [c for c in ("att_demos", "att_subject", "att_relation", "att_last", "att_other") if c in nh]
@@ -502,7 +502,7 @@ def plot_icl(res: ICL, title: str):
         if res.all_heads_demo_share is not None:
             bx.axvline(res.all_heads_demo_share, color="#000000", lw=0.8, ls="--",
                        label="all heads: mean share on demos")
-        bx.legend(fontsize=7, loc="lower right")
+        bx.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
     else:
         bx.text(0.5, 0.5, "no new heads" if res.circuits else "circuits not computed", ha="center",
                 transform=bx.transAxes)

@@ -261,7 +261,7 @@ def plot_lens(res: LensResult, title: str, k: int = 0, agg=None, groups: dict | 
     ax.set_ylabel(f"rank of the {res.token_names[k]} + 1 (log)")
     ax.axhline(1, color="#999999", lw=0.6, ls=":")
     ax.axhline(10, color="#bbbbbb", lw=0.6, ls=":")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="center left")
     ax.set_title("rank", fontsize=10)
     layer_x(bx, xs)
     bx.set_ylabel(f"P({res.token_names[k]}) at the last position")
