@@ -289,10 +289,11 @@ ROLE_COLORS = {"mover": "#0072B2", "relation": "#D55E00", "mixture": "#CC79A7", 
                MLP_ROLE: "#E69F00"}
 
 
-def plot_roles(table, title: str):
+def plot_roles(table, title: str, top_k: int = 20):
     """Left: each head's attention from the last position to the subject (x) and the relation (y),
-    coloured by role, size by how high it ranks the target. Right: each MLP's gain in the target's
-    logit-lens rank at the last position (bits; 1 = rank halved)."""
+    coloured by role, size by how high it ranks the target (heads ranking it in their top ``top_k``
+    are named). Right: each MLP's gain in the target's logit-lens rank at the last position (bits;
+    1 = rank halved)."""
     from factscope.plotting import new_figure
 
     fig, (ax, bx) = new_figure(1, 2, size=(11, 4.2))
@@ -301,21 +302,23 @@ def plot_roles(table, title: str):
         size = 12 + 60 / (1 + np.log10(1 + g["target_rank"].to_numpy()))
         ax.scatter(g["att_subject"], g["att_relation"], s=size, color=ROLE_COLORS.get(role, "#888888"),
                    label=role or "no role", alpha=0.85, edgecolor="white", lw=0.5)
-        if role:
-            for _, r in g.iterrows():
+        for _, r in g.iterrows():  # label heads with a role, and heads that write the target
+            if role or r["target_rank"] < top_k:
                 ax.annotate(r["node"], (r["att_subject"], r["att_relation"]), fontsize=6.5,
-                            xytext=(3, 3), textcoords="offset points")
+                            xytext=(3, 3), textcoords="offset points", color="#000000" if role else "#777777")
     ax.set_xlim(-0.03, 1.03)
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("attention from the last token to the subject")
     ax.set_ylabel("attention to the relation tokens")
-    ax.set_title(f"{len(heads)} heads (size: target rank in the head's output)", fontsize=10)
+    ax.set_title(f"{len(heads)} heads (larger: target ranked higher in the head's output;\n"
+                 f"named: a role, or the target in its top {top_k})", fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
     mlps = table[table["kind"] == "mlp"]
     if len(mlps):
         colors = [ROLE_COLORS.get(r, "#bbbbbb") for r in mlps["role"]]
         bx.bar(mlps["layer"], mlps["gain_bits"], color=colors)
         bx.axhline(0, color="#888888", lw=0.6)
+    bx.set_xticks(sorted(set(int(x) for x in mlps["layer"])) if len(mlps) <= 20 else [])
     bx.set_xlabel("MLP layer")
     bx.set_ylabel("target rank gain at the last token (bits)")
     bx.set_title(f"{len(mlps)} MLPs (orange: raise the target's rank)", fontsize=10)
@@ -343,7 +346,8 @@ def run_roles(run, model, facts: Sequence[Fact], graph: Graph, dataset: str, ans
         lambda ts: " | ".join(repr(model.tokenizer.decode([t]))[1:-1] for t in ts))))
     run.save_table(prefix, table)
     rel = dataset.split("/")[-1]
-    run.save_figure(prefix, plot_roles(table, f"{model.name} · {rel} · node roles in the circuit ({len(facts)} facts)"))
+    run.save_figure(prefix, plot_roles(table, f"{model.name} · {rel} · node roles in the circuit ({len(facts)} facts)",
+                                                 rules.top_k))
     s = roles_summary(table)
     s["rules"] = asdict(rules)
     run.update_summary({prefix: s})
