@@ -515,10 +515,14 @@ def plot_icl(res: ICL, title: str):
 
 def run_icl(run, model, facts: Sequence[Fact], pool: Sequence[Fact], k: int, dataset: str, opts=None,
             seed: int = 0, top: int = 10, progress: bool = False) -> ICL:
-    """:func:`icl` written to ``run``: ``icl.csv``, ``icl_new_heads.csv``, ``icl.png``, the circuits
+    """:func:`icl` written to ``run``: ``icl.csv``, ``icl_lens_by_layer.csv``, ``icl_new_heads.csv``, ``icl.png``, the circuits
     (``icl_zero_graph.json``, ``icl_icl_graph.json``), ``summary["icl"]``, a section."""
     res = icl(model, facts, pool, k, opts, seed, top, progress)
     run.save_table("icl", res.table)
+    import pandas as pd
+
+    run.save_table("icl_lens_by_layer", pd.concat([res.lens0.by_layer().assign(demonstrations=0),
+                                                   res.lens1.by_layer().assign(demonstrations=k)]))
     if res.new_heads is not None:
         run.save_table("icl_new_heads", res.new_heads)
     for name, g in res.circuits.items():
