@@ -74,8 +74,8 @@ def test_first_promoters():
 
     facts = [F("w"), F("r")]
     ans = pd.DataFrame([
-        # wrong fact: m0 ranks the answer 5 but the target 2 (not above); a1.h0 ranks it 3 vs 50 -> a1.h0
-        ("w", "a0.h0", 30, "head", 0, 0.1), ("w", "m0", 5, "mlp", 0, None), ("w", "a1.h0", 3, "head", 1, 0.7),
+        # wrong fact: m0 ranks the answer 2 and the target 2 (a tie is not above); a1.h0 ranks it 3 vs 50
+        ("w", "a0.h0", 30, "head", 0, 0.1), ("w", "m0", 2, "mlp", 0, None), ("w", "a1.h0", 3, "head", 1, 0.7),
         ("w", "m1", 0, "mlp", 1, None),
         # right fact: a0.h0 ranks it 1, the best other answer 0 (no); m0 ranks it 4, other 9 -> m0
         ("r", "a0.h0", 1, "head", 0, 0.2), ("r", "m0", 4, "mlp", 0, None), ("r", "a1.h0", 0, "head", 1, 0.9),
