@@ -6,7 +6,6 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 from click.testing import CliRunner
 
 from factscope.circuits import cases as C
