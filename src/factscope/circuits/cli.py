@@ -127,3 +127,212 @@ def evaluate_cmd(common: Common, val_fraction, n_random, no_curve, compare_exact
                f"MRR full {m['full']:.2f} circuit {m['circuit']:.2f} random {m['random']:.2f}; "
                f"faithfulness {ev.faithfulness:.2f}, CPR {ev.cpr:.2f}, CMD {ev.cmd:.2f}")
     click.echo(str(run.dir))
+
+
+# ============================================================================================
+# Knowledge circuits in action: logit lens, node roles, hallucination, in-context learning
+# (circuits/lens.py, roles.py, cases.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _lens_options(f):
+    options = [
+        click.option("--model", "model_name", default="gemma-3-270m", show_default=True,
+                     help="Model name, hub id, directory or .gguf file."),
+        click.option("--dataset", default="lre:factual/country_capital_city", show_default=True,
+                     help="Facts of one relation (lre:<category>/<relation>) or a fact file."),
+        click.option("--limit", type=click.IntRange(1), default=40, show_default=True,
+                     help="At most this many known facts (seeded sample)."),
+        click.option("--known-top-k", type=click.IntRange(1, 1000), default=10, show_default=True,
+                     help="A fact is known when its target's first token is in the model's top-k."),
+        click.option("--all-facts", is_flag=True, help="Keep facts the model does not know."),
+        click.option("--bootstrap", "n_boot", type=click.IntRange(1), default=1000, show_default=True,
+                     help="Bootstrap resamples for the intervals."),
+        click.option("--emerge-top", type=click.IntRange(1), default=10, show_default=True,
+                     help="The answer has emerged at the first layer from which it stays in the lens' top this many."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads."),
+        click.option("--device", default="cpu", show_default=True),
+        click.option("--out", type=click.Path(file_okay=False), required=True, help="Output run directory."),
+        click.option("--no-progress", is_flag=True, help="Hide progress bars."),
+    ]
+    for o in reversed(options):
+        f = o(f)
+    return f
+
+
+def _role_options(f):
+    options = [
+        click.option("--attn-threshold", type=click.FloatRange(0, 1, min_open=True), default=0.3, show_default=True,
+                     help="Role rules: a head attends to a token group when the last token's mean attention "
+                          "share on it is at least this."),
+        click.option("--top-tokens", type=click.IntRange(1), default=20, show_default=True,
+                     help="Role rules: a node writes a token when it is in the node's top this many."),
+        click.option("--relation-hits", type=click.FloatRange(0), default=1.0, show_default=True,
+                     help="Role rules: relation-type output = at least this many of the relation's other "
+                          "answers in the node's top tokens (mean over facts)."),
+        click.option("--mlp-gain", type=click.FloatRange(0), default=1.0, show_default=True,
+                     help="Role rules: an MLP raises the target when it improves its lens rank by at least "
+                          "this many bits (1 = halves it; median over facts)."),
+    ]
+    for o in reversed(options):
+        f = o(f)
+    return f
+
+
+def _rules(kw: dict):
+    from factscope.circuits.roles import RoleRules
+
+    return RoleRules(attn=kw.pop("attn_threshold"), top_k=kw.pop("top_tokens"),
+                     relation_hits=kw.pop("relation_hits"), mlp_gain_bits=kw.pop("mlp_gain")).check()
+
+
+def _relation_answers(model, dataset: str) -> list[int]:
+    """First target tokens of every fact of ``dataset`` (the relation's answer type)."""
+    from factscope.circuits.cases import answer_tokens
+    from factscope.facts import load_facts
+
+    return answer_tokens(model, load_facts(dataset))
+
+
+@circuit.command("lens")
+@_lens_options
+def lens_cmd(n_boot, emerge_top, **kw):
+    """Logit lens of the target per layer: rank and probability at the last token, minimum rank over the
+    subject (the paper's Figure 5), per fact and aggregated."""
+    import torch
+
+    from factscope.circuits.data import known_relation_facts
+    from factscope.circuits.lens import run_lens
+    from factscope.models import load_model
+    from factscope.runs import Run
+
+    if kw["threads"]:
+        torch.set_num_threads(kw["threads"])
+    model = load_model(kw["model_name"], device=kw["device"])
+    facts, table = known_relation_facts(model, kw["dataset"], limit=kw["limit"], seed=kw["seed"],
+                                        top_k=kw["known_top_k"], progress=not kw["no_progress"],
+                                        known_only=not kw["all_facts"])
+    if not facts:
+        raise FactscopeError(f"{model.name} knows none of the facts of {kw['dataset']} (top-{kw['known_top_k']}); "
+                             f"use --all-facts or a larger --known-top-k")
+    config = {"command": "circuit lens", "analysis": "circuit", "model": kw["model_name"], "dataset": kw["dataset"],
+              "limit": kw["limit"], "known_top_k": kw["known_top_k"], "known_only": not kw["all_facts"],
+              "bootstrap": n_boot, "emerge_top": emerge_top, "seed": kw["seed"],
+              "runtime": {"threads": kw["threads"], "device": kw["device"]}}
+    run = Run.create(kw["out"], config)
+    run.save_table("known_facts", table)
+    res = run_lens(run, model, facts, kw["dataset"], n_boot=n_boot, seed=kw["seed"], top=emerge_top,
+                   progress=not kw["no_progress"])
+    run.write_report(title=f"Logit lens: {model.name}")
+    s = run.summary["lens"]
+    click.echo(f"{len(res)} facts; output median rank {s['median_rank_output']:.0f}, median rank in the top "
+               f"{emerge_top} from layer {s['median_enters_top']}; wrote {run.dir}")
+
+
+@circuit.command("roles")
+@_common
+@_role_options
+@click.option("--graph", "graph_path", type=click.Path(dir_okay=False), default=None,
+              help="A circuit graph JSON (graph.json of `circuit discover`); default: discover one on the facts.")
+def roles_cmd(graph_path, **kw):
+    """Roles of a circuit's nodes: vocabulary projections, attention to subject/relation, mover /
+    relation / mixture heads and MLPs that raise the target."""
+    from factscope.circuits import Graph
+    from factscope.circuits.data import build
+    from factscope.circuits.roles import run_roles
+    from factscope.circuits.run import run_discover
+    from factscope.runs import Run
+
+    rules = _rules(kw)
+    opts, model, facts, table = _prepare(kw, {})
+    if not facts:
+        raise FactscopeError(f"{model.name} knows none of the facts of {kw['dataset']}")
+    g = None
+    if graph_path:
+        g = Graph.from_json(graph_path)
+        ref = Graph.from_model(model)
+        if (g.n_up, g.n_down) != (ref.n_up, ref.n_down):
+            raise FactscopeError(f"{graph_path} is not a graph of {model.name} ({g!r})")
+        if not g.in_graph.any():
+            raise FactscopeError(f"{graph_path} has no edges in its circuit")
+    elif len(facts) < 2:
+        raise FactscopeError(f"{model.name} knows {len(facts)} facts of {kw['dataset']}; need at least 2")
+    answers = _relation_answers(model, kw["dataset"])
+    config = _config(kw, opts, "roles")
+    config.update({"graph": graph_path, "rules": {"attn": rules.attn, "top_k": rules.top_k,
+                                                  "relation_hits": rules.relation_hits,
+                                                  "mlp_gain_bits": rules.mlp_gain_bits}})
+    run = Run.create(kw["out"], config, resume=kw["resume"])
+    run.save_table("known_facts", table)
+    if g is None:
+        g = run_discover(run, model, build(model, facts, seed=kw["seed"]), opts, kw["dataset"],
+                         progress=not kw["no_progress"])
+    t = run_roles(run, model, facts, g, kw["dataset"], answers, rules, progress=not kw["no_progress"])
+    run.write_report(title=f"Circuit node roles: {model.name}")
+    counts = t["role"].value_counts().to_dict()
+    click.echo(f"{len(t)} nodes on {len(facts)} facts; roles: "
+               f"{', '.join(f'{k} {v}' for k, v in counts.items() if k) or 'none'}; wrote {run.dir}")
+
+
+def _all_facts(kw: dict):
+    """Options, model and every fact of the relation (a seeded sample of --limit) with the known table."""
+    return _prepare({**kw, "all_facts": True}, {})
+
+
+@circuit.command("hallucination")
+@_common
+@_role_options
+@click.option("--no-circuits", is_flag=True, help="Skip circuit discovery (lens and node projections only).")
+def hallucination_cmd(no_circuits, **kw):
+    """Facts the model gets wrong vs right: where the (wrong) answer emerges in the logit lens, the first
+    node that promotes it, and the circuits of both groups."""
+    from factscope.circuits.cases import run_hallucination
+    from factscope.runs import Run
+
+    rules = _rules(kw)
+    opts, model, facts, table = _all_facts(kw)
+    answers = _relation_answers(model, kw["dataset"])
+    if len(answers) < 2:
+        raise FactscopeError(f"{kw['dataset']} has {len(answers)} distinct answer token(s); a wrong answer needs 2")
+    config = _config(kw, opts, "hallucination")
+    config["circuits"] = not no_circuits
+    run = Run.create(kw["out"], config, resume=kw["resume"])
+    run.save_table("known_facts", table)
+    h = run_hallucination(run, model, facts, answers, kw["dataset"], None if no_circuits else opts, rules,
+                          progress=not kw["no_progress"])
+    run.write_report(title=f"Hallucination: {model.name}")
+    s = run.summary["hallucination"]
+    click.echo(f"{s['n_right']} right, {s['n_wrong']} wrong; the answer emerges at layer "
+               f"{s['answer_emerges_median_right']} (right) vs {s['answer_emerges_median_wrong']} (wrong); wrote {run.dir}")
+
+
+@circuit.command("icl")
+@_common
+@click.option("--shots", type=click.IntRange(1, 32), default=3, show_default=True,
+              help="Demonstrations of the same relation before each query.")
+@click.option("--no-circuits", is_flag=True, help="Skip circuit discovery.")
+def icl_cmd(shots, no_circuits, **kw):
+    """Facts the model does not know (target not in its top --known-top-k) with k demonstrations of the
+    relation: does the answer become known, which nodes and edges appear, where the new heads look."""
+    from factscope.circuits.cases import run_icl
+    from factscope.facts import load_facts
+    from factscope.runs import Run
+
+    opts, model, facts, table = _all_facts(kw)
+    known = set(table.loc[table["known"].astype(bool), "prompt"]) if "prompt" in table else set()
+    unknown = [f for f in facts if f.prompt not in known]
+    if len(unknown) < 2:
+        raise FactscopeError(f"{model.name} knows all but {len(unknown)} of the facts of {kw['dataset']} "
+                             f"(top-{kw['known_top_k']}); use a smaller --known-top-k (e.g. 1)")
+    pool = load_facts(kw["dataset"])
+    config = _config(kw, opts, "icl")
+    config.update({"shots": shots, "circuits": not no_circuits})
+    run = Run.create(kw["out"], config, resume=kw["resume"])
+    run.save_table("known_facts", table)
+    res = run_icl(run, model, unknown, pool, shots, kw["dataset"], None if no_circuits else opts, seed=kw["seed"],
+                  progress=not kw["no_progress"])
+    run.write_report(title=f"In-context learning: {model.name}")
+    s = run.summary["icl"]
+    click.echo(f"{len(res.facts)} unknown facts, {shots} shots: Hit@1 {s['hit1_without']:.2f} -> {s['hit1_with']:.2f}, "
+               f"Hit@10 {s['hit10_without']:.2f} -> {s['hit10_with']:.2f}; wrote {run.dir}")
