@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from factscope.errors import FactscopeError
+from factscope.edit.rome import Editor
 from factscope.facts import target_ids
 
 
@@ -28,14 +28,9 @@ class FTMHParams:
     norm_constraint: float | None = None
 
     def check(self, model) -> "FTMHParams":
-        from factscope.edit.rome import default_layer
+        from factscope.edit.rome import resolve_layer
 
-        layer = default_layer(model) if self.layer is None else self.layer
-        if not 0 <= layer < model.n_layers:
-            raise FactscopeError(f"--layer {layer} is out of range: {model.name} has layers 0..{model.n_layers - 1}")
-        if self.num_steps < 1:
-            raise FactscopeError(f"num_steps must be >= 1, got {self.num_steps}")
-        self.layer = layer
+        self.layer = resolve_layer(model, self.layer, self.num_steps, "num_steps")
         return self
 
 
@@ -56,7 +51,7 @@ def target_loss(model, prompt: str, target: str):
     return batch, pos, torch.tensor(a, device=model.device)
 
 
-class FTM:
+class FTM(Editor):
     """An FT-M editor for one model (edits in place; restore with ``model.restoring(editor.parameter)``)."""
 
     method = "ft-m"
@@ -64,14 +59,6 @@ class FTM:
     def __init__(self, model, hp: FTMHParams | None = None):
         self.model = model
         self.hp = (hp or FTMHParams()).check(model)
-
-    @property
-    def layer(self) -> int:
-        return self.hp.layer
-
-    @property
-    def parameter(self) -> torch.Tensor:
-        return self.model.mlp_down_parameter(self.layer)
 
     def edit(self, case) -> FTMResult:
         model, hp = self.model, self.hp

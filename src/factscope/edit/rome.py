@@ -41,6 +41,16 @@ def default_layer(model) -> int:
     return DEFAULT_LAYERS.get(model.name, max(0, min(model.n_layers - 1, round(0.3 * model.n_layers))))
 
 
+def resolve_layer(model, layer: int | None, steps: int, what: str) -> int:
+    """``layer`` (default: :func:`default_layer`) after checking it and the step count."""
+    layer = default_layer(model) if layer is None else layer
+    if not 0 <= layer < model.n_layers:
+        raise FactscopeError(f"--layer {layer} is out of range: {model.name} has layers 0..{model.n_layers - 1}")
+    if steps < 1:
+        raise FactscopeError(f"{what} must be >= 1, got {steps}")
+    return layer
+
+
 @dataclass
 class RomeHParams:
     layer: int | None = None
@@ -56,12 +66,7 @@ class RomeHParams:
     seed: int = 0
 
     def check(self, model) -> "RomeHParams":
-        layer = default_layer(model) if self.layer is None else self.layer
-        if not 0 <= layer < model.n_layers:
-            raise FactscopeError(f"--layer {layer} is out of range: {model.name} has layers 0..{model.n_layers - 1}")
-        if self.v_num_grad_steps < 1:
-            raise FactscopeError(f"v_num_grad_steps must be >= 1, got {self.v_num_grad_steps}")
-        self.layer = layer
+        self.layer = resolve_layer(model, self.layer, self.v_num_grad_steps, "v_num_grad_steps")
         return self
 
 
@@ -319,7 +324,23 @@ class RomeResult:
     nll: list[float]
 
 
-class Rome:
+class Editor:
+    """What the editors share: ``model``, ``hp`` (with the resolved ``layer``), the edited ``parameter``."""
+
+    method = ""
+    model = None
+    hp = None
+
+    @property
+    def layer(self) -> int:
+        return self.hp.layer
+
+    @property
+    def parameter(self) -> torch.Tensor:
+        return self.model.mlp_down_parameter(self.layer)
+
+
+class Rome(Editor):
     """A ROME editor for one model: context templates and C are computed once (C cached on disk)."""
 
     method = "rome"
@@ -330,14 +351,6 @@ class Rome:
         self.cov_texts = cov_texts
         self.cache = cache
         self._C = None
-
-    @property
-    def layer(self) -> int:
-        return self.hp.layer
-
-    @property
-    def parameter(self) -> torch.Tensor:
-        return self.model.mlp_down_parameter(self.layer)
 
     def templates(self) -> list[str]:
         return context_templates(self.model, self.hp.context_template_length_params, self.hp.seed)
