@@ -242,3 +242,26 @@ def test_cli_edit(tmp_path, monkeypatch):
     bad = CliRunner().invoke(main, ["edit", "--model", "tiny-llama", "--layer", "99", "--dataset", str(SAMPLE),
                                     "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "--layer 99" in bad.output
+
+
+def test_second_moment_and_its_cache(tmp_path, monkeypatch):
+    from factscope.edit.rome import covariance, second_moment
+
+    monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path))
+    model = _model64("tiny-llama")
+    texts = ["The capital of France is Paris", "Hello", "Danielle Darrieux spoke French at home"]
+    seqs = [model.tokenizer(t)["input_ids"] for t in texts]
+    special = set(model.tokenizer.all_special_ids)
+    rows = []
+    for s in seqs:  # naive: one prompt at a time, every token but a leading special one
+        with torch.no_grad(), hooks.cache(model, "mlp_hidden", [2]) as c:
+            model.run([model.tokenizer.decode(s, skip_special_tokens=True)])
+        h = c["mlp_hidden", 2][0]
+        rows += [h[j] for j in range(1 if s[0] in special else 0, len(s))]
+    K = torch.stack(rows)
+    assert torch.allclose(second_moment(model, 2, seqs, batch_size=2), K.T @ K / len(K), atol=1e-10)
+    hp = RomeHParams(layer=2, **SMALL)
+    C = covariance(model, 2, hp)
+    assert list((tmp_path / "edit" / "tiny-llama").glob("*-tokens.pt"))  # generations cached for other layers
+    assert torch.equal(covariance(model, 2, hp), C)  # from the cache
+    assert not torch.equal(covariance(model, 2, hp, texts=texts), C)

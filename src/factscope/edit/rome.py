@@ -180,18 +180,28 @@ def covariance(model, layer: int, hp: RomeHParams, texts: list[str] | None = Non
     path = cache_dir() / "edit" / safe / f"{source}-layer{layer}.pt"
     if cache and path.exists():
         return torch.load(path)
-    if texts is None:
+    if texts is None:  # the generated tokens are cached too: another layer needs only a forward pass
         start = _start_id(model.tokenizer)
-        seqs = [[start] + s for s in sample(model, hp.mom2_texts, hp.mom2_text_length, seed=hp.seed + 1000)]
+        tok_path = path.parent / f"{source}-tokens.pt"
+        if cache and tok_path.exists():
+            seqs = torch.load(tok_path)
+        else:
+            seqs = [[start] + s for s in sample(model, hp.mom2_texts, hp.mom2_text_length, seed=hp.seed + 1000)]
+            if cache:
+                _save(seqs, tok_path)
     else:
         seqs = _text_sequences(model, texts)
     C = second_moment(model, layer, seqs)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(C, tmp)
-        tmp.replace(path)
+        _save(C, path)
     return C
+
+
+def _save(obj, path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------------------------
