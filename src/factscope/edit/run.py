@@ -149,27 +149,35 @@ def summarize(records: list[dict]) -> EditSummary:
 
 
 def lens_figure(records: list[dict], n_layers: int, method: str, layer: int, model_name: str):
+    """Mean probability (with a 95% interval) and median rank of the new answer's first token per layer,
+    before and after the edit, at the subject's last token and at the last position."""
     import numpy as np
 
     from factscope.plotting import layer_axis, new_figure
 
-    fig, axes = new_figure(1, 2, width=11, height=4,
-                           title=f"{model_name}: logit lens of the new answer's first token, {len(records)} "
-                                 f"{method.upper()} edits at layer {layer} (4-bit GGUF weights dequantized)")
+    fig, axes = new_figure(2, 2, width=11, height=6.5, sharex=True,
+                           title=f"{model_name} (4-bit GGUF dequantized): logit lens of the new answer, "
+                                 f"{len(records)} {method.upper()} edits at layer {layer}")
     x = np.arange(n_layers)
-    for ax, where, label in ((axes[0], "subject", "subject's last token"), (axes[1], "last", "last position")):
+    for col, (where, label) in enumerate((("subject", "subject's last token"), ("last", "last position"))):
         for key, color, name in (("lens_pre", "#888888", "before the edit"), ("lens_post", "#c0392b", "after the edit")):
             P = np.array([r[key][f"p_{where}"] for r in records])
             mean = P.mean(0)
-            se = P.std(0, ddof=1) / np.sqrt(len(P)) if len(P) > 1 else np.zeros_like(mean)
-            ax.plot(x, mean, color=color, marker="o", ms=3, label=name)
-            ax.fill_between(x, mean - 1.96 * se, mean + 1.96 * se, color=color, alpha=0.15)
-        ax.axvline(layer, color="#2c3e50", ls="--", lw=1)
-        ax.text(layer, ax.get_ylim()[1] * 0.95, " edited layer", fontsize=8, va="top")
-        ax.set_title(f"at the {label}")
-        ax.set_ylabel("P(new answer), mean ± 95% CI")
-        layer_axis(ax, n_layers)
-        ax.legend(loc="upper left", fontsize=8)
+            ci = 1.96 * P.std(0, ddof=1) / np.sqrt(len(P)) if len(P) > 1 else np.zeros_like(mean)
+            axes[0, col].plot(x, mean, color=color, marker="o", ms=3, label=name)
+            axes[0, col].fill_between(x, np.clip(mean - ci, 0, 1), np.clip(mean + ci, 0, 1), color=color, alpha=0.15)
+            R = np.array([r[key][f"rank_{where}"] for r in records]) + 1
+            axes[1, col].plot(x, np.median(R, 0), color=color, marker="o", ms=3, label=name)
+            axes[1, col].fill_between(x, np.percentile(R, 25, 0), np.percentile(R, 75, 0), color=color, alpha=0.15)
+        axes[0, col].set_title(f"at the {label}")
+        axes[0, col].set_ylabel("P(new answer), mean ± 95% CI")
+        axes[1, col].set_yscale("log")
+        axes[1, col].invert_yaxis()
+        axes[1, col].set_ylabel("rank of the new answer\n(median, quartiles; 1 = top)")
+        for row in (0, 1):
+            axes[row, col].axvline(layer, color="#2c3e50", ls="--", lw=1, label=f"edited layer ({layer})")
+            layer_axis(axes[row, col], n_layers)
+    axes[0, 0].legend(loc="upper left", fontsize=8)
     return fig
 
 
