@@ -18,10 +18,7 @@ def _single_case(model, dataset: str, subject: str, target_new: str, prompt: str
     from factscope.predict import top_k
 
     if prompt is None:
-        try:
-            found = [c for c in load_cases(dataset, seed=seed) if c.subject == subject]
-        except FactscopeError:
-            found = []
+        found = [c for c in load_cases(dataset, seed=seed, subject=subject) if c.subject == subject]
         if not found:
             raise FactscopeError(f"no fact about {subject!r} in {dataset}; give --prompt with '{{}}' where the subject goes")
         c = found[0]

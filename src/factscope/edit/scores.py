@@ -118,8 +118,9 @@ def cases_from_facts(facts: list[Fact], chosen: list[Fact], seed: int = 0) -> li
     return out
 
 
-def load_cases(dataset: str, limit: int | None = None, seed: int = 0) -> list[EditCase]:
-    """Edit cases from CounterFact (``counterfact`` once fetched, or a file in its schema) or any fact set."""
+def load_cases(dataset: str, limit: int | None = None, seed: int = 0, subject: str | None = None) -> list[EditCase]:
+    """Edit cases from CounterFact (``counterfact`` once fetched, or a file in its schema) or any fact set
+    (``subject``: only the facts about that subject, before ``limit``)."""
     from factscope.facts import counterfact_path, load_facts
 
     path = counterfact_path() if dataset.strip() == "counterfact" else Path(dataset).expanduser()
@@ -130,15 +131,17 @@ def load_cases(dataset: str, limit: int | None = None, seed: int = 0) -> list[Ed
             raise FactscopeError(f"{path}: not valid JSON ({e})") from None
         if isinstance(data, list) and data and isinstance(data[0], dict) and "requested_rewrite" in data[0]:
             cases = _counterfact_cases(data, str(path))
+            if subject is not None:
+                cases = [c for c in cases if c.subject == subject]
             if limit is not None and limit < len(cases):
                 keep = sorted(random.Random(seed).sample(range(len(cases)), limit))
                 cases = [cases[i] for i in keep]
             return cases
     facts = load_facts(dataset, seed=seed)
-    chosen = facts
-    if limit is not None and limit < len(facts):
-        keep = sorted(random.Random(seed).sample(range(len(facts)), limit))
-        chosen = [facts[i] for i in keep]
+    chosen = facts if subject is None else [f for f in facts if f.subject == subject]
+    if limit is not None and limit < len(chosen):
+        keep = sorted(random.Random(seed).sample(range(len(chosen)), limit))
+        chosen = [chosen[i] for i in keep]
     return cases_from_facts(facts, chosen, seed=seed)
 
 
