@@ -265,3 +265,16 @@ def test_second_moment_and_its_cache(tmp_path, monkeypatch):
     assert list((tmp_path / "edit" / "tiny-llama").glob("*-tokens.pt"))  # generations cached for other layers
     assert torch.equal(covariance(model, 2, hp), C)  # from the cache
     assert not torch.equal(covariance(model, 2, hp, texts=texts), C)
+
+
+def test_single_case_from_the_data_set():
+    from factscope.edit.cli import _single_case
+    from factscope.errors import FactscopeError
+
+    c = _single_case(None, str(SAMPLE), "Danielle Darrieux", "German", None, None, 0)
+    assert (c.prompt, c.target_true, c.target_new) == ("The mother tongue of {} is", "French", "German")
+    assert len(c.neighborhood) == 10 and len(c.paraphrase_prompts) == 2
+    with pytest.raises(FactscopeError, match="no fact about 'Nobody'"):
+        _single_case(None, str(SAMPLE), "Nobody", "German", None, None, 0)
+    with pytest.raises(FactscopeError, match="equals target_true"):
+        _single_case(None, str(SAMPLE), "Danielle Darrieux", "French", None, None, 0)
