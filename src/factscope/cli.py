@@ -182,6 +182,7 @@ main.add_lazy_command("predict", "factscope.commands:predict", "Print the next-t
 main.add_lazy_command("facts", "factscope.commands:facts", "Facts a model knows.")
 main.add_lazy_command("data", "factscope.facts:data_cli", "Fact data sets: list, show, fetch CounterFact.")
 main.add_lazy_command("demo", "factscope.commands:demo", "The main job: every analysis on the default model, one report.")
+main.add_lazy_command("edit", "factscope.edit.cli:edit", "Knowledge editing (ROME, FT-M): efficacy, paraphrase, neighbourhood; lens and circuits before/after.")
 
 # ============================================================================================
 

@@ -877,6 +877,45 @@ class Model:
     def to_str_tokens(self, ids) -> list[str]:
         return [self.tokenizer.decode([int(i)]) for i in ids]
 
+    # -- the MLP down projection (knowledge editing: ROME, FT-M) -------------------------------
+    def mlp_down_parameter(self, l: int) -> torch.nn.Parameter:
+        """The parameter holding layer l's MLP down projection (what an optimizer trains)."""
+        if not self.spec.mlp_down:
+            raise FactscopeError(f"the architecture table has no MLP down-projection path for family {self.spec.family!r}")
+        return self.module(l, self.spec.mlp_down).weight
+
+    def mlp_down(self, l: int) -> torch.Tensor:
+        """``[d_model, d_mlp]``: W with down-projection output ``W @ mlp_hidden (+ mlp_down_bias)``.
+        A view of the parameter (in-place writes edit the model); GPT-2's Conv1D stores it transposed."""
+        w = self.mlp_down_parameter(l)
+        return w.T if self.spec.conv1d else w
+
+    def mlp_down_bias(self, l: int) -> torch.Tensor | None:
+        return self.module(l, self.spec.mlp_down).bias
+
+    @contextlib.contextmanager
+    def mlp_down_output(self, l: int, fn: Callable[[torch.Tensor], torch.Tensor | None]):
+        """While active, ``fn(output)`` sees layer l's down-projection output ``[B, T, d_model]`` (before
+        any post-norm); a returned tensor replaces it."""
+        h = self.module(l, self.spec.mlp_down).register_forward_hook(lambda m, a, out: fn(out))
+        try:
+            yield
+        finally:
+            h.remove()
+
+    @contextlib.contextmanager
+    def restoring(self, *params: torch.Tensor):
+        """Put the given parameters (default: all) back bit for bit on exit, with their requires_grad."""
+        params = list(params) or list(self.hf.parameters())
+        saved = [(p, p.detach().clone(), p.requires_grad) for p in params]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, data, rg in saved:
+                    p.copy_(data)
+                    p.requires_grad_(rg)
+
 
 # --------------------------------------------------------------------------------------------
 # dtype and weight provenance
