@@ -15,6 +15,8 @@ from factscope.trace import core
 from factscope.trace.run import average_effects, trace_facts
 
 PROMPT = "The Eiffel Tower is in the city of"
+FACTS = [Fact("Eiffel Tower", "r", "r", "The {} is in the city of", PROMPT, " Paris", id="a"),
+         Fact("Danube", "r", "r", "The {} flows into the", "The Danube flows into the", " sea", id="b")]
 
 
 def _input(model, noise: float = 3.0, samples: int = 3, key: str = "k", seed: int = 0) -> core.TraceInput:
@@ -37,11 +39,12 @@ def test_window_and_classes():
 
 
 def test_zero_noise_gives_zero_effect(tiny):
-    inp = _input(tiny, noise=0.0, samples=2)
-    res = core.trace(tiny, inp, window=2, max_rows=4)
-    for r in res.values():
-        assert r.p_corrupt == pytest.approx(r.p_clean, abs=1e-6)
-        assert np.abs(np.asarray(r.effects)).max() < 1e-6
+    res = trace_facts(tiny, FACTS[:1], noise=0.0, samples=2, window=2, max_rows=4)["a"]
+    assert res["p_corrupt"] == pytest.approx(res["p_clean"], abs=1e-6)
+    for probs in res["probs"].values():
+        assert np.abs(np.asarray(probs) - res["p_corrupt"]).max() < 1e-6
+    noisy = trace_facts(tiny, FACTS[:1], noise=3.0, samples=2, window=2, max_rows=4)["a"]
+    assert abs(noisy["p_corrupt"] - noisy["p_clean"]) > 1e-4  # the same call with noise does corrupt
 
 
 def test_restoring_all_positions_gives_clean_probability(tiny):
@@ -83,8 +86,7 @@ def test_trace_facts_reproducible_and_order_free():
     from conftest import _load
 
     m = _load("tiny-llama")
-    facts = [Fact("Eiffel Tower", "r", "r", "The {} is in the city of", PROMPT, " Paris", id="a"),
-             Fact("Danube", "r", "r", "The {} flows into the", "The Danube flows into the", " sea", id="b")]
+    facts = FACTS
     kw = dict(kinds=["hidden"], samples=2, window=2, seed=7, std=0.5)
     r1 = trace_facts(m, facts, **kw)
     r2 = trace_facts(m, facts[::-1], **kw)
