@@ -66,24 +66,49 @@ def effects_table(records: Sequence[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def class_effects(records: Sequence[dict], kind: str, n_layers: int) -> list[np.ndarray]:
+    """Per position class, the indirect effects ``[n_tokens, n_layers]`` of every token of that class in
+    every fact (ROME's average_causal_effects notebook: ``add`` for the single-token classes, ``add_all``
+    for the middle subject and further tokens, so each such token counts once)."""
+    out: list[list[np.ndarray]] = [[] for _ in CLASSES]
+    for r in records:
+        s, e = r["subject_range"]
+        eff = np.asarray(r["probs"][kind]) - r["p_corrupt"]
+        for ci, toks in enumerate(position_classes(s, e, len(r["tokens"])).values()):
+            out[ci] += [eff[t] for t in toks]
+    return [np.stack(v) if v else np.full((0, n_layers), np.nan) for v in out]
+
+
 def average_effects(records: Sequence[dict], kinds: Sequence[str], n_layers: int) -> dict[str, np.ndarray]:
-    """Average indirect effect ``[6 classes, n_layers]`` per kind, as ROME's average_causal_effects
-    notebook: every token of a class in every fact counts once (``add_all`` for the middle subject and
-    further tokens)."""
-    out = {}
-    for kind in kinds:
-        sums = np.zeros((len(CLASSES), n_layers))
-        counts = np.zeros(len(CLASSES))
-        for r in records:
-            s, e = r["subject_range"]
-            eff = np.asarray(r["probs"][kind]) - r["p_corrupt"]
-            for ci, toks in enumerate(position_classes(s, e, len(r["tokens"])).values()):
-                for t in toks:
-                    sums[ci] += eff[t]
-                    counts[ci] += 1
-        with np.errstate(invalid="ignore"):
-            out[kind] = sums / counts[:, None]
-    return out
+    """Average indirect effect ``[6 classes, n_layers]`` per kind (see :func:`class_effects`)."""
+    with np.errstate(invalid="ignore"):
+        return {k: np.stack([c.mean(0) if len(c) else np.full(n_layers, np.nan) for c in class_effects(records, k, n_layers)])
+                for k in kinds}
+
+
+def _lines_figure(records: Sequence[dict], kinds: Sequence[str], n_layers: int, window: int, weights: str):
+    """ROME's line plot: average indirect effect per layer and position class, 95% intervals
+    (1.96 standard errors over the class's tokens)."""
+    from factscope.plotting import PALETTE, layer_axis, new_figure
+
+    fig, axes = new_figure(ncols=len(kinds), squeeze=False, sharey=True, width=4.6 * len(kinds), height=3.4)
+    x = np.arange(n_layers)
+    for j, (ax, kind) in enumerate(zip(axes[0], kinds)):
+        for ci, (cls, v) in enumerate(zip(CLASSES, class_effects(records, kind, n_layers))):
+            if not len(v):
+                continue
+            m = v.mean(0)
+            err = 1.96 * v.std(0, ddof=1) / np.sqrt(len(v)) if len(v) > 1 else np.zeros_like(m)
+            ax.fill_between(x, m - err, m + err, alpha=0.2, color=PALETTE[ci], linewidth=0)
+            ax.plot(x, m, color=PALETTE[ci], label=f"{cls} ({len(v)})")
+        layer_axis(ax, n_layers, "restored layer" if kind == "hidden" else f"centre of {window} restored layers")
+        ax.set_title(NAMES[kind], fontsize=10)
+        ax.axhline(0, color="#7f7f7f", linewidth=0.6)
+        if j == 0:
+            ax.set_ylabel("average indirect effect on P(answer)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"Average indirect effect per position class ({len(records)} facts; 95% intervals; {weights})", fontsize=10)
+    return fig
 
 
 def _fact_figure(rec: dict, kinds: Sequence[str], window: int, weights: str):
@@ -152,7 +177,8 @@ def run_trace(run, model: Model, facts: Sequence[Fact], kinds: Sequence[str] = K
         [{"kind": k, "position": c, "layer": l, "effect": float(a[ci, l])}
          for k, a in avg.items() for ci, c in enumerate(CLASSES) for l in range(a.shape[1])]))
     run.save_figure("trace_average", _average_figure(avg, len(records), window, weights))
-    figures = ["trace_average"]
+    run.save_figure("trace_lines", _lines_figure(records, kinds, model.n_layers, window, weights))
+    figures = ["trace_average", "trace_lines"]
     for i, rec in enumerate(records[:n_figures]):
         run.save_figure(f"trace_fact_{i}", _fact_figure(rec, kinds, window, weights))
         figures.append(f"trace_fact_{i}")
