@@ -177,6 +177,7 @@ main.add_lazy_command("flow", "factscope.flow.cli:flow", "Information flow and a
 main.add_lazy_command("hijack", "factscope.hijack.cli:hijack", "Context hijacking benchmark (Jiang et al. 2024, sec. 3).")
 main.add_lazy_command("lca", "factscope.lca.cli:lca", "Latent concept association: synthetic task and one-layer transformer (Jiang et al. 2024, sec. 4-6).")
 main.add_lazy_command("circuit", "factscope.circuits.cli:circuit", "Knowledge circuits: discover and evaluate edge-level circuits (Yao et al. 2024).")
+main.add_lazy_command("trace", "factscope.trace.cli:trace", "Causal tracing: corrupt the subject, restore states, average indirect effects (Meng et al. 2022).")
 main.add_lazy_command("models", "factscope.commands:models", "List and pull models.")
 main.add_lazy_command("predict", "factscope.commands:predict", "Print the next-token distribution after a prompt.")
 main.add_lazy_command("facts", "factscope.commands:facts", "Facts a model knows.")

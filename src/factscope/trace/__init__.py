@@ -1,0 +1,5 @@
+"""Causal tracing (Meng et al. 2022): which hidden states, MLPs and attention outputs carry a fact.
+
+``core``: the computation (``trace`` fast path, ``naive_trace`` reference); ``run``: the resumable
+per-fact loop, tables, figures, summary and report section; ``cli``: ``factscope trace``.
+"""
