@@ -137,28 +137,19 @@ def evaluate_cmd(common: Common, val_fraction, n_random, no_curve, compare_exact
 
 def _lens_options(f):
     options = [
-        click.option("--model", "model_name", default="gemma-3-270m", show_default=True,
-                     help="Model name, hub id, directory or .gguf file."),
-        click.option("--dataset", default="lre:factual/country_capital_city", show_default=True,
-                     help="Facts of one relation (lre:<category>/<relation>) or a fact file."),
-        click.option("--limit", type=click.IntRange(1), default=40, show_default=True,
-                     help="At most this many known facts (seeded sample)."),
         click.option("--known-top-k", type=click.IntRange(1, 1000), default=10, show_default=True,
                      help="A fact is known when its target's first token is in the model's top-k."),
-        click.option("--all-facts", is_flag=True, help="Keep facts the model does not know."),
         click.option("--bootstrap", "n_boot", type=click.IntRange(1), default=1000, show_default=True,
                      help="Bootstrap resamples for the intervals."),
         click.option("--emerge-top", type=click.IntRange(1), default=10, show_default=True,
                      help="The answer has emerged at the first layer from which it stays in the lens' top this many."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads."),
-        click.option("--device", default="cpu", show_default=True),
-        click.option("--out", type=click.Path(file_okay=False), required=True, help="Output run directory."),
-        click.option("--no-progress", is_flag=True, help="Hide progress bars."),
     ]
     for o in reversed(options):
         f = o(f)
-    return f
+    return analysis_options(
+        "circuit", without=("batch_size",), all_facts=True, dataset="lre:factual/country_capital_city", limit=40,
+        helps={"dataset": "Facts of one relation (lre:<category>/<relation>) or a fact file.",
+               "limit": "At most this many known facts (seeded sample)."})(f)
 
 
 def _role_options(f):
@@ -197,33 +188,25 @@ def _relation_answers(model, dataset: str) -> list[int]:
 
 @circuit.command("lens")
 @_lens_options
-def lens_cmd(n_boot, emerge_top, **kw):
+def lens_cmd(common: Common, n_boot, emerge_top, known_top_k):
     """Logit lens of the target per layer: rank and probability at the last token, minimum rank over the
     subject (the paper's Figure 5), per fact and aggregated."""
-    import torch
-
     from factscope.circuits.data import known_relation_facts
     from factscope.circuits.lens import run_lens
-    from factscope.models import load_model
-    from factscope.runs import Run
+    from factscope.facts import load_facts
 
-    if kw["threads"]:
-        torch.set_num_threads(kw["threads"])
-    model = load_model(kw["model_name"], device=kw["device"])
-    facts, table = known_relation_facts(model, kw["dataset"], limit=kw["limit"], seed=kw["seed"],
-                                        top_k=kw["known_top_k"], progress=not kw["no_progress"],
-                                        known_only=not kw["all_facts"])
+    load_facts(common.dataset)  # a bad --dataset is refused before the model loads
+    model = common.load_model()
+    facts, table = known_relation_facts(model, common.dataset, limit=common.limit, seed=common.seed,
+                                        top_k=known_top_k, progress=common.progress, known_only=common.known_only)
     if not facts:
-        raise FactscopeError(f"{model.name} knows none of the facts of {kw['dataset']} (top-{kw['known_top_k']}); "
+        raise FactscopeError(f"{model.name} knows none of the facts of {common.dataset} (top-{known_top_k}); "
                              f"use --all-facts or a larger --known-top-k")
-    config = {"command": "circuit lens", "analysis": "circuit", "model": kw["model_name"], "dataset": kw["dataset"],
-              "limit": kw["limit"], "known_top_k": kw["known_top_k"], "known_only": not kw["all_facts"],
-              "bootstrap": n_boot, "emerge_top": emerge_top, "seed": kw["seed"],
-              "runtime": {"threads": kw["threads"], "device": kw["device"]}}
-    run = Run.create(kw["out"], config)
+    run = common.create_run(model, command="circuit lens", known_top_k=known_top_k, bootstrap=n_boot,
+                            emerge_top=emerge_top)
     run.save_table("known_facts", table)
-    res = run_lens(run, model, facts, kw["dataset"], n_boot=n_boot, seed=kw["seed"], top=emerge_top,
-                   progress=not kw["no_progress"])
+    res = run_lens(run, model, facts, common.dataset, n_boot=n_boot, seed=common.seed, top=emerge_top,
+                   progress=common.progress)
     run.write_report(title=f"Logit lens: {model.name}")
     s = run.summary["lens"]
     click.echo(f"{len(res)} facts; output median rank {s['median_rank_output']:.0f}, median rank in the top "
@@ -235,19 +218,18 @@ def lens_cmd(n_boot, emerge_top, **kw):
 @_role_options
 @click.option("--graph", "graph_path", type=click.Path(dir_okay=False), default=None,
               help="A circuit graph JSON (graph.json of `circuit discover`); default: discover one on the facts.")
-def roles_cmd(graph_path, **kw):
+def roles_cmd(common: Common, graph_path, **kw):
     """Roles of a circuit's nodes: vocabulary projections, attention to subject/relation, mover /
     relation / mixture heads and MLPs that raise the target."""
     from factscope.circuits import Graph
     from factscope.circuits.data import build
     from factscope.circuits.roles import run_roles
     from factscope.circuits.run import run_discover
-    from factscope.runs import Run
 
     rules = _rules(kw)
-    opts, model, facts, table = _prepare(kw, {})
+    opts, model, facts, table = _prepare(common, kw, {}, need=1)
     if not facts:
-        raise FactscopeError(f"{model.name} knows none of the facts of {kw['dataset']}")
+        raise FactscopeError(f"{model.name} knows none of the facts of {common.dataset}")
     g = None
     if graph_path:
         g = Graph.from_json(graph_path)
@@ -257,50 +239,46 @@ def roles_cmd(graph_path, **kw):
         if not g.in_graph.any():
             raise FactscopeError(f"{graph_path} has no edges in its circuit")
     elif len(facts) < 2:
-        raise FactscopeError(f"{model.name} knows {len(facts)} facts of {kw['dataset']}; need at least 2")
-    answers = _relation_answers(model, kw["dataset"])
-    config = _config(kw, opts, "roles")
-    config.update({"graph": graph_path, "rules": {"attn": rules.attn, "top_k": rules.top_k,
-                                                  "relation_hits": rules.relation_hits,
-                                                  "mlp_gain_bits": rules.mlp_gain_bits}})
-    run = Run.create(kw["out"], config, resume=kw["resume"])
+        raise FactscopeError(f"{model.name} knows {len(facts)} facts of {common.dataset}; need at least 2")
+    answers = _relation_answers(model, common.dataset)
+    run = _create_run(common, model, kw, opts, "roles", graph=graph_path,
+                      rules={"attn": rules.attn, "top_k": rules.top_k, "relation_hits": rules.relation_hits,
+                             "mlp_gain_bits": rules.mlp_gain_bits})
     run.save_table("known_facts", table)
     if g is None:
-        g = run_discover(run, model, build(model, facts, seed=kw["seed"]), opts, kw["dataset"],
-                         progress=not kw["no_progress"])
-    t = run_roles(run, model, facts, g, kw["dataset"], answers, rules, progress=not kw["no_progress"])
+        g = run_discover(run, model, build(model, facts, seed=common.seed), opts, common.dataset,
+                         progress=common.progress)
+    t = run_roles(run, model, facts, g, common.dataset, answers, rules, progress=common.progress)
     run.write_report(title=f"Circuit node roles: {model.name}")
     counts = t["role"].value_counts().to_dict()
     click.echo(f"{len(t)} nodes on {len(facts)} facts; roles: "
                f"{', '.join(f'{k} {v}' for k, v in counts.items() if k) or 'none'}; wrote {run.dir}")
 
 
-def _all_facts(kw: dict):
+def _all_facts(common: Common, kw: dict):
     """Options, model and every fact of the relation (a seeded sample of --limit) with the known table."""
-    return _prepare({**kw, "all_facts": True}, {})
+    common.all_facts = True
+    return _prepare(common, kw, {}, need=1)
 
 
 @circuit.command("hallucination")
 @_common
 @_role_options
 @click.option("--no-circuits", is_flag=True, help="Skip circuit discovery (lens and node projections only).")
-def hallucination_cmd(no_circuits, **kw):
+def hallucination_cmd(common: Common, no_circuits, **kw):
     """Facts the model gets wrong vs right: where the (wrong) answer emerges in the logit lens, the first
     node that promotes it, and the circuits of both groups."""
     from factscope.circuits.cases import run_hallucination
-    from factscope.runs import Run
 
     rules = _rules(kw)
-    opts, model, facts, table = _all_facts(kw)
-    answers = _relation_answers(model, kw["dataset"])
+    opts, model, facts, table = _all_facts(common, kw)
+    answers = _relation_answers(model, common.dataset)
     if len(answers) < 2:
-        raise FactscopeError(f"{kw['dataset']} has {len(answers)} distinct answer token(s); a wrong answer needs 2")
-    config = _config(kw, opts, "hallucination")
-    config["circuits"] = not no_circuits
-    run = Run.create(kw["out"], config, resume=kw["resume"])
+        raise FactscopeError(f"{common.dataset} has {len(answers)} distinct answer token(s); a wrong answer needs 2")
+    run = _create_run(common, model, kw, opts, "hallucination", circuits=not no_circuits)
     run.save_table("known_facts", table)
-    h = run_hallucination(run, model, facts, answers, kw["dataset"], None if no_circuits else opts, rules,
-                          progress=not kw["no_progress"])
+    h = run_hallucination(run, model, facts, answers, common.dataset, None if no_circuits else opts, rules,
+                          progress=common.progress)
     run.write_report(title=f"Hallucination: {model.name}")
     s = run.summary["hallucination"]
     click.echo(f"{s['n_right']} right, {s['n_wrong']} wrong; the answer emerges at layer "
@@ -312,26 +290,25 @@ def hallucination_cmd(no_circuits, **kw):
 @click.option("--shots", type=click.IntRange(1, 32), default=3, show_default=True,
               help="Demonstrations of the same relation before each query.")
 @click.option("--no-circuits", is_flag=True, help="Skip circuit discovery.")
-def icl_cmd(shots, no_circuits, **kw):
-    """Facts the model does not know (target not in its top --known-top-k) with k demonstrations of the
-    relation: does the answer become known, which nodes and edges appear, where the new heads look."""
+def icl_cmd(common: Common, shots, no_circuits, **kw):
+    """Facts the model does not know, with k demonstrations of the relation: does the answer become
+    known, which nodes and edges appear, where the new heads look.
+
+    Not known: the target is not in the model's top --known-top-k."""
     from factscope.circuits.cases import run_icl
     from factscope.facts import load_facts
-    from factscope.runs import Run
 
-    opts, model, facts, table = _all_facts(kw)
+    opts, model, facts, table = _all_facts(common, kw)
     known = set(table.loc[table["known"].astype(bool), "prompt"]) if "prompt" in table else set()
     unknown = [f for f in facts if f.prompt not in known]
     if len(unknown) < 2:
-        raise FactscopeError(f"{model.name} knows all but {len(unknown)} of the facts of {kw['dataset']} "
+        raise FactscopeError(f"{model.name} knows all but {len(unknown)} of the facts of {common.dataset} "
                              f"(top-{kw['known_top_k']}); use a smaller --known-top-k (e.g. 1)")
-    pool = load_facts(kw["dataset"])
-    config = _config(kw, opts, "icl")
-    config.update({"shots": shots, "circuits": not no_circuits})
-    run = Run.create(kw["out"], config, resume=kw["resume"])
+    pool = load_facts(common.dataset)
+    run = _create_run(common, model, kw, opts, "icl", shots=shots, circuits=not no_circuits)
     run.save_table("known_facts", table)
-    res = run_icl(run, model, unknown, pool, shots, kw["dataset"], None if no_circuits else opts, seed=kw["seed"],
-                  progress=not kw["no_progress"])
+    res = run_icl(run, model, unknown, pool, shots, common.dataset, None if no_circuits else opts, seed=common.seed,
+                  progress=common.progress)
     run.write_report(title=f"In-context learning: {model.name}")
     s = run.summary["icl"]
     click.echo(f"{len(res.facts)} unknown facts, {shots} shots: Hit@1 {s['hit1_without']:.2f} -> {s['hit1_with']:.2f}, "
