@@ -446,7 +446,7 @@ def _load_csv(path: Path) -> list[Fact]:
     return facts
 
 
-def _lre_relations() -> list[tuple[str, Any]]:
+def lre_relations() -> list[tuple[str, Any]]:
     """(relation id "category/relation", resource) for every shipped LRE file, sorted."""
     root = _data_root() / "lre"
     out = []
@@ -460,7 +460,7 @@ def _lre_relations() -> list[tuple[str, Any]]:
 
 
 def _load_lre(selector: str) -> list[Fact]:
-    rels = _lre_relations()
+    rels = lre_relations()
     if selector:
         chosen = [(rid, f) for rid, f in rels if rid == selector or rid.split("/")[0] == selector]
         if not chosen:
@@ -493,7 +493,7 @@ def _load_lre_dir(path: Path) -> list[Fact]:
 
 def dataset_names() -> list[str]:
     """Every built-in dataset name: known_1000, counterfact, lre, lre:<category>, lre:<relation>."""
-    rels = [rid for rid, _ in _lre_relations()]
+    rels = [rid for rid, _ in lre_relations()]
     cats = sorted({r.split("/")[0] for r in rels})
     return ["known_1000", "counterfact", "lre"] + [f"lre:{c}" for c in cats] + [f"lre:{r}" for r in rels]
 

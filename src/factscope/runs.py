@@ -623,6 +623,8 @@ class Run:
         text: str = "",
         figures: Iterable[str | Mapping[str, str]] = (),
         tables: Iterable[str | Mapping[str, str]] = (),
+        findings: Iterable[str] = (),
+        claims: Iterable[Any] = (),
     ) -> None:
         """Add (or replace, keeping its place) the report section ``key``.
 
@@ -630,13 +632,19 @@ class Run:
         a list, ``**bold**`` and ```code``` are rendered; everything else is escaped.
         ``figures``/``tables`` are names of this run's figures/tables (``"knockout"`` or
         ``"knockout.png"``), or dicts ``{"name": ..., "caption": ...}``.
+        ``findings``: a few plain sentences computed from the results (the report's first screen);
+        ``claims``: :class:`factscope.findings.Claim` objects or their dicts (the claims table).
         """
+        from factscope.findings import Claim
+
         section = {
             "key": str(key),
             "title": str(title),
             "text": str(text or ""),
             "figures": [_item(f, ".png", "figure") for f in figures],
             "tables": [_item(t, ".csv", "table") for t in tables],
+            "findings": [str(f) for f in findings],
+            "claims": [Claim.from_dict(c).to_dict() for c in claims],
         }
         sections = self.sections
         for i, s in enumerate(sections):

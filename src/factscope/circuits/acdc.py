@@ -139,7 +139,7 @@ def many_runner(model, batch, metric, ablation: str = "zero", corrupted=None, re
 
     from factscope import hooks
     from factscope.circuits import Graph
-    from factscope.circuits.attribute import _truncate, _unembed_metric
+    from factscope.circuits.attribute import truncate_batch, unembed_metric
     from factscope.circuits.patching import ablated_outputs, masked, node_outputs
 
     g = Graph.from_model(model)
@@ -153,7 +153,7 @@ def many_runner(model, batch, metric, ablation: str = "zero", corrupted=None, re
         model.forward(batch, positions=metric.positions)
     # the forwards run only the columns up to the last one the metric reads
     t_end = int(metric.positions.max()) + 1
-    short = _truncate(batch, t_end)
+    short = truncate_batch(batch, t_end)
     pos = metric.positions.to(model.device)
     x_fin = fc["logits_in", L - 1]
     xp = x_fin.gather(1, pos.unsqueeze(-1).expand(-1, -1, x_fin.shape[-1]))  # [B, P, d]
@@ -163,7 +163,7 @@ def many_runner(model, batch, metric, ablation: str = "zero", corrupted=None, re
         k = inv.shape[0]
         x = xp.unsqueeze(1) + torch.einsum("bpud,ku->bkpd", dp, inv.to(dp.dtype))
         rows = torch.arange(B, device=model.device).repeat_interleave(k)
-        return _unembed_metric(model, metric, model.final_norm(x.reshape(B * k, *xp.shape[1:])), rows).view(B, k).mean(0)
+        return unembed_metric(model, metric, model.final_norm(x.reshape(B * k, *xp.shape[1:])), rows).view(B, k).mean(0)
 
     def run(masks: torch.Tensor) -> torch.Tensor:
         masks = masks.to(model.device)
@@ -190,7 +190,7 @@ def many_runner(model, batch, metric, ablation: str = "zero", corrupted=None, re
                 if start > 0:
                     st.enter_context(hooks.start_at(model, start, r(rc["resid_pre", start])))
                 h = model.final_hidden(rep, metric.positions.repeat_interleave(k, 0))
-                outs.append(_unembed_metric(model, metric, h, rows).view(B, k).mean(0))
+                outs.append(unembed_metric(model, metric, h, rows).view(B, k).mean(0))
         return torch.cat(outs)
 
     return run

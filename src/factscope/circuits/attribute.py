@@ -172,7 +172,7 @@ def _eap_ig_act(model, graph, clean, metric, delta, clean_out, steps: int, score
     scores /= B * steps
 
 
-def _unembed_metric(model, metric, h: torch.Tensor, rows: torch.Tensor, max_logit_rows: int = 64) -> torch.Tensor:
+def unembed_metric(model, metric, h: torch.Tensor, rows: torch.Tensor, max_logit_rows: int = 64) -> torch.Tensor:
     """metric values of final-normed hidden states ``h [N, P, d]``: with ``metric.vocab`` only the
     vocabulary rows the metric reads are unembedded; otherwise the whole vocabulary (262k wide on
     Gemma), at most ``max_logit_rows`` rows of ``h`` at a time."""
@@ -184,7 +184,7 @@ def _unembed_metric(model, metric, h: torch.Tensor, rows: torch.Tensor, max_logi
     return torch.cat(out)
 
 
-def _truncate(batch, t: int):
+def truncate_batch(batch, t: int):
     """The first ``t`` columns of a left-padded batch (causal attention: the outputs at those
     columns do not depend on the columns cut)."""
     from factscope.models import Batch
@@ -206,21 +206,21 @@ def _exact(model, graph, clean, metric, delta, scores, max_rows: int) -> None:
     # the copies only run the columns up to the last one the metric reads (a logit difference reads
     # the first answer position: the rest of the teacher-forced answer is cut)
     t_end = int(metric.positions.max()) + 1
-    clean = _truncate(clean, t_end)
+    clean = truncate_batch(clean, t_end)
     delta = delta[:, :t_end]
     # edges into logits: final norm + unembedding of the clean final stream plus each delta
     pos = metric.positions.to(model.device)
     x_fin = cl["logits_in", L - 1]
     xp = x_fin.gather(1, pos.unsqueeze(-1).expand(-1, -1, x_fin.shape[-1]))  # [B, P, d]
     with torch.no_grad():  # the clean value, computed as the copies' are
-        base_mean = _unembed_metric(model, metric, model.final_norm(xp), rows_all.to(model.device)).mean()
+        base_mean = unembed_metric(model, metric, model.final_norm(xp), rows_all.to(model.device)).mean()
     dp = delta.gather(1, pos[:, :, None, None].expand(-1, -1, delta.shape[2], delta.shape[3]))  # [B, P, n_up, d]
     per = max(1, max_rows // B)
     for us in _chunks(graph.n_up, per):
         k = len(us)
         x = (xp.unsqueeze(1) + dp[:, :, us].permute(0, 2, 1, 3)).reshape(B * k, *xp.shape[1:])
         with torch.no_grad():
-            vals = _unembed_metric(model, metric, model.final_norm(x), rows_all.repeat_interleave(k).to(model.device))
+            vals = unembed_metric(model, metric, model.final_norm(x), rows_all.repeat_interleave(k).to(model.device))
         scores[us, -1] = (vals.view(B, k).mean(0) - base_mean).to(scores.dtype)
     # edges into each layer's receivers: copies from that layer on
     for l in range(L):
@@ -263,7 +263,7 @@ def _exact(model, graph, clean, metric, delta, scores, max_rows: int) -> None:
                 if bool((slot == m).any()):
                     st.enter_context(hooks.edit(model, "mlp_in", l, lambda x, l_, m=m: add(x, "m", m, m + 1, l_)))
                 h = model.final_hidden(rep, metric.positions.repeat_interleave(k, 0))
-                vals = _unembed_metric(model, metric, h, rows_all.repeat_interleave(k).to(model.device))
+                vals = unembed_metric(model, metric, h, rows_all.repeat_interleave(k).to(model.device))
             scores[e[:, 0], c0 + e[:, 1]] = (vals.view(B, k).mean(0) - base_mean).to(scores.dtype)
 
 

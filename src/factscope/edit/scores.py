@@ -51,7 +51,9 @@ class EditCase:
         return asdict(self)
 
 
-def _check_case(c: EditCase) -> EditCase:
+def check_case(c: EditCase) -> EditCase:
+    """``c`` itself, or a FactscopeError naming the case: a prompt without '{}', an empty field, or a new
+    target equal to the true one."""
     if "{}" not in c.prompt:
         raise FactscopeError(f"case {c.case_id}: prompt {c.prompt!r} has no '{{}}' for the subject")
     for name in ("subject", "target_true", "target_new"):
@@ -69,7 +71,7 @@ def _counterfact_cases(records, where: str) -> list[EditCase]:
             rw = r["requested_rewrite"]
             cid = str(r.get("case_id", i))
             true = rw["target_true"]["str"]
-            out.append(_check_case(EditCase(
+            out.append(check_case(EditCase(
                 case_id=f"counterfact:{cid}", subject=rw["subject"], prompt=rw["prompt"], target_true=true,
                 target_new=rw["target_new"]["str"], paraphrase_prompts=tuple(r.get("paraphrase_prompts") or ()),
                 neighborhood=tuple((p, true) for p in r.get("neighborhood_prompts") or ()),
@@ -83,10 +85,10 @@ def _counterfact_cases(records, where: str) -> list[EditCase]:
 
 def _lre_templates() -> dict[str, list[str]]:
     """relation id -> every prompt template of that LRE relation (prompt_templates, then the zero-shot ones)."""
-    from factscope.facts import _lre_relations
+    from factscope.facts import lre_relations
 
     out = {}
-    for rid, f in _lre_relations():
+    for rid, f in lre_relations():
         d = json.loads(Path(f).read_text(encoding="utf-8"))
         ts = [t for t in list(d.get("prompt_templates") or []) + list(d.get("prompt_templates_zs") or []) if "{}" in t]
         out[rid] = list(dict.fromkeys(ts))
@@ -112,7 +114,7 @@ def cases_from_facts(facts: list[Fact], chosen: list[Fact], seed: int = 0) -> li
         rng.shuffle(rest)
         neigh = tuple((g.prompt, g.target_true) for g in (same + rest)[:N_NEIGHBOURS])
         par = tuple(t.replace("{}", f.subject, 1) for t in templates.get(f.relation_id, []) if t != f.template)
-        out.append(_check_case(EditCase(case_id=f.id or f"{f.relation_id}:{f.subject}", subject=f.subject,
+        out.append(check_case(EditCase(case_id=f.id or f"{f.relation_id}:{f.subject}", subject=f.subject,
                                         prompt=f.template, target_true=f.target_true, target_new=f.target_false,
                                         paraphrase_prompts=par, neighborhood=neigh, relation_id=f.relation_id)))
     return out
