@@ -6,6 +6,7 @@ import copy
 import functools
 import json
 import math
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,8 @@ from factscope.edit.run import circuit_change, edit_case, lens_curves
 from factscope.edit.scores import EditCase, answer_nll, load_cases, score_case
 from factscope.facts import subject_span, target_ids
 
-SAMPLE = Path(__file__).resolve().parents[1] / ".." / ".." / "shared" / "data" / "counterfact_sample.json"
-if not SAMPLE.exists():
-    SAMPLE = Path("/work/shared/data/counterfact_sample.json")
+# the CounterFact sample the package ships (a copy of ../shared/data/counterfact_sample.json)
+SAMPLE = Path(str(resources.files("factscope.hijack") / "counterfact_sample.json"))
 
 SMALL = dict(mom2_texts=24, mom2_text_length=12, context_template_length_params=((4, 3),), v_num_grad_steps=6)
 

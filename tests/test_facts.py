@@ -92,7 +92,7 @@ class NoOffsets:
 
 
 def test_every_shipped_lre_file_loads_with_expected_counts():
-    rels = F._lre_relations()
+    rels = F.lre_relations()
     assert len(rels) == 47
     total = 0
     for cat, (n_files, n_facts) in LRE_COUNTS.items():

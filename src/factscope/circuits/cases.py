@@ -522,7 +522,7 @@ def run_icl(run, model, facts: Sequence[Fact], pool: Sequence[Fact], k: int, dat
     import pandas as pd
 
     run.save_table("icl_lens_by_layer", pd.concat([res.lens0.by_layer().assign(demonstrations=0),
-                                                   res.lens1.by_layer().assign(demonstrations=k)]))
+                                                   res.lens1.by_layer().assign(demonstrations=k)], ignore_index=True))
     if res.new_heads is not None:
         run.save_table("icl_new_heads", res.new_heads)
     for name, g in res.circuits.items():

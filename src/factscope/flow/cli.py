@@ -49,7 +49,6 @@ def _setup(common: Common, extra: dict):
     run = common.create_run(model, **extra)
     facts = facts_for_run(run, model, common.dataset, common.limit, seed=common.seed, progress=common.progress,
                           known_only=common.known_only, all_facts=all_facts)
-    run.update_summary({"model": model.name, "dataset": common.dataset})
     return run, model, facts
 
 

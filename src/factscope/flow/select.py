@@ -73,5 +73,6 @@ def facts_for_run(
         ),
     )
     run.save_table("known_filter", table)
-    run.update_summary({"n_checked": len(table), "n_known_checked": int(table["known"].fillna(False).sum()) if len(table) else 0})
+    n_known = int(table["known"].fillna(False).sum()) if len(table) else 0
+    run.update_summary({"data": {"n_checked": len(table), "n_known": n_known}})
     return chosen
