@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -17,7 +18,7 @@ from factscope.edit.ftm import FTM, FTMHParams
 from factscope.edit.rome import Rome, RomeHParams, compute_key, rank_one_update
 from factscope.edit.run import circuit_change, edit_case, lens_curves
 from factscope.edit.scores import EditCase, answer_nll, load_cases, score_case
-from factscope.facts import subject_span, target_ids
+from factscope.facts import load_facts, subject_span, target_ids
 
 # the CounterFact sample the package ships (a copy of ../shared/data/counterfact_sample.json)
 SAMPLE = Path(str(resources.files("factscope.hijack") / "counterfact_sample.json"))
@@ -178,6 +179,14 @@ def test_scores_equal_a_direct_computation():
     neigh = [(_direct_nll(model, p, case.target_new), _direct_nll(model, p, a)) for p, a in case.neighborhood]
     assert [x for pair in s.neighborhood for x in pair] == pytest.approx([x for pair in neigh for x in pair], abs=1e-8)
     assert s.neighborhood_score == pytest.approx(sum(t < n for n, t in neigh) / len(neigh))
+    # same-subject facts: scored after the neighbours, against their own answers
+    case = dataclasses.replace(case, subject_facts=(("{} was born in".format(case.subject), "Paris"),
+                                                    ("The profession of {} is".format(case.subject), "painter")))
+    s = score_case(model, case)
+    own = [(_direct_nll(model, p, case.target_new), _direct_nll(model, p, a)) for p, a in case.subject_facts]
+    assert [x for pair in s.same_subject for x in pair] == pytest.approx([x for pair in own for x in pair], abs=1e-8)
+    assert [x for pair in s.neighborhood for x in pair] == pytest.approx([x for pair in neigh for x in pair], abs=1e-8)
+    assert s.same_subject_score == pytest.approx(sum(t < n for n, t in own) / len(own))
     row = s.row("post_")
     assert row["post_p_new"] == pytest.approx(math.exp(-direct[0]))
 
@@ -193,6 +202,14 @@ def test_cases_from_a_fact_set():
         assert all(c.subject not in p and a.lower() != c.target_new.lower() for p, a in c.neighborhood)
         # CounterFact-style: neighbours sharing the true object come first
         assert c.neighborhood[0][1] == c.target_true
+    # same subject, other relations: countries have capitals, currencies, languages, ...
+    cases = load_cases("lre:factual/country_capital_city", limit=5, seed=0)
+    for c in cases:
+        expected = {(f.prompt, f.target_true) for f in load_facts("lre") if f.subject == c.subject
+                    and f.relation_id != c.relation_id and f.target_true.lower() != c.target_new.lower()}
+        assert expected and set(c.subject_facts) <= expected
+        assert len(c.subject_facts) == min(10, len(expected))
+        assert all(c.subject in p for p, _ in c.subject_facts)
     cf = load_cases(str(SAMPLE))
     raw = json.loads(SAMPLE.read_text())
     assert [c.target_new for c in cf] == [r["requested_rewrite"]["target_new"]["str"] for r in raw]

@@ -23,7 +23,7 @@ def _single_case(model, dataset: str, subject: str, target_new: str, prompt: str
             raise FactscopeError(f"no fact about {subject!r} in {dataset}; give --prompt with '{{}}' where the subject goes")
         c = found[0]
         return check_case(EditCase(c.case_id, subject, c.prompt, target_true or c.target_true, target_new,
-                                    c.paraphrase_prompts, c.neighborhood, c.relation_id))
+                                    c.paraphrase_prompts, c.neighborhood, c.relation_id, c.subject_facts))
     if "{}" not in prompt:
         if subject not in prompt:
             raise FactscopeError(f"--prompt must contain '{{}}' or the subject {subject!r}")
@@ -83,5 +83,5 @@ def edit(common: Common, **kw):
     pct = lambda x: "n/a" if x is None else f"{100 * x:.0f}%"  # noqa: E731
     click.echo(f"{s.n} edits at layer {editor.layer}: efficacy {pct(s.efficacy)}, paraphrase {pct(s.paraphrase)}, "
                f"neighbourhood {pct(s.neighborhood)} (before: {pct(s.pre_efficacy)}, {pct(s.pre_paraphrase)}, "
-               f"{pct(s.pre_neighborhood)})")
+               f"{pct(s.pre_neighborhood)}); same subject {pct(s.same_subject)} (before: {pct(s.pre_same_subject)})")
     click.echo(str(run.dir))

@@ -129,23 +129,27 @@ class EditSummary:
     efficacy: float
     paraphrase: float | None
     neighborhood: float | None
+    same_subject: float | None
     pre_efficacy: float
     pre_paraphrase: float | None
     pre_neighborhood: float | None
+    pre_same_subject: float | None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
 
 def _mean(xs) -> float | None:
+    """Mean of the known values (records from before a score existed lack it: left out)."""
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return sum(xs) / len(xs) if xs else None
 
 
 def summarize(records: list[dict]) -> EditSummary:
-    m = lambda k: _mean(r[k] for r in records)  # noqa: E731
+    m = lambda k: _mean(r.get(k) for r in records)  # noqa: E731
     return EditSummary(len(records), m("post_efficacy"), m("post_paraphrase"), m("post_neighborhood"),
-                       m("pre_efficacy"), m("pre_paraphrase"), m("pre_neighborhood"))
+                       m("post_same_subject"), m("pre_efficacy"), m("pre_paraphrase"), m("pre_neighborhood"),
+                       m("pre_same_subject"))
 
 
 def lens_figure(records: list[dict], n_layers: int, method: str, layer: int, model_name: str):
@@ -230,7 +234,9 @@ def run_edit(run, model, editor, cases: list[EditCase], circuit_cases: int = 3, 
             f"- efficacy (new answer beats the true one on the rewrite prompt): {f(s.efficacy)} after the edit "
             f"({f(s.pre_efficacy)} before)\n"
             f"- paraphrase (the same on other phrasings): {f(s.paraphrase)} ({f(s.pre_paraphrase)} before)\n"
-            f"- neighbourhood (other subjects keep their answer): {f(s.neighborhood)} ({f(s.pre_neighborhood)} before)\n\n"
+            f"- neighbourhood (other subjects keep their answer): {f(s.neighborhood)} ({f(s.pre_neighborhood)} before)\n"
+            f"- same subject (the subject's facts in other relations keep their answer): {f(s.same_subject)} "
+            f"({f(s.pre_same_subject)} before; CounterFact records have none)\n\n"
             f"Logit lens: the edit's gain in the new answer's probability reaches half its final size at layer "
             f"{summary['edit']['lens_rise_layer']['subject']} at the subject's last token and at layer "
             f"{summary['edit']['lens_rise_layer']['last']} at the last position.")

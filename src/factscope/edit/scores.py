@@ -8,13 +8,17 @@ object). Other fact sets (LRE, known_1000, fact files) become cases as follows: 
 is the fact's prompt, ``target_new`` its ``target_false`` (sampled from the relation's other
 objects, seeded), paraphrases are the relation's other LRE templates, and neighbours are up to 10
 other facts of the relation (those sharing the true object first, like CounterFact), each scored
-against its own true object.
+against its own true object; and ``subject_facts`` are up to 10 facts about the same subject in the
+other relations of the set and of the shipped LRE (an edit of "The Eiffel Tower is in" should not change what the model says
+about the tower's architect), each scored against its own true object like a neighbour.
 
 Scores as in ROME's ``experiments/py/eval_utils_counterfact.py`` (``test_batch_prediction``) and
 ``experiments/summarize.py``: for each prompt the mean per-token negative log-probability of
 ``" " + target_new`` and of the true answer, teacher-forced; efficacy = NLL(new) < NLL(true) on
 the rewrite prompt, paraphrase = the same averaged over the paraphrase prompts, neighbourhood =
-NLL(own true answer) < NLL(new) averaged over the neighbourhood prompts.
+NLL(own true answer) < NLL(new) averaged over the neighbourhood prompts; same-subject (not in
+ROME: the Knowledge Circuits paper's side effects on other facts of the subject) = the same over
+``subject_facts``.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class EditCase:
     paraphrase_prompts: tuple[str, ...] = ()
     neighborhood: tuple[tuple[str, str], ...] = ()  # (prompt, the answer it should keep)
     relation_id: str = ""
+    subject_facts: tuple[tuple[str, str], ...] = ()  # other relations' facts of the subject: (prompt, answer)
 
     @property
     def rewrite_prompt(self) -> str:
@@ -95,12 +100,17 @@ def _lre_templates() -> dict[str, list[str]]:
     return out
 
 
-def cases_from_facts(facts: list[Fact], chosen: list[Fact], seed: int = 0) -> list[EditCase]:
-    """CounterFact-style cases for ``chosen`` (neighbours drawn from ``facts``); see the module docstring."""
+def cases_from_facts(facts: list[Fact], chosen: list[Fact], seed: int = 0,
+                     subject_pool: list[Fact] | None = None) -> list[EditCase]:
+    """CounterFact-style cases for ``chosen`` (neighbours drawn from ``facts``, same-subject facts from
+    ``facts`` and ``subject_pool``); see the module docstring."""
     templates = _lre_templates()
     by_rel: dict[str, list[Fact]] = {}
+    by_subject: dict[str, list[Fact]] = {}
     for f in facts:
         by_rel.setdefault(f.relation_id, []).append(f)
+    for f in {(g.relation_id, g.prompt): g for g in [*(subject_pool or []), *facts]}.values():
+        by_subject.setdefault(f.subject, []).append(f)
     out = []
     for f in chosen:
         if not f.target_false:
@@ -114,9 +124,13 @@ def cases_from_facts(facts: list[Fact], chosen: list[Fact], seed: int = 0) -> li
         rng.shuffle(rest)
         neigh = tuple((g.prompt, g.target_true) for g in (same + rest)[:N_NEIGHBOURS])
         par = tuple(t.replace("{}", f.subject, 1) for t in templates.get(f.relation_id, []) if t != f.template)
+        own = [g for g in by_subject.get(f.subject, []) if g.relation_id != f.relation_id
+               and g.target_true.strip().lower() != f.target_false.strip().lower()]
+        rng.shuffle(own)
         out.append(check_case(EditCase(case_id=f.id or f"{f.relation_id}:{f.subject}", subject=f.subject,
                                         prompt=f.template, target_true=f.target_true, target_new=f.target_false,
-                                        paraphrase_prompts=par, neighborhood=neigh, relation_id=f.relation_id)))
+                                        paraphrase_prompts=par, neighborhood=neigh, relation_id=f.relation_id,
+                                        subject_facts=tuple((g.prompt, g.target_true) for g in own[:N_NEIGHBOURS]))))
     return out
 
 
@@ -144,7 +158,8 @@ def load_cases(dataset: str, limit: int | None = None, seed: int = 0, subject: s
     if limit is not None and limit < len(chosen):
         keep = sorted(random.Random(seed).sample(range(len(chosen)), limit))
         chosen = [chosen[i] for i in keep]
-    return cases_from_facts(facts, chosen, seed=seed)
+    # the subject's facts in other relations come from the whole shipped LRE too
+    return cases_from_facts(facts, chosen, seed=seed, subject_pool=load_facts("lre"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,6 +196,11 @@ def answer_nll(model, pairs: list[tuple[str, str]], batch_size: int = 32) -> lis
     return out
 
 
+def _kept(pairs: list[tuple[float, float]]) -> float | None:
+    """Share of (NLL new, NLL own answer) pairs where the own answer is still the likelier."""
+    return sum(t < n for n, t in pairs) / len(pairs) if pairs else None
+
+
 @dataclass
 class CaseScores:
     """Per-prompt NLLs of a case; ``efficacy`` etc. are ROME's success rates for this case."""
@@ -188,6 +208,7 @@ class CaseScores:
     rewrite: tuple[float, float]  # (NLL new, NLL true) on the rewrite prompt
     paraphrase: list[tuple[float, float]] = field(default_factory=list)
     neighborhood: list[tuple[float, float]] = field(default_factory=list)  # (NLL new, NLL own true)
+    same_subject: list[tuple[float, float]] = field(default_factory=list)  # (NLL new, NLL own true)
 
     @property
     def efficacy(self) -> float:
@@ -199,25 +220,29 @@ class CaseScores:
 
     @property
     def neighborhood_score(self) -> float | None:
-        return sum(t < n for n, t in self.neighborhood) / len(self.neighborhood) if self.neighborhood else None
+        return _kept(self.neighborhood)
+
+    @property
+    def same_subject_score(self) -> float | None:
+        return _kept(self.same_subject)
 
     def row(self, prefix: str) -> dict:
         import math
 
         new, true = self.rewrite
         return {f"{prefix}efficacy": self.efficacy, f"{prefix}paraphrase": self.paraphrase_score,
-                f"{prefix}neighborhood": self.neighborhood_score,
+                f"{prefix}neighborhood": self.neighborhood_score, f"{prefix}same_subject": self.same_subject_score,
                 f"{prefix}p_new": math.exp(-new), f"{prefix}p_true": math.exp(-true)}
 
 
 def score_case(model, case: EditCase) -> CaseScores:
-    """NLL of the new and the true answer on the rewrite, paraphrase and neighbourhood prompts."""
+    """NLL of the new and the true answer on the rewrite, paraphrase, neighbourhood and same-subject prompts."""
     pairs = [(case.rewrite_prompt, case.target_new), (case.rewrite_prompt, case.target_true)]
     for p in case.paraphrase_prompts:
         pairs += [(p, case.target_new), (p, case.target_true)]
-    for p, a in case.neighborhood:
+    for p, a in (*case.neighborhood, *case.subject_facts):
         pairs += [(p, case.target_new), (p, a)]
     nll = answer_nll(model, pairs)
     two = [(nll[i], nll[i + 1]) for i in range(0, len(nll), 2)]
-    k = len(case.paraphrase_prompts)
-    return CaseScores(two[0], two[1 : 1 + k], two[1 + k :])
+    k, m = len(case.paraphrase_prompts), len(case.neighborhood)
+    return CaseScores(two[0], two[1 : 1 + k], two[1 + k : 1 + k + m], two[1 + k + m :])
