@@ -355,7 +355,7 @@ def test_report_is_self_contained(tmp_path):
 # tags the page itself uses; anything else in the HTML came from data that was not escaped
 _PAGE_TAGS = {"html", "head", "meta", "title", "link", "style", "body", "main", "header", "h1", "h2", "h3", "div",
               "nav", "strong", "ol", "ul", "li", "a", "p", "dl", "dt", "dd", "section", "figure", "img", "figcaption",
-              "span", "table", "caption", "thead", "tbody", "tr", "th", "td", "code", "br", "footer"}
+              "span", "details", "summary", "table", "caption", "thead", "tbody", "tr", "th", "td", "code", "br", "footer"}
 
 
 def test_report_escapes_captions_summary_config_and_files(tmp_path):
@@ -381,7 +381,8 @@ def test_report_escapes_captions_summary_config_and_files(tmp_path):
     assert '<div class="v">&lt;em&gt;s&lt;/em&gt;</div>' in html
     assert "<dd>&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; and more" in html
     assert html.count("alert(&#x27;x&#x27;)") == 1  # long values in the list only, not also in a card
-    assert '<div class="k">k&lt;marquee&gt;</div>' in html and "&lt;i&gt;n&lt;/i&gt;" in html
+    assert '<div class="k">K&lt;marquee&gt;</div>' in html and 'title="k&lt;marquee&gt;"' in html
+    assert "&lt;i&gt;n&lt;/i&gt;" in html
     assert "&lt;u&gt;m&lt;/u&gt;" in html and "&lt;blink&gt;cfg&lt;/blink&gt;" in html
     assert "<dt>x&lt;y&gt;&amp;.json</dt>" in html
     assert "r&lt;i&gt;&amp;&quot;x" in html  # the directory in the subtitle, the files block and the footer

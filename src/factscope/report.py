@@ -71,6 +71,9 @@ nav.toc li { break-inside: avoid; }
 .kv dd { margin: 0; overflow-wrap: anywhere; }
 .kv dd.num { font-variant-numeric: tabular-nums; }
 .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(190px, 1fr)); gap: 10px; margin: 10px 0; }
+td.holds { white-space: nowrap; font-weight: 600; }
+td.holds.yes { color: #1a7f37; } td.holds.no { color: #cf222e; } td.holds.unsure { color: var(--muted); }
+details.numbers > summary { cursor: pointer; color: var(--accent); margin: 6px 0; }
 .card { border: 1px solid var(--line); border-radius: 6px; padding: 8px 12px; }
 .card .k { color: var(--muted); font-size: 12px; overflow-wrap: anywhere;
   font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
@@ -268,7 +271,55 @@ def _missing(what: str) -> str:
     return f'<p class="missing">{esc(what)}</p>'
 
 
+# words for the abbreviations of summary keys ("All numbers" labels)
+_LABEL_WORDS = {"ci95": "95% CI", "lo": "low", "hi": "high", "es": "ES", "mrr": "MRR", "hit1": "Hit@1",
+                "hit10": "Hit@10", "attn": "attention", "mlp": "MLP", "n": "n", "lca": "LCA", "cpr": "CPR",
+                "cmd": "CMD", "kl": "KL", "nll": "NLL", "p": "P", "std": "std"}
+
+
+def readable_label(key: str) -> str:
+    """A flattened summary key in words: ``flow_extraction.knockout_local_attn.none`` ->
+    "Flow extraction › knockout local attention › none"."""
+    parts = []
+    for i, part in enumerate(key.split(".")):
+        words = [_LABEL_WORDS.get(w, w) for w in part.split("_") if w]
+        text = " ".join(words) or part
+        parts.append(text[:1].upper() + text[1:] if i == 0 else text)
+    return " › ".join(parts)
+
+
+def _holds_cell(holds: Any) -> str:
+    if holds is True:
+        return '<td class="holds yes">✓ holds</td>'
+    if holds is False:
+        return '<td class="holds no">✗ does not hold</td>'
+    return '<td class="holds unsure">? undecided</td>'
+
+
+def findings_block(sections: list[Mapping[str, Any]]) -> str:
+    """The report's first screen: each section's findings (plain sentences) under its title, then
+    one table of the paper's claims checked on this model (claim, paper, this model, holds)."""
+    parts = []
+    for sec in sections:
+        items = [str(f) for f in sec.get("findings") or []]
+        if items:
+            anchor = "sec-" + slug(str(sec.get("key") or sec.get("title") or "section"))
+            parts.append(f'<h3><a href="#{esc(anchor)}">{esc(sec.get("title") or sec.get("key"))}</a></h3>'
+                         + "<ul>" + "".join(f"<li>{_inline(f)}</li>" for f in items) + "</ul>")
+    claims = [(sec, c) for sec in sections for c in sec.get("claims") or []]
+    if claims:
+        rows = "".join(
+            f"<tr><td>{esc(c.get('claim'))}</td><td>{esc(c.get('paper'))}</td><td>{esc(c.get('this_model'))}</td>"
+            f"{_holds_cell(c.get('holds'))}</tr>" for _, c in claims)
+        held = sum(c.get("holds") is True for _, c in claims)
+        parts.append(f'<h3 id="claims">The papers\' claims on this model ({held} of {len(claims)} hold)</h3>'
+                     '<div class="table-wrap"><table class="claims"><thead><tr><th>claim</th><th>paper</th>'
+                     f"<th>this model</th><th>holds?</th></tr></thead><tbody>{rows}</tbody></table></div>")
+    return "\n".join(parts)
+
+
 def _summary_block(summary: Mapping[str, Any]) -> str:
+    """Every summary number, labelled in words (the raw key on hover), in one collapsed block."""
     if not summary:
         return '<p class="muted">No summary numbers recorded (yet).</p>'
     flat = _flatten(summary)
@@ -281,7 +332,8 @@ def _summary_block(summary: Mapping[str, Any]) -> str:
         parts.append(
             '<div class="cards">'
             + "".join(
-                f'<div class="card"><div class="k">{esc(k)}</div><div class="v">{esc(format_value(v))}</div></div>'
+                f'<div class="card" title="{esc(k)}"><div class="k">{esc(readable_label(k))}</div>'
+                f'<div class="v">{esc(format_value(v))}</div></div>'
                 for k, v in short
             )
             + "</div>"
@@ -289,10 +341,13 @@ def _summary_block(summary: Mapping[str, Any]) -> str:
     if long:
         parts.append(
             '<dl class="kv">'
-            + "".join(f"<dt>{esc(k)}</dt><dd>{esc(format_value(v, 400))}</dd>" for k, v in long)
+            + "".join(f'<dt title="{esc(k)}">{esc(readable_label(k))}</dt><dd>{esc(format_value(v, 400))}</dd>'
+                      for k, v in long)
             + "</dl>"
         )
-    return "\n".join(parts)
+    n = len(short) + len(long)
+    return (f'<details class="numbers"><summary>All numbers ({n}; summary.json, keys on hover)</summary>'
+            + "\n".join(parts) + "</details>")
 
 
 def _config_block(config: Mapping[str, Any]) -> str:
@@ -417,11 +472,15 @@ def render_report(run: "Run", title: str | None = None) -> str:
     sections = run.sections or _default_sections(run)
     summary = run.summary
 
-    toc = [("summary", "Summary"), ("config", "Configuration")]
+    toc = []
     body = []
-    used_ids = {"summary", "config", "files"}
-
-    body.append(f'<h2 id="summary">Summary</h2>\n{_summary_block(summary)}')
+    used_ids = {"summary", "config", "files", "findings", "claims"}
+    findings = findings_block(sections)
+    if findings:
+        toc.append(("findings", "Findings"))
+        body.append(f'<h2 id="findings">Findings</h2>\n{findings}')
+    toc += [("summary", "All numbers"), ("config", "Configuration")]
+    body.append(f'<h2 id="summary">All numbers</h2>\n{_summary_block(summary)}')
     body.append(f'<h2 id="config">Configuration</h2>\n{_config_block(run.config)}')
 
     for sec in sections:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from factscope.findings import Claim
 from factscope.circuits import metrics as M
 from factscope.circuits.evaluate import (
     FRACTIONS,
@@ -304,7 +305,8 @@ def run_evaluate(run, model, d_val, d_test, opts: Options, dataset: str, progres
         + "\n\nHit@k/MRR: rank of the target's first token among the whole vocabulary at the last prompt "
         "position (0 = top; Hit@k = rank < k), against D_test's own targets."
     )
-    run.add_section("circuit_evaluate", "Circuit evaluation (D_test)", text,
+    findings, claims = evaluate_findings(summ)
+    run.add_section("circuit_evaluate", "Circuit evaluation (D_test)", text, findings=findings, claims=claims,
                     figures=[{"name": "faithfulness_curve",
                               "caption": "faithfulness by circuit size (left) and ranks on D_test (right)"
                               if ev.curve else "ranks on D_test"}],
@@ -312,6 +314,29 @@ def run_evaluate(run, model, d_val, d_test, opts: Options, dataset: str, progres
     g.in_graph.copy_(saved)
     g.scores.copy_(saved_scores)
     return ev, g
+
+
+def evaluate_findings(s: dict) -> tuple[list[str], list[Claim]]:
+    """The circuit's standalone Hit@10 against the full model and random circuits. Rule (the paper's
+    claim that a small circuit keeps the fact): holds when the circuit keeps at least 80% of the full
+    model's Hit@10 and beats the random circuits' mean by more than 2 of their standard deviations;
+    does not hold when it keeps under half of it or does not beat random; else undecided."""
+    h = s.get("hit10") or {}
+    if h.get("full") is None or h.get("circuit") is None:
+        return [], []
+    total, n = s.get("n_edges_total"), s.get("n_edges")
+    pct = 100 * n / total if total else float("nan")
+    r, rs = h.get("random"), h.get("random_std") or 0.0
+    findings = [f"The {s.get('method')} circuit with {n} of {total} edges ({pct:.1f}%) reaches Hit@10 "
+                f"{h['circuit']:.2f} on {s.get('n_test')} held-out facts (full model {h['full']:.2f}, random circuits "
+                f"of the same size {r:.2f} ± {rs:.2f}); faithfulness {s.get('faithfulness', float('nan')):.2f}."]
+    kept = h["circuit"] / h["full"] if h["full"] else float("nan")
+    beats = r is None or h["circuit"] - r > 2 * rs
+    holds = True if kept >= 0.8 and beats else False if kept < 0.5 or not beats else None
+    claims = [Claim("A small circuit keeps the fact on its own, far above random circuits",
+                    "GPT-2 medium: circuits of under 10% of the edges keep much of the full model's Hit@10, some even raise it",
+                    f"{pct:.1f}% of edges: Hit@10 {h['circuit']:.2f} vs full {h['full']:.2f}, random {r:.2f}", holds)]
+    return findings, claims
 
 
 def options_dict(opts: Options) -> dict:

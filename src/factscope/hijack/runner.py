@@ -31,6 +31,7 @@ import pandas as pd
 
 from factscope.errors import FactscopeError
 from factscope.facts import Fact, load_facts, target_ids
+from factscope.findings import Claim, with_interval
 from factscope.hijack.schemes import Scheme, build_prompt, relation_sentence, related_words, scheme_sentence
 from factscope.hijack.scoring import METRICS, Score, efficacy_table, score_ids, score_shared, tokenize
 from factscope.loop import publish, resumable
@@ -510,11 +511,38 @@ def finish(run: Run, out: list[ModelResult], schemes: Sequence[Scheme], max_prep
         captions.append("One panel per model, one line per scheme. " + rows)
         figs[f"{prefix}_probs"] = probability_figure(eff)
         captions.append("Mean probability of the true and the false target against n.")
+        findings, claims = hijack_findings(summary)
         section = {"title": "Context hijacking", "text": section_text(res), "tables": [f"{prefix}_efficacy"],
-                   "figures": [{"name": f, "caption": c} for f, c in zip(figs, captions)]}
+                   "figures": [{"name": f, "caption": c} for f, c in zip(figs, captions)],
+                   "findings": findings, "claims": claims}
     publish(run, prefix, summary, tables={f"{prefix}_results": results, f"{prefix}_efficacy": eff, f"{prefix}_relations": rel},
             figures=figs, section=section)
     return res
+
+
+def hijack_findings(summary: dict) -> tuple[list[str], list[Claim]]:
+    """Per model and scheme, how the efficacy score moves from n = 0 to n = N, and the paper's claim
+    that prepending the scheme's sentences hijacks facts. Rule: holds when ES(N)'s bootstrap 95%
+    interval lies above ES(0)'s, does not hold when ES does not rise at all, else undecided."""
+    findings, claims = [], []
+    N = summary["max_prepends"]
+    for model, by_scheme in summary["efficacy"].items():
+        for scheme, es in by_scheme.items():
+            if len(es) < 2:
+                continue
+            ci = summary["efficacy_ci95"][model][scheme]
+            (lo0, hi0), (loN, hiN) = ci[0], ci[-1]
+            n_facts = summary["n_facts"][model]
+            findings.append(f"{model}, {scheme}: ES rises from {with_interval(es[0], lo0, hi0)} to "
+                            f"{with_interval(es[-1], loN, hiN)} with {N} prepended sentences ({n_facts} facts)."
+                            if es[-1] > es[0] else
+                            f"{model}, {scheme}: ES stays at {with_interval(es[-1], loN, hiN)} after {N} prepended "
+                            f"sentences (from {with_interval(es[0], lo0, hi0)}; {n_facts} facts).")
+            holds = True if loN > hi0 else False if es[-1] <= es[0] else None
+            claims.append(Claim(f"Prepending '{scheme}' sentences hijacks facts ({model})",
+                                "GPT-2 to LLaMA-7B: ES grows with the number of prepended sentences",
+                                f"ES {es[0]:.2f} -> {es[-1]:.2f} at n = {N}", holds))
+    return findings, claims
 
 
 def section_text(res: HijackResult) -> str:

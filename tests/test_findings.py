@@ -1,0 +1,121 @@
+"""Findings and claims: each analysis states its numbers and decides the paper's claims by its
+documented rule (tests flip the numbers across each rule), and the report shows them first."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from factscope.circuits.run import evaluate_findings
+from factscope.cli import main
+from factscope.findings import Claim, with_interval
+from factscope.flow.extraction import extraction_findings
+from factscope.flow.knockout import knockout_findings
+from factscope.hijack.runner import hijack_findings
+from factscope.report import findings_block, readable_label
+from factscope.runs import Run
+
+
+def _knockout(sub=(-50.0, 14, 5.0), non=(-40.0, 3, 6.0), n_layers=18):
+    curves = {s: [0.0] * n_layers for s in ("subject", "non_subject", "last")}
+    ci = {s: [1.0] * n_layers for s in curves}
+    ci["subject"][sub[1]] = sub[2]
+    ci["non_subject"][non[1]] = non[2]
+    return {"n_facts": 30, "window": 4, "curves": curves, "ci95": ci,
+            "critical": {"subject": {"min_change": sub[0], "layer": sub[1]},
+                         "non_subject": {"min_change": non[0], "layer": non[1]}}}
+
+
+def test_knockout_findings_state_the_numbers_and_follow_the_rules():
+    f, c = knockout_findings(_knockout())
+    assert "-50% ± 5 at layer 14 of 18" in f[0] and "-40% ± 6 at layer 3" in f[0] and "30 facts" in f[0]
+    assert [x.holds for x in c] == [True, True]
+    assert knockout_findings(_knockout(sub=(-20.0, 14, 5.0)))[1][0].holds is False  # whole interval above -30
+    assert knockout_findings(_knockout(sub=(-32.0, 14, 5.0)))[1][0].holds is None  # interval straddles -30
+    assert knockout_findings(_knockout(non=(-40.0, 15, 6.0)))[1][1].holds is False  # relation after subject
+    assert knockout_findings(_knockout(non=(-40.0, 14, 6.0)))[1][1].holds is None
+    assert knockout_findings({"n_facts": 0, "critical": {}}) == ([], [])
+
+
+def _extraction(attn=0.8, mlp=0.1, ko=0.2, n=50):
+    return {"n_facts": n, "attn_any_event": attn, "mlp_any_event": mlp, "attn_any_top10": 0.9, "mlp_any_top10": 0.5,
+            "ko_from_layer": 9, "knockout": {"none": {"attn": attn, "mlp": mlp, "top1_kept": 1.0},
+                                             "subject": {"attn": ko, "mlp": mlp, "top1_kept": 0.4}}}
+
+
+def test_extraction_findings_rules():
+    f, c = extraction_findings(_extraction())
+    assert "attention in 80% of 50 facts" in f[0] and "MLP in 10%" in f[0]
+    assert "in 20% of facts (from 80%)" in f[1] and "unchanged in 40%" in f[1]
+    assert [x.holds for x in c] == [True, True]
+    assert [x.holds for x in extraction_findings(_extraction(attn=0.1, mlp=0.8, ko=0.5))[1]] == [False, False]
+    # differences within 1.96 standard errors on 30 facts: undecided
+    assert [x.holds for x in extraction_findings(_extraction(attn=0.4, mlp=0.23, ko=0.27, n=30))[1]] == [None, None]
+
+
+def _hijack(es, ci):
+    return {"max_prepends": len(es) - 1, "n_facts": {"m": 40}, "efficacy": {"m": {"generic": es}},
+            "efficacy_ci95": {"m": {"generic": ci}}}
+
+
+def test_hijack_findings_rules():
+    f, c = hijack_findings(_hijack([0.0, 0.3, 0.56], [[0.0, 0.0], [0.2, 0.4], [0.45, 0.66]]))
+    assert f == ["m, generic: ES rises from 0.00 [0.00, 0.00] to 0.56 [0.45, 0.66] with 2 prepended sentences (40 facts)."]
+    assert c[0].holds is True and "0.00 -> 0.56 at n = 2" in c[0].this_model
+    assert hijack_findings(_hijack([0.1, 0.1, 0.1], [[0.0, 0.2]] * 3))[1][0].holds is False
+    assert "stays at 0.10" in hijack_findings(_hijack([0.1, 0.1, 0.1], [[0.0, 0.2]] * 3))[0][0]
+    assert hijack_findings(_hijack([0.1, 0.15, 0.2], [[0.0, 0.25], [0.05, 0.3], [0.1, 0.3]]))[1][0].holds is None
+
+
+def _circuit(full=1.0, circuit=0.9, random=0.0, std=0.0):
+    return {"method": "eap-ig", "n_edges_total": 5644, "n_edges": 282, "n_test": 8, "faithfulness": 0.7,
+            "hit10": {"full": full, "circuit": circuit, "random": random, "random_std": std}}
+
+
+def test_evaluate_findings_rules():
+    f, c = evaluate_findings(_circuit())
+    assert "282 of 5644 edges (5.0%)" in f[0] and "Hit@10 0.90 on 8 held-out facts (full model 1.00" in f[0]
+    assert c[0].holds is True
+    assert evaluate_findings(_circuit(circuit=0.4))[1][0].holds is False  # under half of the full model
+    assert evaluate_findings(_circuit(circuit=0.9, random=0.8, std=0.1))[1][0].holds is False  # not above random
+    assert evaluate_findings(_circuit(circuit=0.6))[1][0].holds is None
+
+
+def test_claims_round_trip_and_reject_bad_values():
+    c = Claim("a", "b", "c", None)
+    assert Claim.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="holds"):
+        Claim.from_dict({"claim": "a", "paper": "b", "this_model": "c", "holds": "yes"})
+    assert with_interval(0.5, 0.4, 0.6) == "0.50 [0.40, 0.60]" and with_interval(0.5, pct=True) == "50%"
+
+
+def test_report_shows_findings_and_claims_first(tmp_path):
+    run = Run.create(tmp_path / "r", {"analysis": "x"})
+    run.update_summary({"flow_extraction": {"knockout_local_attn": {"none": 0.4}}})
+    run.add_section("a", "Part <A>", "text", findings=["First <b>finding</b>."],
+                    claims=[Claim("c1", "p1", "m1", True), Claim("c<2>", "p2", "m2", False), Claim("c3", "p3", "m3", None)])
+    run.add_section("b", "Part B", "no findings here")
+    html = run.write_report().read_text()
+    assert html.index('id="findings"') < html.index('id="summary"') < html.index('id="config"')
+    block = findings_block(run.sections)
+    assert "First &lt;b&gt;finding&lt;/b&gt;." in block and "Part &lt;A&gt;" in block and "Part B" not in block
+    assert "(1 of 3 hold)" in block and "c&lt;2&gt;" in block
+    assert [m for m in re.findall(r'class="holds (\w+)"', block)] == ["yes", "no", "unsure"]
+    assert '<details class="numbers">' in html and "Flow extraction › knockout local attention › none" in html
+    assert readable_label("demo_hijack.efficacy_ci95.m") == "Demo hijack › efficacy 95% CI › m"
+
+
+def test_a_run_carries_findings_in_its_sections(tmp_path):
+    out = tmp_path / "k"
+    r = CliRunner().invoke(main, ["flow", "knockout", "--model", "tiny-llama", "--all-facts", "--limit", "3",
+                                  "--no-progress", "--threads", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    sec = {s["key"]: s for s in json.loads((out / "sections.json").read_text())}["knockout"]
+    s = json.loads((out / "summary.json").read_text())["knockout"]
+    assert sec["findings"] == knockout_findings(s)[0]
+    assert [Claim.from_dict(c) for c in sec["claims"]] == knockout_findings(s)[1]
+    assert f"layer {s['critical']['subject']['layer']}" in sec["findings"][0]
+    assert "Findings" in (out / "report.html").read_text()
