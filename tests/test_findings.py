@@ -119,3 +119,20 @@ def test_a_run_carries_findings_in_its_sections(tmp_path):
     assert [Claim.from_dict(c) for c in sec["claims"]] == knockout_findings(s)[1]
     assert f"layer {s['critical']['subject']['layer']}" in sec["findings"][0]
     assert "Findings" in (out / "report.html").read_text()
+
+
+def test_lca_findings_rules():
+    from factscope.lca.experiments import lca_findings
+
+    vm = {"trained": 0.95, "identity": 0.74, "trained_std": 0.01, "identity_std": 0.02, "L": 64, "d": 16, "seeds": 3}
+    out = lca_findings({"value_matrix": vm})
+    assert "accuracy 0.95, the identity 0.74" in out["findings"][0] and out["claims"][0].holds is True
+    assert lca_findings({"value_matrix": {**vm, "identity": 0.94}})["claims"][0].holds is None  # within 2 std
+    assert lca_findings({"value_matrix": {**vm, "trained": 0.5}})["claims"][0].holds is False
+    emb = {"fit_slope": -0.37, "fit_r2": 0.9, "negative_slope_under_parameterized": "3/4"}
+    assert lca_findings({"embeddings": emb})["claims"][0].holds is None
+    assert lca_findings({"embeddings": {**emb, "negative_slope_under_parameterized": "4/4"}})["claims"][0].holds is True
+    assert lca_findings({"embeddings": {**emb, "negative_slope_under_parameterized": "0/0"}})["claims"][0].holds is None
+    att = {"same_cluster": 0.02, "other_cluster": 0.0006, "same_cluster_std": 0.0, "other_cluster_std": 0.0, "ratio": 36.4}
+    out = lca_findings({"attention": att})
+    assert "0.020" in out["findings"][0] and "ratio 36.4" in out["findings"][0] and out["claims"][0].holds is True

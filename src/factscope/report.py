@@ -297,24 +297,24 @@ def _holds_cell(holds: Any) -> str:
 
 
 def findings_block(sections: list[Mapping[str, Any]]) -> str:
-    """The report's first screen: each section's findings (plain sentences) under its title, then
-    one table of the paper's claims checked on this model (claim, paper, this model, holds)."""
+    """The report's first screen: one table of the papers' claims checked on this model (claim,
+    paper, this model, holds), then each section's findings (plain sentences) under its title."""
     parts = []
+    claims = [c for sec in sections for c in sec.get("claims") or []]
+    if claims:
+        rows = "".join(
+            f"<tr><td>{esc(c.get('claim'))}</td><td>{esc(c.get('paper'))}</td><td>{esc(c.get('this_model'))}</td>"
+            f"{_holds_cell(c.get('holds'))}</tr>" for c in claims)
+        held = sum(c.get("holds") is True for c in claims)
+        parts.append(f'<h3 id="claims">The papers\' claims on this model ({held} of {len(claims)} hold)</h3>'
+                     '<div class="table-wrap"><table class="claims"><thead><tr><th>claim</th><th>paper</th>'
+                     f"<th>this model</th><th>holds?</th></tr></thead><tbody>{rows}</tbody></table></div>")
     for sec in sections:
         items = [str(f) for f in sec.get("findings") or []]
         if items:
             anchor = "sec-" + slug(str(sec.get("key") or sec.get("title") or "section"))
             parts.append(f'<h3><a href="#{esc(anchor)}">{esc(sec.get("title") or sec.get("key"))}</a></h3>'
                          + "<ul>" + "".join(f"<li>{_inline(f)}</li>" for f in items) + "</ul>")
-    claims = [(sec, c) for sec in sections for c in sec.get("claims") or []]
-    if claims:
-        rows = "".join(
-            f"<tr><td>{esc(c.get('claim'))}</td><td>{esc(c.get('paper'))}</td><td>{esc(c.get('this_model'))}</td>"
-            f"{_holds_cell(c.get('holds'))}</tr>" for _, c in claims)
-        held = sum(c.get("holds") is True for _, c in claims)
-        parts.append(f'<h3 id="claims">The papers\' claims on this model ({held} of {len(claims)} hold)</h3>'
-                     '<div class="table-wrap"><table class="claims"><thead><tr><th>claim</th><th>paper</th>'
-                     f"<th>this model</th><th>holds?</th></tr></thead><tbody>{rows}</tbody></table></div>")
     return "\n".join(parts)
 
 

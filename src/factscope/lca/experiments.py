@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from factscope.findings import Claim
 from factscope.errors import FactscopeError
 from factscope.lca.model import ModelConfig, OneLayerTransformer, TrainConfig, TrainResult, evaluate, train, expected_accuracy
 from factscope.lca.task import LCATask, bayes_accuracy, cluster_of, hamming_matrix, mixed_contexts, posterior
@@ -628,7 +629,7 @@ def write_value_matrix(run, cfg: LCAConfig, trainer: Trainer, progress=True) -> 
             f"At L = {L0}, d = {vm['d']}: trained {_pm(vm['trained'], vm['trained_std'], n)}, identity "
             f"{_pm(vm['identity'], vm['identity_std'], n)}.\n\n" + "\n".join(lines))
     run.add_section("lca_value_matrix", "LCA 1: value matrix (trained vs identity)", text,
-                    figures=["lca_value_matrix"], tables=["lca_value_matrix"])
+                    figures=["lca_value_matrix"], tables=["lca_value_matrix"], **lca_findings(summary))
     return summary
 
 
@@ -662,7 +663,7 @@ def write_constructed(run, cfg: LCAConfig, trainer: Trainer, progress=True) -> d
             + ", ".join(f"{k} {_pm(t.smallest_angle_deg, t.smallest_angle_deg_std, n, 1)}°" for k, t in col.iterrows())
             + ".")
     run.add_section("lca_constructed", "LCA 2: constructed value matrix", text, figures=["lca_constructed"],
-                    tables=["lca_constructed_accuracy", "lca_constructed_angles"])
+                    tables=["lca_constructed_accuracy", "lca_constructed_angles"], **lca_findings(summary))
     return summary
 
 
@@ -711,7 +712,7 @@ def write_embeddings(run, cfg: LCAConfig, trainer: Trainer, progress=True) -> di
               "task, the setting of Theorem 3; on the Hamming-1 task the trained value matrix carries the "
               "association and the inner product need not be linear:\n\n" + "\n".join(lines))
     run.add_section("lca_embeddings", "LCA 3: embeddings", text, figures=["lca_embeddings"],
-                    tables=["lca_embeddings_accuracy", "lca_embeddings_fit"])
+                    tables=["lca_embeddings_accuracy", "lca_embeddings_fit"], **lca_findings(summary))
     return summary
 
 
@@ -742,7 +743,8 @@ def write_attention(run, cfg: LCAConfig, trainer: Trainer, progress=True) -> dic
              f"{_pm(t.accuracy_uniform_attention, t.accuracy_uniform_attention_std, n)}, Bayes {t.bayes_accuracy:.3f})"
              for t in table.itertuples()]
     run.add_section("lca_attention", "LCA 4: attention selects the last token's cluster",
-                    _seeds_note(cfg) + "\n\n" + "\n".join(lines), figures=["lca_attention"], tables=["lca_attention"])
+                    _seeds_note(cfg) + "\n\n" + "\n".join(lines), figures=["lca_attention"], tables=["lca_attention"],
+                    **lca_findings(summary))
     return summary
 
 
@@ -778,7 +780,7 @@ def write_hijack(run, cfg: LCAConfig, trainer: Trainer, progress=True) -> dict:
             + ", ".join(f"L={t.L}: {_pm(t.accuracy, t.accuracy_std, n)} (Bayes {t.bayes_accuracy:.3f})"
                         for t in dl.itertuples()))
     run.add_section("lca_hijack", "LCA 5: hijacking the synthetic task", text, figures=["lca_hijack"],
-                    tables=["lca_hijack_fraction", "lca_hijack_length"])
+                    tables=["lca_hijack_fraction", "lca_hijack_length"], **lca_findings(summary))
     return summary
 
 
@@ -808,3 +810,58 @@ def run_all(run, config: LCAConfig | None = None, quick: bool = False, progress:
     """
     cfg = config or (LCAConfig.quick() if quick else LCAConfig())
     return run_experiments(run, EXPERIMENTS, cfg, progress)
+
+
+def _above(a: float, b: float, sa: float = 0.0, sb: float = 0.0) -> bool | None:
+    """True when a exceeds b by more than 2 standard deviations of the difference over seeds (with
+    one seed, when a > b), False when b exceeds a likewise, else None."""
+    margin = 2 * (sa ** 2 + sb ** 2) ** 0.5
+    return True if a - b > margin else False if b - a > margin else None
+
+
+def lca_findings(summary: dict) -> dict:
+    """``findings`` and ``claims`` (for ``Run.add_section``) of one LCA experiment's summary
+    (``{"value_matrix": ...}``, ``{"constructed": ...}``, ...), against Jiang et al. 2024's claims.
+    Rules: a comparison holds when the difference exceeds twice its standard deviation over seeds
+    (one seed: any difference), see :func:`_above`; the embedding claim holds when the fitted slope
+    of inner product on latent distance is negative in every setting fitted."""
+    paper = "Jiang et al. 2024 (one-layer transformer on the latent concept task)"
+    (key, s), = summary.items()
+    f, c = [], []
+    if key == "value_matrix":
+        f.append(f"A trained value matrix reaches accuracy {s['trained']:.2f}, the identity {s['identity']:.2f} "
+                 f"(L = {s['L']}, d = {s['d']}, {s['seeds']} seed(s)).")
+        c.append(Claim("Training the value matrix helps over the identity", f"{paper}: trained W_V beats the identity",
+                       f"{s['trained']:.2f} vs {s['identity']:.2f}",
+                       _above(s["trained"], s["identity"], s["trained_std"], s["identity_std"])))
+    elif key == "constructed":
+        f.append(f"The theorem's constructed value matrix reaches {s['constructed']:.2f} (trained {s['trained']:.2f}, "
+                 f"random {s['random']:.2f}, the training's start {s['initial']:.2f}).")
+        c.append(Claim("The constructed value matrix works like a trained one",
+                       f"{paper}: the construction of the theorem solves the task as a trained W_V does",
+                       f"constructed {s['constructed']:.2f}, trained {s['trained']:.2f}, random {s['random']:.2f}",
+                       _above(s["constructed"], s["random"], s["constructed_std"], s["random_std"])))
+    elif key == "embeddings":
+        k, n = (int(x) for x in str(s["negative_slope_under_parameterized"]).split("/"))
+        f.append(f"Embedding inner products {'fall' if s['fit_slope'] < 0 else 'do not fall'} with latent distance: "
+                 f"fitted slope {s['fit_slope']:.2f} (R² {s['fit_r2']:.2f}; raw inner-product units per unit of "
+                 f"distance)" + (f", negative in {k} of {n} under-parameterized settings." if n else "."))
+        c.append(Claim("Tokens closer in latent space get larger embedding inner products",
+                       f"{paper}: the inner product decreases with the latent distance (under-parameterized)",
+                       f"slope {s['fit_slope']:.2f}, negative in {k} of {n} settings",
+                       True if n and k == n else False if n and k == 0 else None))
+    elif key == "attention":
+        f.append(f"The last token's attention per token of its own cluster is {s['same_cluster']:.3f}, per token of "
+                 f"another cluster {s['other_cluster']:.4f} (ratio {s['ratio']:.1f}).")
+        c.append(Claim("Attention selects the last token's latent cluster",
+                       f"{paper}: attention weights are larger on tokens of the same cluster",
+                       f"{s['same_cluster']:.3f} vs {s['other_cluster']:.4f}",
+                       _above(s["same_cluster"], s["other_cluster"], s["same_cluster_std"], s["other_cluster_std"])))
+    elif key == "lca_hijack":
+        f.append(f"Replacing the context with the other latent's tokens raises the hijacking efficacy from "
+                 f"{s['efficacy_clean']:.2f} to {s['efficacy_full']:.2f}.")
+        c.append(Claim("Context hijacking works on the synthetic task",
+                       f"{paper}: enough misleading context flips the prediction",
+                       f"efficacy {s['efficacy_clean']:.2f} -> {s['efficacy_full']:.2f}",
+                       _above(s["efficacy_full"], s["efficacy_clean"], s.get("efficacy_full_std", 0.0))))
+    return {"findings": f, "claims": c}
