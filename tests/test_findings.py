@@ -136,3 +136,32 @@ def test_lca_findings_rules():
     att = {"same_cluster": 0.02, "other_cluster": 0.0006, "same_cluster_std": 0.0, "other_cluster_std": 0.0, "ratio": 36.4}
     out = lca_findings({"attention": att})
     assert "0.020" in out["findings"][0] and "ratio 36.4" in out["findings"][0] and out["claims"][0].holds is True
+
+
+def test_trace_findings_rules():
+    from factscope.trace.run import trace_findings
+
+    def summ(mlp=(0.08, 7), attn=(0.2, 12)):
+        return {"n_facts": 20, "mean_p_clean": 0.27, "mean_p_corrupt": 0.02,
+                "peak": {"mlp.last_subject": {"effect": mlp[0], "layer": mlp[1]},
+                         "attn.last": {"effect": attn[0], "layer": attn[1]}}}
+    f, c = trace_findings(summ(), 18)
+    assert "from 0.270 to 0.020 (20 facts)" in f[0] and "mlp at last subject 0.080 (layer 7)" in f[0]
+    assert [x.holds for x in c] == [True, True]  # 0.08 and 0.2 of a 0.25 gap, layers 7 and 12
+    assert [x.holds for x in trace_findings(summ(mlp=(0.04, 7), attn=(0.2, 5)), 18)[1]] == [None, False]
+    assert [x.holds for x in trace_findings(summ(mlp=(0.02, 7), attn=(0.02, 12)), 18)[1]] == [False, False]
+    assert [x.holds for x in trace_findings(summ(mlp=(0.1, 15)), 18)[1]] == [False, True]  # top third
+
+
+def test_edit_findings_rules():
+    from factscope.edit.run import edit_findings
+
+    s = {"n": 50, "method": "rome", "layer": 4, "efficacy": 1.0, "paraphrase": 0.94, "neighborhood": 0.53,
+         "pre_efficacy": 0.26, "pre_paraphrase": 0.26, "pre_neighborhood": 0.74, "same_subject": None}
+    f, c = edit_findings(s)
+    assert f == ["50 ROME edits at layer 4: efficacy 100%, paraphrase 94%, neighbourhood 53% (unedited: 26%, 26%, 74%)."]
+    assert [x.holds for x in c] == [True, False]  # neighbourhood 21 points down
+    assert [x.holds for x in edit_findings({**s, "neighborhood": 0.68, "efficacy": 0.7})[1]] == [None, True]
+    assert [x.holds for x in edit_findings({**s, "neighborhood": 0.59, "efficacy": 0.4})[1]] == [False, None]
+    f, c = edit_findings({**s, "method": "ft-m", "same_subject": 0.0, "pre_same_subject": 1.0})
+    assert c == [] and "keep their answer in 0% of prompts after the edit (100% before)" in f[1]

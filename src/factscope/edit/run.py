@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from factscope.findings import Claim
 from factscope import hooks
 from factscope.facts import subject_span, target_ids
 
@@ -185,6 +186,36 @@ def lens_figure(records: list[dict], n_layers: int, method: str, layer: int, mod
     return fig
 
 
+def edit_findings(s: dict) -> tuple[list[str], list[Claim]]:
+    """Findings of an edit run and, for ROME, the ROME paper's CounterFact claims (GPT-2 XL: efficacy
+    100%, paraphrase 96.4%, neighbourhood 75.4%). Rules: "edits take and generalize" holds with
+    efficacy >= 90% and paraphrase >= 50% (does not hold below 50% efficacy, else undecided);
+    "neighbours are spared" holds when the neighbourhood score drops by at most 10 points from the
+    unedited model's, does not hold when it drops by more than 20, else undecided."""
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+    f = [f"{s['n']} {s['method'].upper()} edits at layer {s['layer']}: efficacy {pct(s['efficacy'])}, paraphrase "
+         f"{pct(s['paraphrase'])}, neighbourhood {pct(s['neighborhood'])} (unedited: {pct(s['pre_efficacy'])}, "
+         f"{pct(s['pre_paraphrase'])}, {pct(s['pre_neighborhood'])})."]
+    if s.get("same_subject") is not None:
+        f.append(f"The subject's facts in other relations keep their answer in {pct(s['same_subject'])} of prompts "
+                 f"after the edit ({pct(s['pre_same_subject'])} before).")
+    if s["method"] != "rome" or s.get("efficacy") is None:
+        return f, []
+    e, p = s["efficacy"], s.get("paraphrase")
+    take = True if e >= 0.9 and (p or 0) >= 0.5 else False if e < 0.5 else None
+    claims = [Claim("ROME edits take and generalize to paraphrases",
+                    "GPT-2 XL on CounterFact: efficacy 100%, paraphrase 96.4%",
+                    f"efficacy {pct(e)}, paraphrase {pct(p)}", take)]
+    n, n0 = s.get("neighborhood"), s.get("pre_neighborhood")
+    if n is not None and n0 is not None:
+        drop = n0 - n
+        claims.append(Claim("ROME spares other subjects of the relation",
+                            "GPT-2 XL on CounterFact: neighbourhood score 75.4% (unedited about 78%)",
+                            f"neighbourhood {pct(n)} (unedited {pct(n0)})",
+                            True if drop <= 0.1 else False if drop > 0.2 else None))
+    return f, claims
+
+
 def run_edit(run, model, editor, cases: list[EditCase], circuit_cases: int = 3, circuit_edges: int = 200,
              progress: bool = False) -> EditSummary:
     """Edit every case, write ``edits.csv``, the lens figure, circuits, summary and report section."""
@@ -244,7 +275,8 @@ def run_edit(run, model, editor, cases: list[EditCase], circuit_cases: int = 3, 
         text += (f"\n\nCircuits (EAP-IG, zero ablation, top {circuit_edges} edges) of the fact before the edit (true "
                  f"answer) and after it (new answer), {len(circ)} facts: mean Jaccard "
                  f"{summary['edit']['circuit_jaccard']:.2f}.")
-    run.add_section("edit", f"Knowledge editing ({editor.method.upper()})", text,
+    findings, claims = edit_findings(summary["edit"])
+    run.add_section("edit", f"Knowledge editing ({editor.method.upper()})", text, findings=findings, claims=claims,
                     figures=[{"name": "edit_lens", "caption": "Logit lens of the new answer before and after the edit."}],
                     tables=["edits"] + (["edit_circuits"] if circ_rows else []))
     return s

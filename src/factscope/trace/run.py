@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from factscope.findings import Claim
 from factscope.errors import FactscopeError
 from factscope.facts import Fact
 from factscope.flow.common import fact_key, usable
@@ -203,5 +204,45 @@ def run_trace(run, model: Model, facts: Sequence[Fact], kinds: Sequence[str] = K
             f"(hidden) or a window of {window} layers (MLP, attention). Indirect effect = P(answer | corrupted + "
             f"restored) - P(answer | corrupted); mean P(answer) clean {summ['mean_p_clean']:.3f}, corrupted "
             f"{summ['mean_p_corrupt']:.3f} over {len(records)} facts. Weights: {weights}.\n\n" + "\n".join(lines))
-    run.add_section("trace", "Causal tracing (where the fact is recalled)", text, figures=figures, tables=["trace_average"])
+    findings, claims = trace_findings(summ, model.n_layers)
+    run.add_section("trace", "Causal tracing (where the fact is recalled)", text, figures=figures, tables=["trace_average"],
+                    findings=findings, claims=claims)
     return summ
+
+
+def trace_findings(s: dict, n_layers: int) -> tuple[list[str], list[Claim]]:
+    """Findings and the ROME paper's two sites from a trace summary. Rules, with gap = mean P(answer)
+    clean - corrupted: the early site (MLP outputs at the last subject token) holds when their peak
+    average effect is at least a quarter of the gap at a layer in the lower two thirds, does not hold
+    under a tenth of the gap (or in the top third), else undecided; the late site (attention at the
+    last token) holds when its peak is at least a quarter of the gap in the upper half, does not hold
+    under a tenth (or in the lower half), else undecided."""
+    p = s.get("peak") or {}
+    gap = s["mean_p_clean"] - s["mean_p_corrupt"]
+    if gap <= 0 or not p:
+        return [], []
+    def site(key, where_ok):
+        v = p.get(key)
+        if v is None:
+            return None, None
+        share = v["effect"] / gap
+        holds = True if share >= 0.25 and where_ok(v["layer"]) else \
+            False if share < 0.1 or not where_ok(v["layer"]) else None
+        return v, holds
+    findings = [f"Corrupting the subject lowers P(answer) from {s['mean_p_clean']:.3f} to {s['mean_p_corrupt']:.3f} "
+                f"({s['n_facts']} facts); restoring one state recovers at most:"
+                + "".join(f" {k.replace('.', ' at ').replace('_', ' ')} {v['effect']:.3f} (layer {v['layer']});"
+                          for k, v in p.items()).rstrip(";") + "."]
+    claims = []
+    v, holds = site("mlp.last_subject", lambda l: l < 2 * n_layers / 3)
+    if v is not None:
+        claims.append(Claim("Early site: MLPs at the last subject token in middle layers recall the fact",
+                            "GPT-2 XL: restoring MLP outputs at the last subject token around layers 10-20 of 48 "
+                            "recovers much of the answer",
+                            f"peak {v['effect']:.3f} of a {gap:.3f} gap at layer {v['layer']} of {n_layers}", holds))
+    v, holds = site("attn.last", lambda l: l >= n_layers / 2)
+    if v is not None:
+        claims.append(Claim("Late site: attention at the last token in upper layers",
+                            "GPT-2 XL: restoring attention at the last token in upper layers recovers the answer",
+                            f"peak {v['effect']:.3f} of a {gap:.3f} gap at layer {v['layer']} of {n_layers}", holds))
+    return findings, claims
