@@ -165,3 +165,16 @@ def test_edit_findings_rules():
     assert [x.holds for x in edit_findings({**s, "neighborhood": 0.59, "efficacy": 0.4})[1]] == [False, None]
     f, c = edit_findings({**s, "method": "ft-m", "same_subject": 0.0, "pre_same_subject": 1.0})
     assert c == [] and "keep their answer in 0% of prompts after the edit (100% before)" in f[1]
+
+
+def test_lens_findings_rules():
+    from factscope.circuits.lens import lens_findings
+
+    s = {"emergence_top": 10, "median_enters_top": 12, "median_subject_enters_top": None, "n_facts": 20,
+         "top1_output": 0.4, "top10_output": 0.95}
+    f, c = lens_findings(s, 18)
+    assert "enters the top 10 at layer 12 of 18 layers; at the subject positions never (20 facts" in f[0]
+    assert [x.holds for x in c] == [True, False]
+    assert [x.holds for x in lens_findings({**s, "median_subject_enters_top": 8}, 18)[1]] == [True, True]
+    assert [x.holds for x in lens_findings({**s, "median_subject_enters_top": 12}, 18)[1]] == [True, None]
+    assert [x.holds for x in lens_findings({**s, "median_enters_top": 3}, 18)[1]] == [False, False]

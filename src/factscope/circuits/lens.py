@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from factscope.findings import Claim
 from factscope import hooks
 from factscope.circuits.evaluate import target_ranks
 from factscope.errors import FactscopeError
@@ -293,6 +294,34 @@ def lens_summary(res: LensResult, agg, top: int = 10) -> dict:
     }
 
 
+def lens_findings(s: dict, n_layers: int) -> tuple[list[str], list[Claim]]:
+    """Findings and Yao et al.'s Figure 5 claims from a lens summary. Rules: "the answer forms in
+    middle-to-late layers" holds when the median rank at the last position enters the top k at a
+    layer in the upper two thirds, does not hold when earlier or never; "the answer is at the subject
+    before the last position" holds when the subject positions' median enters the top k at an earlier
+    layer than the last position's, does not hold when later or never, undecided when the same."""
+    top, last, subj = s["emergence_top"], s.get("median_enters_top"), s.get("median_subject_enters_top")
+    never = "never"
+    where = lambda x: never if x is None else f"at layer {x}"  # noqa: E731
+    f = [f"At the last position the target's median rank enters the top {top} {where(last)} of {n_layers} "
+         f"layers; at the subject positions {where(subj)} ({s['n_facts']} facts; at the output top-1 {s['top1_output']:.2f}, "
+         f"top-10 {s['top10_output']:.2f})."]
+    claims = [
+        Claim("The answer forms in middle-to-late layers at the last position",
+              "GPT-2 medium: the target's rank rises in the middle-to-late layers (Figure 5)",
+              f"top {top} from layer {last if last is not None else never} of {n_layers}",
+              True if last is not None and last >= n_layers / 3 else False),
+        Claim("The answer appears at the subject positions before the last position",
+              "GPT-2 medium: the target already ranks high at the subject positions in earlier layers, then "
+              "mover heads bring it to the last position",
+              f"subject: layer {subj if subj is not None else never}, last position: layer "
+              f"{last if last is not None else never}",
+              None if subj is not None and subj == last else
+              True if subj is not None and (last is None or subj < last) else False),
+    ]
+    return f, claims
+
+
 def _fmt_rank(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:,.0f}"
 
@@ -326,7 +355,8 @@ def run_lens(run, model, facts: Sequence[Fact], dataset: str, n_boot: int = 1000
         f"- at the subject positions the median minimum rank is lowest after layer {s['best_subject_layer']} "
         f"({_fmt_rank(s['best_subject_median_rank'])})"
     )
-    run.add_section("circuit_lens", "How the answer forms (logit lens)", text,
+    findings, claims = lens_findings(s, L)
+    run.add_section("circuit_lens", "How the answer forms (logit lens)", text, findings=findings, claims=claims,
                     figures=[{"name": "lens", "caption": "target rank by layer (median, 95% band; thin: facts) "
                               "and mean probability at the last position"}],
                     tables=["lens_by_layer"])
