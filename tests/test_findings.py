@@ -178,3 +178,14 @@ def test_lens_findings_rules():
     assert [x.holds for x in lens_findings({**s, "median_subject_enters_top": 8}, 18)[1]] == [True, True]
     assert [x.holds for x in lens_findings({**s, "median_subject_enters_top": 12}, 18)[1]] == [True, None]
     assert [x.holds for x in lens_findings({**s, "median_enters_top": 3}, 18)[1]] == [False, False]
+
+
+def test_tokens_show_their_whitespace():
+    import pandas as pd
+
+    from factscope.report import render_table, visible_whitespace
+
+    assert visible_whitespace(" Paris") == "␣Paris" and visible_whitespace(" ") == "␣"
+    assert visible_whitespace("a\nb") == "a↵b" and visible_whitespace("The Eiffel Tower is") == "The Eiffel Tower is"
+    html = render_table(pd.DataFrame({"top1": [" Paris", " ", "\n"], "p": [0.5, 0.25, 0.25]}), "t")
+    assert "<td>␣Paris</td>" in html and "<td>␣</td>" in html and "<td>↵</td>" in html

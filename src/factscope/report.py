@@ -216,6 +216,20 @@ def render_text(text: str) -> str:
 # blocks
 
 
+def visible_whitespace(s: str) -> str:
+    """Tokens as a reader can see them: leading/trailing spaces as ``␣``, newlines and tabs as ``↵``
+    and ``⇥`` (a token " Paris" shows as "␣Paris", a lone space as "␣" instead of a blank cell)."""
+    if not s or (s.strip() == s and "\n" not in s and "\t" not in s):
+        return s
+    s = s.replace("\n", "↵").replace("\t", "⇥")
+    core = s.strip(" ")
+    if not core:
+        return "␣" * len(s)
+    left = len(s) - len(s.lstrip(" "))
+    right = len(s) - len(s.rstrip(" "))
+    return "␣" * left + core + "␣" * right
+
+
 def render_table(df: Any, name: str, max_rows: int = MAX_TABLE_ROWS, caption: str = "") -> str:
     """An HTML table of the first ``max_rows`` rows of ``df`` with numbers formatted."""
     import pandas as pd
@@ -237,7 +251,7 @@ def render_table(df: Any, name: str, max_rows: int = MAX_TABLE_ROWS, caption: st
                 if v is None or (isinstance(v, float) and math.isnan(v)):
                     cells.append('<td class="muted">—</td>')
                     continue
-                s = str(v)
+                s = visible_whitespace(str(v))
                 if len(s) > MAX_CELL_CHARS:
                     cells.append(f'<td title="{esc(s)}">{esc(s[: MAX_CELL_CHARS - 1])}…</td>')
                 else:
