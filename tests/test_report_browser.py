@@ -34,11 +34,14 @@ def _find_browser() -> tuple[str, str]:
     return browser, driver
 
 
+CURVE = np.random.default_rng(1).random(12)
+
+
 def _build_run(tmp_path) -> Run:
     run = Run.create(tmp_path / "run", {"command": "browser-test", "model": "tiny-llama", "data": "toy", "seed": 0})
     rng = np.random.default_rng(0)
     fig, ax = new_figure()
-    ax.plot(range(12), rng.random(12), color=COLORS["subject"], label="subject")
+    ax.plot(range(12), CURVE, color=COLORS["subject"], label="subject")
     ax.legend()
     run.save_figure("curve", fig)
     fig, ax = new_figure()
@@ -49,8 +52,70 @@ def _build_run(tmp_path) -> Run:
     run.update_summary({"accuracy": 0.8125, "n": 40})
     run.add_section("main", "Main result", "Text with <tags> & **bold**.\n\n- item one\n- item two",
                     figures=["curve", {"name": "heat", "caption": "A heatmap"}], tables=["effects"])
-    run.write_report()
+    run.write_report(static=True)
     return run
+
+
+def _chromium(tmp_path):
+    browser, driver_path = _find_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="factscope-chromium-", dir=tmp_path)
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1600", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["http://*", "https://*", "ws://*", "wss://*"]})
+    return driver
+
+
+def test_interactive_figures_offline(tmp_path):
+    """The interactive report with every network URL blocked: both figures draw, the line's data
+    are the figure's own numbers, hovering a point shows its value, a legend click hides the
+    series, nothing is fetched, no console error; screenshots at 1,400 px and phone width."""
+    from selenium.webdriver.common.by import By
+
+    run = _build_run(tmp_path)
+    path = run.write_report()
+    driver = _chromium(tmp_path)
+    try:
+        driver.get(path.resolve().as_uri())
+        figs = driver.find_elements(By.CSS_SELECTOR, ".plotly-fig")
+        assert len(figs) == 2 and not driver.find_elements(By.TAG_NAME, "img")
+        assert all(f.find_elements(By.CSS_SELECTOR, "svg.main-svg") for f in figs)
+        y = driver.execute_script("return document.querySelector('.plotly-fig').data[0].y")
+        assert y == pytest.approx(CURVE.tolist())
+        text = driver.execute_script(
+            "var gd = document.querySelector('.plotly-fig'); Plotly.Fx.hover(gd, [{curveNumber: 0, pointNumber: 3}]);"
+            "var t = gd.querySelector('.hovertext'); return t ? t.textContent : null;")
+        assert text is not None and f"{CURVE[3]:.3f}"[:4] in text, text
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        toggle = figs[0].find_element(By.CSS_SELECTOR, ".legendtoggle")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", toggle)
+        ActionChains(driver).move_to_element(toggle).click().perform()
+        # Plotly waits out a possible double click before it toggles
+        WebDriverWait(driver, 5).until(lambda d: d.execute_script(
+            "return document.querySelector('.plotly-fig').data[0].visible") == "legendonly")
+        fetched = driver.execute_script(
+            "return performance.getEntriesByType('resource').map(e => e.name).filter(n => !n.startsWith('data:'))")
+        assert fetched == []
+        severe = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+        assert severe == [], severe
+        driver.save_screenshot(str(run.dir / "screenshot_1400.png"))
+        driver.set_window_size(390, 1200)
+        driver.save_screenshot(str(run.dir / "screenshot_390.png"))
+        width = driver.execute_script("return document.documentElement.scrollWidth")
+        assert width <= 400, f"the page scrolls sideways at phone width ({width} px)"
+    finally:
+        driver.quit()
 
 
 def test_report_renders_in_headless_chromium(tmp_path):

@@ -196,7 +196,7 @@ def test_writes_leave_no_temp_files(tmp_path):
     run.checkpoint("c").append(1, {"x": 1.0})
     assert _hidden_files(run.dir) == []
     names = sorted(p.name for p in run.dir.iterdir())
-    assert names == ["checkpoints", "config.json", "curve.png", "effects.csv", "report.html",
+    assert names == ["checkpoints", "config.json", "curve.plotly.json", "curve.png", "effects.csv", "report.html",
                      "sections.json", "summary.json"]
     assert (run.dir / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # atomic writes give ordinary permissions (mkstemp's 0600 would hide results from others)
@@ -325,9 +325,24 @@ def test_add_section_is_idempotent_and_keeps_order(tmp_path):
     assert secs[1]["tables"] == [{"name": "t", "caption": "cap"}]
 
 
-def test_report_is_self_contained(tmp_path):
+def test_interactive_report_loads_nothing(tmp_path):
+    """The interactive page: Plotly's bundle and the figure's data are inline scripts; nothing
+    outside them names a URL, nothing has a src but data URIs."""
     run = _make_run(tmp_path)
     html = (run.dir / "report.html").read_text()
+    assert html.count('<script type="application/json" class="plotly-spec">') == 1
+    assert "<script src" not in html and "Plotly.newPlot" in html
+    outside = re.sub(r"<script[^>]*>.*?</script>", "", html, flags=re.S)
+    assert "http://" not in outside and "https://" not in outside
+    assert all(s.startswith("data:") for s in re.findall(r'src="([^"]*)"', outside))
+    spec = json.loads(re.search(r'class="plotly-spec">(.*?)</script>', html, re.S).group(1))
+    assert spec == json.loads((run.dir / "curve.plotly.json").read_text())
+    assert run.write_report(static=True).read_text().count("<script") == 0
+
+
+def test_report_is_self_contained(tmp_path):
+    run = _make_run(tmp_path)
+    html = run.write_report(static=True).read_text()
     assert "http://" not in html and "https://" not in html
     assert "<script" not in html  # section text is escaped, and the page has no scripts
     assert "<p>First paragraph &lt;script&gt;alert(1)&lt;/script&gt;.<br>\nSame paragraph.</p>" in html
@@ -372,9 +387,15 @@ def test_report_escapes_captions_summary_config_and_files(tmp_path):
     run.add_section("main", "S <blink>t</blink>", "", figures=[{"name": "curve", "caption": "<em>cap</em> & more"}],
                     tables=[{"name": "effects", "caption": "<u>tab</u> caption"}])
     (run.dir / "x<y>&.json").write_text("{}")
-    html = run.write_report().read_text()
-    tags = {t.lower() for t in re.findall(r"<\s*/?\s*([A-Za-z][A-Za-z0-9]*)", html)}
-    assert tags <= _PAGE_TAGS, tags - _PAGE_TAGS
+    interactive = run.write_report().read_text()
+    assert 'aria-label="S &lt;blink&gt;t&lt;/blink&gt;: &lt;em&gt;cap&lt;/em&gt; &amp; more"' in interactive
+    html = run.write_report(static=True).read_text()
+    # scripts are the page's own (Plotly's bundle and the figures' JSON, whose "</" are escaped)
+    specs = re.findall(r'<script type="application/json" class="plotly-spec">(.*?)</script>', interactive, re.S)
+    assert specs and all("</" not in x for x in specs)
+    for page in (html, re.sub(r"<script[^>]*>.*?</script>", "", interactive, flags=re.S)):
+        tags = {t.lower() for t in re.findall(r"<\s*/?\s*([A-Za-z][A-Za-z0-9]*)", page)}
+        assert tags <= _PAGE_TAGS, tags - _PAGE_TAGS
     assert "<figcaption>&lt;em&gt;cap&lt;/em&gt; &amp; more" in html
     assert 'alt="S &lt;blink&gt;t&lt;/blink&gt;: &lt;em&gt;cap&lt;/em&gt; &amp; more"' in html
     assert "<h3>&lt;u&gt;tab&lt;/u&gt; caption</h3>" in html

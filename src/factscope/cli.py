@@ -154,14 +154,20 @@ def main() -> None:
 @main.command("report")
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--title", default=None, help="Report title (default: from the run's config).")
-def report_command(dirs: tuple[Path, ...], title: str | None) -> None:
+@click.option("--static", is_flag=True, help="PNG figures only (no interactive figures, no JavaScript).")
+@click.option("--open", "open_", is_flag=True, help="Open the report in the web browser afterwards.")
+def report_command(dirs: tuple[Path, ...], title: str | None, static: bool, open_: bool) -> None:
     """Re-render DIR/report.html from the result files of each run DIR."""
     from factscope.runs import Run
 
     runs = [Run.open(d) for d in dirs]  # check every DIR before writing anything
     for run in runs:
-        path = run.write_report(title=title)
+        path = run.write_report(title=title, static=static)
         click.echo(str(path))
+        if open_:
+            import webbrowser
+
+            webbrowser.open(path.resolve().as_uri())
 
 
 # ============================================================================================

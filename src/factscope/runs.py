@@ -567,14 +567,26 @@ class Run:
     # ---- figures -----------------------------------------------------------------------------
 
     def save_figure(self, name: str, fig: Any, dpi: int = 130) -> Path:
-        """Write a matplotlib figure to ``DIR/name.png`` atomically and close it."""
+        """Write a matplotlib figure to ``DIR/name.png`` atomically and close it; its interactive copy
+        (``interactive.to_plotly``) goes to ``DIR/name.plotly.json`` when the figure converts."""
+        from factscope.interactive import to_plotly
+
         path = self.figure_path(name)
+        spec_path = path.with_suffix(".plotly.json")
         buf = io.BytesIO()
         try:
             fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+            try:
+                spec = to_plotly(fig)
+            except Exception:  # a converter gap must never cost a run its figure: the PNG is shown
+                spec = None
         finally:
             _close_figure(fig)
         atomic_write_bytes(path, buf.getvalue())
+        if spec is not None:
+            atomic_write_text(spec_path, json.dumps(spec, separators=(",", ":"), allow_nan=False))
+        elif spec_path.exists():
+            spec_path.unlink()
         return path
 
     def figures(self) -> list[str]:
@@ -655,9 +667,10 @@ class Run:
             sections.append(section)
         atomic_write_json(self.dir / SECTIONS_FILE, sections)
 
-    def write_report(self, title: str | None = None) -> Path:
-        """Render ``DIR/report.html`` (self-contained: figures inlined, no external resources)."""
-        html = render_report(self, title=title)
+    def write_report(self, title: str | None = None, static: bool = False) -> Path:
+        """Render ``DIR/report.html`` (self-contained: figures inlined, no external resources;
+        ``static``: PNG figures only)."""
+        html = render_report(self, title=title, static=static)
         path = self.dir / REPORT_FILE
         atomic_write_text(path, html)
         return path
