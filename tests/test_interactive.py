@@ -74,3 +74,15 @@ def test_a_real_figure_keeps_every_labelled_line():
         assert t["name"] == name
         assert t["x"] == pytest.approx(np.asarray(x, float).tolist())
         assert t["y"] == pytest.approx(np.asarray(y, float).tolist())
+
+
+def test_text_in_the_plot_becomes_annotations():
+    fig, ax = new_figure()
+    ax.plot([0, 1], [0, 1], label="a")
+    ax.text(0.25, 0.75, "node", ha="left")
+    ax.text(0.5, 0.1, "corner", transform=ax.transAxes)
+    notes = {a["text"]: a for a in to_plotly(fig)["layout"]["annotations"]}
+    assert (notes["node"]["x"], notes["node"]["y"], notes["node"]["xref"]) == (0.25, 0.75, "x")
+    assert notes["node"]["xanchor"] == "left" and notes["corner"]["xref"] == "x domain"
+    ax.text(0.5, 0.5, "figure", transform=fig.transFigure)
+    assert to_plotly(fig) is None

@@ -6,8 +6,10 @@ the bands drawn with ``fill_between``, scatter points, bars, and ``imshow`` heat
 colour map sampled), each axes at its place in the figure with its title, axis labels, tick labels,
 log scales and inverted axes. The report draws it with Plotly's JavaScript, inlined once per page
 (hover shows the values, a click on a legend entry hides a series, drag zooms, double-click
-resets). A figure holding an artist the converter does not know (anything beyond the above and
-plain text) gives ``None``: the report then shows the PNG, never a partial interactive copy.
+resets). Text drawn in the plot (node labels, annotated cells) becomes Plotly annotations. A
+figure holding an artist the converter does not know (anything beyond the above and error bars)
+gives ``None``:
+the report then shows the PNG, never a partial interactive copy.
 PNG files stay on disk for papers.
 """
 
@@ -99,7 +101,27 @@ def _image_trace(im: Any, ax: Any, xa: str, ya: str) -> dict:
     return tr
 
 
-def _axes_traces(ax: Any, xa: str, ya: str, legend_seen: set) -> list[dict]:
+def _text_note(t: Any, ax: Any, xa: str, ya: str) -> dict:
+    """A Plotly annotation for text drawn in data or axes coordinates (anything else: Unsupported)."""
+    x, y = t.get_position()
+    if t.get_transform() == ax.transData:
+        xref, yref = xa, ya
+        if (ax.get_xscale() == "log" and x > 0):
+            x = math.log10(x)
+        if (ax.get_yscale() == "log" and y > 0):
+            y = math.log10(y)
+    elif t.get_transform() == ax.transAxes:
+        xref, yref = f"{xa} domain", f"{ya} domain"
+    else:
+        raise Unsupported("text placed in other coordinates")
+    ha = {"left": "left", "right": "right"}.get(t.get_horizontalalignment(), "center")
+    va = {"top": "top", "bottom": "bottom", "baseline": "bottom"}.get(t.get_verticalalignment(), "middle")
+    return {"x": x, "y": y, "xref": xref, "yref": yref, "text": t.get_text().replace("\n", "<br>"),
+            "showarrow": False, "xanchor": ha, "yanchor": va,
+            "font": {"size": max(8, t.get_fontsize() - 1), "color": _color(t.get_color())}}
+
+
+def _axes_traces(ax: Any, xa: str, ya: str, legend_seen: set, layout_notes: list) -> list[dict]:
     from matplotlib.collections import LineCollection, PathCollection, PolyCollection
     from matplotlib.image import AxesImage
     from matplotlib.lines import Line2D
@@ -108,6 +130,7 @@ def _axes_traces(ax: Any, xa: str, ya: str, legend_seen: set) -> list[dict]:
 
     traces: list[dict] = []
     bars: dict[tuple, dict] = {}
+    notes = layout_notes
     for art in ax.get_children():
         if not art.get_visible():
             continue
@@ -183,12 +206,24 @@ def _axes_traces(ax: Any, xa: str, ya: str, legend_seen: set) -> list[dict]:
         elif isinstance(art, AxesImage):
             traces.append(_image_trace(art, ax, xa, ya))
         elif isinstance(art, Text):
-            continue  # titles, labels and annotations: the labels go to the layout
+            if art in ax.texts and art.get_text().strip():
+                notes.append(_text_note(art, ax, xa, ya))
+            continue  # titles and axis labels go to the layout
         elif art in (ax.xaxis, ax.yaxis) or art.__class__.__name__ in ("Spine", "Legend", "Line2D"):
             continue
-        elif isinstance(art, LineCollection):
-            if len(art.get_segments()):
-                raise Unsupported("a line collection")
+        elif isinstance(art, LineCollection):  # error bars, vlines/hlines: drawn as they are, no hover
+            segs = art.get_segments()
+            if not len(segs):
+                continue
+            xs, ys = [], []
+            for seg in segs:
+                xs += _num(np.asarray(seg)[:, 0]) + [None]
+                ys += _num(np.asarray(seg)[:, 1]) + [None]
+            colors = art.get_color()
+            traces.append({"type": "scatter", "x": xs, "y": ys, "mode": "lines", "hoverinfo": "skip",
+                           "showlegend": False, "xaxis": xa, "yaxis": ya,
+                           "line": {"color": _color(colors[0] if len(colors) else "black"),
+                                    "width": float(np.atleast_1d(art.get_linewidth())[0])}})
         else:
             raise Unsupported(type(art).__name__)
     for b in bars.values():
@@ -240,7 +275,7 @@ def to_plotly(fig: Any) -> dict | None:
                 layout["annotations"].append({"text": f"<b>{title}</b>", "x": (pos.x0 + pos.x1) / 2, "y": pos.y1,
                                               "xref": "paper", "yref": "paper", "yanchor": "bottom",
                                               "showarrow": False, "font": {"size": 12}})
-            data += _axes_traces(ax, xa, ya, legend_seen)
+            data += _axes_traces(ax, xa, ya, legend_seen, layout["annotations"])
     except Unsupported:
         return None
     if any(ax.get_label() == "<colorbar>" for ax in fig.get_axes()):
