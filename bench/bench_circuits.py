@@ -9,8 +9,8 @@ after that position; zero ablation by default as in the paper):
   (per receiver layer, many copies run from that layer on, logits only at the answer positions).
 - naive: one `run_masked` forward per edge (mask = full graph minus that edge), timed on a seeded
   sample of edges and extrapolated to all edges; the sampled values must equal the exact scores.
-Then, on a few facts: Spearman correlation of EAP-IG and of EAP with exact (signed and |score|)
-and the overlap of their top-50 edges by |score|. All in one run; FLOPs counted with bench/common.py.
+Then, on a few facts: Spearman correlation of EAP-IG (on inputs and on activations) and of EAP
+with exact (signed and |score|) and the overlap of their top-50 edges by |score|. All in one run; FLOPs counted with bench/common.py.
 
     python bench/bench_circuits.py [--model gemma-3-270m] [--facts 3] [--naive-edges 24] [--threads 1] [--json out.json]
 """
@@ -140,13 +140,16 @@ def main() -> None:
 
     def compare(i: int, s, m, ig: torch.Tensor, ex: torch.Tensor) -> dict:
         eap = attribute(model, Graph.from_model(model), s.clean, s.corrupted, m, method="eap", **kw)[real]
+        act = attribute(model, Graph.from_model(model), s.clean, s.corrupted, m, method="eap-ig-act",
+                        steps=args.steps, **kw)[real]
         row = {"fact": i, "prompt": getattr(s.facts[0], "prompt", "")}
-        for name, sc in (("eap_ig", ig), ("eap", eap)):
+        for name, sc in (("eap_ig", ig), ("eap_ig_act", act), ("eap", eap)):
             row[name] = {"spearman": spearman(sc, ex), "spearman_abs": spearman(sc.abs(), ex.abs()),
                          "top50_overlap": top_overlap(sc, ex)}
         print(f"fact {i} ({row['prompt']!r}): " + "; ".join(
             f"{n}: Spearman {r['spearman']:.3f} (|score| {r['spearman_abs']:.3f}), top-50 overlap {r['top50_overlap']:.2f}"
-            for n, r in (("EAP-IG", row["eap_ig"]), ("EAP", row["eap"]))), flush=True)
+            for n, r in (("EAP-IG", row["eap_ig"]), ("EAP-IG on activations", row["eap_ig_act"]),
+                         ("EAP", row["eap"]))), flush=True)
         return row
 
     agree = [compare(0, sub, metric, ig, ex)]

@@ -553,39 +553,49 @@ def test_eap_equals_minus_mask_gradient():
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gemma3"])
 def test_eap_ig_completeness(name):
     """Integrated gradients' completeness, per upstream row: with many steps, the input row of EAP-IG
-    sums to M(corrupted) - M(clean); a layer's head rows of EAP-IG on activations sum to the metric
-    change of patching that layer's attention output from the corrupted run."""
+    sums to M(corrupted) - M(clean); in EAP-IG on activations, a node group's own rows scored with its
+    own runs (the group's output interpolated) sum to the metric change of patching that group's output
+    from the corrupted run (a layer's heads: its attention output; an MLP: its output)."""
+    from factscope.circuits.attribute import _act_group_grads, _act_groups, _deltas, _scores_from_grads
+
     model = _load(name)
     clean, cf, metric = _task(model)
     g = Graph.from_model(model)
     rows = torch.arange(len(clean))
     M = lambda out: float(metric.fn(out, rows).mean())  # noqa: E731
+    l = 1
+
+    def patched(point):
+        with torch.no_grad():
+            with hooks.cache(model, [point], [l]) as c:
+                model.forward(cf)
+            with hooks.patch(model, point, l, c[point, l]):
+                return M(model.forward(clean, positions=metric.positions))
+
     with torch.no_grad():
         m_clean = M(model.forward(clean, positions=metric.positions))
         m_cf = M(model.forward(cf, positions=metric.positions))
-        l = 1
-        with hooks.cache(model, ["attn_out"], [l]) as c:
-            model.forward(cf)
-        with hooks.patch(model, "attn_out", l, c["attn_out", l]):
-            m_patch = M(model.forward(clean, positions=metric.positions))
+    m_patch, m_mlp = patched("attn_out"), patched("mlp_out")
     s = attribute(model, g, clean, cf, metric, method="eap-ig", ablation="counterfactual", steps=64)
     err = abs(float(s[0].sum()) - (m_cf - m_clean))
     assert err <= 0.04 * abs(m_cf - m_clean) + 1e-4  # (right Riemann sum: O(1/steps))
     s5 = attribute(model, g, clean, cf, metric, method="eap-ig", ablation="counterfactual", steps=5)
     assert abs(float(s5[0].sum()) - (m_cf - m_clean)) > 2 * err  # converging with the steps
-    sa = attribute(model, g, clean, cf, metric, method="eap-ig-act", ablation="counterfactual", steps=64)
-    heads = slice(g.up_start(l), g.up_start(l) + model.n_heads)
-    assert abs(float(sa[heads].sum()) - (m_patch - m_clean)) <= 0.04 * abs(m_patch - m_clean) + 1e-4
-    assert abs(float(sa[0].sum()) - float(s[0].sum())) <= 1e-4 * max(1.0, abs(float(s[0].sum())))
-    # an MLP row of EAP-IG on activations sums to the change of patching that MLP's output
-    with torch.no_grad():
-        with hooks.cache(model, ["mlp_out"], [l]) as c:
-            model.forward(cf)
-        with hooks.patch(model, "mlp_out", l, c["mlp_out", l]):
-            m_mlp = M(model.forward(clean, positions=metric.positions))
-    row = g.up_names.index(f"m{l}")
-    assert abs(float(sa[row].sum()) - (m_mlp - m_clean)) <= 0.04 * abs(m_mlp - m_clean) + 1e-4
-    assert abs(m_mlp - m_clean) > 1e-3  # (the check has something to measure)
+
+    _, delta = _deltas(model, clean, "counterfactual", cf, None)
+    groups = {(p, gl): (p, gl, r) for p, gl, r in _act_groups(model, g)}
+
+    def own(group, steps=64):
+        sc = torch.zeros(g.n_up, g.n_down)
+        for idx, grads in _act_group_grads(model, clean, metric, delta, group, steps, 128):
+            _scores_from_grads(g, model, delta[idx], grads, sc, rows=group[2])
+        return float((sc * g.real)[group[2]].sum()) / (len(clean) * steps)
+
+    assert abs(own(groups["attn_out", l]) - (m_patch - m_clean)) <= 0.04 * abs(m_patch - m_clean) + 1e-4
+    assert abs(own(groups["mlp_out", l]) - (m_mlp - m_clean)) <= 0.04 * abs(m_mlp - m_clean) + 1e-4
+    assert abs(m_mlp - m_clean) > 1e-3 and abs(m_patch - m_clean) > 1e-3  # (the checks have something to measure)
+    # the input group's runs are EAP-IG on inputs' runs
+    assert abs(own(groups["resid_pre", 0]) - float(s[0].sum())) <= 1e-4 * max(1.0, abs(float(s[0].sum())))
 
 
 def _spearman_ties(x, y):
@@ -594,31 +604,42 @@ def _spearman_ties(x, y):
     return float(pd.Series(x.double().numpy()).rank().corr(pd.Series(y.double().numpy()).rank()))
 
 
-# measured floors (counterfactual ablation, target NLL, 2 examples; values in bench/README.md)
-AGREEMENT_FLOORS = {"eap": 0.74, "eap-ig": 0.5, "eap-ig-act": 0.65, "eap-ig |score|": 0.7}
+# Spearman floors against exact single-edge patching (counterfactual ablation, both metrics; the
+# measured values are in docs/circuits.md). EAP-IG on activations on |score| (what circuit selection
+# ranks by) is held to the issue's 0.8.
+AGREEMENT_FLOORS = {"eap": 0.74, "eap-ig": 0.5, "eap-ig |score|": 0.7, "eap-ig-act": 0.7, "eap-ig-act |score|": 0.8}
 
 
 @pytest.mark.parametrize("name", CTINY)
-def test_eap_ig_agrees_with_exact(name, capsys):
-    """Agreement of the gradient scores with exact single-edge patching, at the measured level. The
-    tiny models have large random weights (initializer_range 0.2) and are far from linear. Signed
-    Spearman over all real edges, measured: EAP 0.75-0.88, EAP-IG (m=5) 0.52-0.75, EAP-IG on
-    activations 0.67-0.85; EAP-IG on |score| 0.72-0.93. EAP-IG's limit is its definition, not its
-    discretization: with 50 steps (midpoint rule) it is 0.45-0.70 and with hannamw/EAP-IG's
-    alpha = k/m, k = 0..m-1 it is 0.36-0.67 (docs/circuits.md). A reversed interpolation (ablated
-    and clean swapped), a wrong sign or unrelated scores fall below the floors."""
+@pytest.mark.parametrize("metric_name", ["nll", "logit_diff"])
+def test_eap_ig_agrees_with_exact(name, metric_name, capsys):
+    """Agreement of the gradient scores with exact single-edge patching. The tiny models have large
+    random weights (initializer_range 0.2): one edge moves the NLL by up to 4.6 nats, far from linear.
+    Measured signed (|score|) Spearman over all real edges: EAP 0.75-0.90 (0.86-0.96), EAP-IG on
+    inputs (m=5) 0.52-0.82 (0.72-0.93), EAP-IG on activations 0.71-0.90 (0.82-0.97). Exact patching
+    measures one edge removed with the rest clean; EAP-IG on inputs averages gradients along a path
+    on which every node is ablated together, EAP-IG on activations along paths on which one node group
+    at a time is, much nearer the clean run (docs/circuits.md). A wrong sign, gradients taken at the
+    ablated end, scores without the activation difference, or each group scoring only its own rows
+    fall below the floors."""
+    from factscope.circuits.metrics import logit_diff
+
     model = _load(name)
     clean, cf, metric = _task(model)
+    if metric_name == "logit_diff":
+        with torch.no_grad():
+            top, cf_top = model.forward(clean).argmax(-1).tolist(), model.forward(cf).argmax(-1).tolist()
+        metric = logit_diff(model, clean, [[t] for t in top], [[t] for t in cf_top])
     g = Graph.from_model(model)
     ex = attribute(model, g, clean, cf, metric, method="exact", ablation="counterfactual")[g.real].clone()
     rho = {}
     for method in ("eap", "eap-ig", "eap-ig-act"):
         s = attribute(model, g, clean, cf, metric, method=method, ablation="counterfactual", steps=5)[g.real]
         rho[method] = _spearman_ties(s, ex)
-        if method == "eap-ig":
-            rho["eap-ig |score|"] = _spearman_ties(s.abs(), ex.abs())
+        if method != "eap":
+            rho[f"{method} |score|"] = _spearman_ties(s.abs(), ex.abs())
     with capsys.disabled():
-        print(f"\n{name}: Spearman vs exact " + ", ".join(f"{k} {v:.3f}" for k, v in rho.items()))
+        print(f"\n{name} {metric_name}: Spearman vs exact " + ", ".join(f"{k} {v:.3f}" for k, v in rho.items()))
     assert all(rho[k] >= AGREEMENT_FLOORS[k] for k in rho), rho
 
 
@@ -671,11 +692,12 @@ def test_unsupported_families_get_one_clear_error(name):
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gemma3"])
 def test_eap_ig_with_one_step_is_eap(name):
-    """One integration step (alpha = 1: the gradient at the clean input) is EAP."""
+    """One integration step (alpha = 1: the gradient at the clean run) is EAP, on inputs and on activations."""
     model = _load(name)
     clean, cf, metric = _task(model)
     g = Graph.from_model(model)
-    one = attribute(model, g, clean, cf, metric, method="eap-ig", ablation="counterfactual", steps=1)
     eap = attribute(model, g, clean, cf, metric, method="eap", ablation="counterfactual")
     assert eap.abs().max() > 1e-3
-    assert torch.allclose(one, eap, atol=1e-5, rtol=1e-4)
+    for method in ("eap-ig", "eap-ig-act"):  # on activations: the mean over the groups' clean runs
+        one = attribute(model, g, clean, cf, metric, method=method, ablation="counterfactual", steps=1)
+        assert torch.allclose(one, eap, atol=1e-5, rtol=1e-4), method

@@ -441,10 +441,11 @@ def test_cli_evaluate_writes_the_table_and_summary(tmp_path):
     import json
 
     out = tmp_path / "ev"
-    r = _cli("circuit", "evaluate", *_TINY, "--method", "eap", "--edges", "40", "--random-seeds", "2",
-             "--out", str(out))
+    r = _cli("circuit", "evaluate", *_TINY, "--method", "eap-ig-act", "--steps", "2", "--edges", "40",
+             "--random-seeds", "2", "--out", str(out))
     assert r.exit_code == 0, r.output
     c = json.loads((out / "summary.json").read_text())["circuit"]
+    assert c["method"] == "eap-ig-act"
     assert c["n_edges"] <= 40 and c["n_edges_total"] > 40
     for k in ("hit1", "hit10", "mrr"):
         assert set(c[k]) >= {"full", "circuit", "random", "random_std"}

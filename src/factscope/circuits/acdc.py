@@ -64,7 +64,7 @@ def receiver_nodes(up_names: list[str], down_names: list[str]) -> list[list[int]
     return out
 
 
-def acdc(graph, run_many: ManyRunner, badness_sign: float = 1.0, threshold: float = 0.01,
+def acdc(graph, run_many: ManyRunner, badness_sign: float = 1.0, threshold: float = 0.1,
          max_batch: int = 64, progress: bool = False):
     """Prune ``graph`` with ACDC; sets ``graph.in_graph`` to the kept edges and ``graph.scores`` to each
     evaluated edge's metric change (0 for edges dropped with a disconnected receiver); returns graph.

@@ -12,9 +12,12 @@ features and averaged over examples (as ``hannamw/EAP-IG`` ``attribute.py``):
   not the clean one; ours agrees better with exact single-edge patching, see docs/circuits.md).
   All steps run as one batch.
 - ``eap-ig-act``: per upstream node group (the input, one layer's heads together, one MLP), the
-  group's output is interpolated between ablated and clean while the rest of the model runs as
-  usual, and the group's rows are scored with the gradients of its own runs (EAP-IG's
-  ``get_scores_ig_activations`` sums the gradients of every group's runs for every edge).
+  group's output is interpolated between ablated and clean (alpha = k/steps, k = 1..steps) while the
+  rest of the model runs as usual; as EAP-IG's ``get_scores_ig_activations``, the gradients of every
+  group's runs score every edge (the mean over groups and steps). EAP-IG sets the group's output to a
+  constant, which cuts the gradient through the group; ours shifts the live output, so ``steps=1``
+  is EAP. Each run is near the clean one (one group moved), which is why it agrees with exact
+  single-edge patching better than ``eap-ig`` (every node moved together; docs/circuits.md).
 - ``exact``: the metric change of removing each edge alone. For the receivers of layer ``l``, many
   copies of the batch run from layer ``l`` on (:func:`factscope.hooks.start_at` on the cached clean
   residual), each with one edge's ``ablated_u - clean_u`` added to its receiver's input; edges into
@@ -141,35 +144,46 @@ def _eap_ig(model, graph, clean, metric, delta, clean_out, steps: int, scores, m
     scores /= B * steps
 
 
-def _eap_ig_act(model, graph, clean, metric, delta, clean_out, steps: int, scores, max_rows: int) -> None:
-    """Per node group (input, layer l's heads, MLP l): interpolate its output, score its rows."""
-    B, L, H = len(clean), model.n_layers, model.n_heads
-    alphas = torch.arange(1, steps + 1, dtype=clean_out.dtype, device=clean_out.device) / steps
+def _act_groups(model, graph) -> list:
+    """EAP-IG's node groups for IG on activations: the input, each layer's heads together, each MLP
+    (hook point, layer, their upstream rows)."""
+    H = model.n_heads
     groups = [("resid_pre", 0, slice(0, 1))]
-    for l in range(L):
+    for l in range(model.n_layers):
         s = graph.up_start(l)
         groups += [("attn_out", l, slice(s, s + H)), ("mlp_out", l, slice(s + H, s + H + 1))]
-    per = max(1, max_rows // steps)
-    for point, l, rows_u in groups:
-        for idx in _chunks(B, per):
-            n = len(idx)
-            sub = _rows(clean, idx).repeat(steps)
-            # the group's clean and ablated outputs (heads summed: attn_out = heads + output bias)
-            c = clean_out[idx, :, rows_u].sum(2)
-            a = c + delta[idx, :, rows_u].sum(2)
+    return groups
 
-            def fn(x, l_, c=c, a=a, n=n):
-                # x (the live output) differs from clean only by the output bias for attn_out
-                bias = (x.detach().view(n, steps, *x.shape[1:]) - c.unsqueeze(1))
-                new = a.unsqueeze(1) + alphas.view(1, -1, 1, 1) * (c - a).unsqueeze(1) + bias
-                return new.reshape(x.shape)
 
-            rows = idx.repeat_interleave(steps)
-            grads = _receiver_grads(model, sub, lambda lg: metric.fn(lg, rows.to(lg.device)),
-                                    metric.positions[rows], hooks.edit(model, point, l, fn))
-            grads = {k: g.view(n, steps, *g.shape[1:]).sum(1) for k, g in grads.items()}
-            _scores_from_grads(graph, model, delta[idx], grads, scores, rows=rows_u)
-    scores /= B * steps
+def _act_group_grads(model, clean, metric, delta, group, steps: int, max_rows: int):
+    """Yield (example indices, receiver gradients summed over the steps) of the runs in which
+    ``group``'s output goes from ablated to clean (alpha = k/steps, k = 1..steps) and the rest of the
+    model runs as usual."""
+    point, l, rows_u = group
+    alphas = torch.arange(1, steps + 1, dtype=delta.dtype, device=delta.device) / steps
+    for idx in _chunks(len(clean), max(1, max_rows // steps)):
+        n = len(idx)
+        sub = _rows(clean, idx).repeat(steps)
+        d = delta[idx, :, rows_u].sum(2)  # the group's ablated - clean output (heads summed)
+
+        def fn(x, l_, d=d):
+            # the live output (clean here) moved to ablated + alpha (clean - ablated)
+            return x + ((1 - alphas).view(1, -1, 1, 1) * d.unsqueeze(1)).reshape(x.shape)
+
+        rows = idx.repeat_interleave(steps)
+        grads = _receiver_grads(model, sub, lambda lg: metric.fn(lg, rows.to(lg.device)),
+                                metric.positions[rows], hooks.edit(model, point, l, fn))
+        yield idx, {k: g.view(n, steps, *g.shape[1:]).sum(1) for k, g in grads.items()}
+
+
+def _eap_ig_act(model, graph, clean, metric, delta, steps: int, scores, max_rows: int) -> None:
+    """As EAP-IG's ``get_scores_ig_activations``: the gradients of every group's runs score every edge
+    (the mean over all groups and steps)."""
+    groups = _act_groups(model, graph)
+    for group in groups:
+        for idx, grads in _act_group_grads(model, clean, metric, delta, group, steps, max_rows):
+            _scores_from_grads(graph, model, delta[idx], grads, scores)
+    scores /= len(clean) * steps * len(groups)
 
 
 def unembed_metric(model, metric, h: torch.Tensor, rows: torch.Tensor, max_logit_rows: int = 64) -> torch.Tensor:
@@ -285,7 +299,7 @@ def attribute(model, graph: Graph, clean, corrupted, metric, method: str = "eap-
     elif method == "eap-ig":
         _eap_ig(model, graph, clean, metric, delta, clean_out, steps, scores, max_rows)
     elif method == "eap-ig-act":
-        _eap_ig_act(model, graph, clean, metric, delta, clean_out, steps, scores, max_rows)
+        _eap_ig_act(model, graph, clean, metric, delta, steps, scores, max_rows)
     else:
         _exact(model, graph, clean, metric, delta, scores, max_rows)
     scores = scores.cpu() * graph.real

@@ -12,8 +12,9 @@ from factscope.errors import FactscopeError
 def _common(f):
     options = [
         click.option("--method", type=click.Choice(METHODS), default="eap-ig", show_default=True,
-                     help="eap-ig (integrated gradients), eap (one gradient), acdc (greedy pruning), exact "
-                          "(each edge patched alone)."),
+                     help="eap-ig (integrated gradients, interpolating the input embeddings), eap-ig-act "
+                          "(integrated gradients, interpolating one node group's output at a time), eap "
+                          "(one gradient), acdc (greedy pruning), exact (each edge patched alone)."),
         click.option("--metric", type=click.Choice(["nll", "logit_diff", "kl"]), default="nll", show_default=True,
                      help="Target NLL over the answer tokens, logit difference to the counterfactual answer, "
                           "or KL to the clean distribution."),
@@ -21,8 +22,9 @@ def _common(f):
                      help="Value of a removed edge: zero (the paper), the mean over D_val, or the "
                           "counterfactual prompt's activation."),
         click.option("--steps", type=click.IntRange(1, 100), default=5, show_default=True, help="EAP-IG steps."),
-        click.option("--threshold", type=float, default=0.01, show_default=True,
-                     help="ACDC: keep an edge when removing it worsens the metric by at least this."),
+        click.option("--threshold", type=float, default=0.1, show_default=True,
+                     help="ACDC: keep an edge when removing it worsens the metric by at least this "
+                          "(0.1: the paper's run script)."),
         click.option("--edge-fraction", type=float, default=0.05, show_default=True,
                      help="Circuit size as a fraction of the graph's edges (EAP, EAP-IG, exact)."),
         click.option("--selection", type=click.Choice(["topn", "greedy"]), default="topn", show_default=True,

@@ -26,7 +26,7 @@ from factscope.circuits.evaluate import (
 )
 from factscope.errors import FactscopeError
 
-METHODS = ("eap-ig", "eap", "acdc", "exact")
+METHODS = ("eap-ig", "eap-ig-act", "eap", "acdc", "exact")
 ABLATIONS = ("zero", "mean", "counterfactual")
 
 
@@ -36,7 +36,7 @@ class Options:
     metric: str = "nll"
     ablation: str = "zero"
     steps: int = 5
-    threshold: float = 0.01
+    threshold: float = 0.1
     edge_fraction: float = 0.05
     selection: str = "topn"
     n_edges: int | None = None
@@ -242,7 +242,7 @@ def run_discover(run, model, data, opts: Options, dataset: str, progress: bool =
     run.add_section(
         "circuit_discover", "Circuit",
         f"Method **{opts.method}** ({opts.metric} metric, {opts.ablation} ablation"
-        f"{f', {opts.steps} steps' if opts.method == 'eap-ig' else ''}) on {len(data)} known facts of "
+        f"{f', {opts.steps} steps' if opts.method.startswith('eap-ig') else ''}) on {len(data)} known facts of "
         f"`{dataset}`. The circuit: {how}. Layers run bottom (embeddings) to top (logits); inside a "
         f"layer: attention heads, the shared key/value input (grouped-query models), the MLP. Edge colour "
         f"is the signed score, width |score|. The interactive view with a slider for the number of edges "
