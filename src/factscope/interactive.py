@@ -66,7 +66,7 @@ def _axis_spec(ax: Any, which: str) -> dict:
     ticks = [t for t in axis.get_ticklabels() if t.get_text()]
     locs = axis.get_ticklocs()
     texts = [t.get_text() for t in axis.get_ticklabels()]
-    if ticks and any(not _is_plain_number(t) for t in texts if t):
+    if ticks and not log and any(not _is_plain_number(t) for t in texts if t):
         spec["tickvals"] = _num(locs[: len(texts)])
         spec["ticktext"] = texts[: len(locs)]
     return spec
@@ -74,7 +74,7 @@ def _axis_spec(ax: Any, which: str) -> dict:
 
 def _is_plain_number(text: str) -> bool:
     try:
-        float(text.replace("−", "-").replace("$", "").replace("{", "").replace("}", "").replace("^", "e"))
+        float(text.replace("\\mathdefault", "").replace("−", "-").replace("$", "").replace("{", "").replace("}", "").replace("^", "e"))
         return True
     except ValueError:
         return False

@@ -566,9 +566,10 @@ class Run:
 
     # ---- figures -----------------------------------------------------------------------------
 
-    def save_figure(self, name: str, fig: Any, dpi: int = 130) -> Path:
+    def save_figure(self, name: str, fig: Any, dpi: int = 130, interactive: bool = True) -> Path:
         """Write a matplotlib figure to ``DIR/name.png`` atomically and close it; its interactive copy
-        (``interactive.to_plotly``) goes to ``DIR/name.plotly.json`` when the figure converts."""
+        (``interactive.to_plotly``) goes to ``DIR/name.plotly.json`` when the figure converts (and
+        ``interactive``: False for figures with an interactive view of their own)."""
         from factscope.interactive import to_plotly
 
         path = self.figure_path(name)
@@ -577,7 +578,7 @@ class Run:
         try:
             fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
             try:
-                spec = to_plotly(fig)
+                spec = to_plotly(fig) if interactive else None
             except Exception:  # a converter gap must never cost a run its figure: the PNG is shown
                 spec = None
         finally:

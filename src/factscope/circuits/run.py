@@ -160,7 +160,8 @@ def write_circuit(run, model, g, title: str, prefix: str = "circuit") -> dict:
     run.save_table(f"{prefix}_scores", _edge_table(g))
     files = views.write_dot(g, run.path(f"{prefix}.dot"))
     views.write_html(g, run.path(f"{prefix}_view.html"), title=title, initial=min(int(g.in_graph.sum()), 150))
-    run.save_figure(prefix, views.plot_circuit(g, title=title, max_edges=150))
+    # static: the circuit's interactive view is circuit_view.html (nodes, hover, edge slider)
+    run.save_figure(prefix, views.plot_circuit(g, title=title, max_edges=150), interactive=False)
     return {"svg": any(p.suffix == ".svg" for p in files)}
 
 
