@@ -119,21 +119,11 @@ def test_interactive_figures_offline(tmp_path):
 
 
 def test_report_renders_in_headless_chromium(tmp_path):
-    browser, driver_path = _find_browser()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    """The static report (--static): images decode, the table is escaped, anchors resolve."""
     from selenium.webdriver.common.by import By
 
     run = _build_run(tmp_path)
-    profile = tempfile.mkdtemp(prefix="factscope-chromium-", dir=tmp_path)
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1200,1600", f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    driver = _chromium(tmp_path)
     try:
         driver.get((run.dir / "report.html").resolve().as_uri())
         assert driver.title == "factscope browser-test — tiny-llama"
