@@ -111,7 +111,12 @@ def test_interactive_figures_offline(tmp_path):
         assert severe == [], severe
         driver.save_screenshot(str(run.dir / "screenshot_1400.png"))
         driver.set_window_size(390, 1200)
-        driver.save_screenshot(str(run.dir / "screenshot_390.png"))
+        # Plotly's responsive figures follow the window after a short debounce
+        try:
+            WebDriverWait(driver, 5).until(lambda d: d.execute_script(
+                "return document.documentElement.scrollWidth") <= 400)
+        finally:
+            driver.save_screenshot(str(run.dir / "screenshot_390.png"))
         width = driver.execute_script("return document.documentElement.scrollWidth")
         assert width <= 400, f"the page scrolls sideways at phone width ({width} px)"
     finally:
