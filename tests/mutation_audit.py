@@ -160,8 +160,8 @@ ITEMS = [
     ("I18", "hooks.py", "    if mask is not None:\n        scores = scores + mask\n", "    if mask is not None and module.layer_idx < 2:\n        scores = scores + mask\n", "recorded probs unmasked from layer 2 on (outputs intact)", "test_substrate.py", "attention_probabilities or sliding or knockout or weights"),
     ("I12", "report.py", "f\"<figcaption>{esc(cap)}", "f\"<figcaption>{cap}", "figure caption not escaped", "test_runs.py", "report"),
     ("I13", "report.py", "parts.append(f\"<h3>{esc(tab['caption'])}</h3>\")", "parts.append(f\"<h3>{tab['caption']}</h3>\")", "table caption not escaped", "test_runs.py", "report"),
-    ("I14", "report.py", "f'<div class=\"card\"><div class=\"k\">{esc(k)}</div><div class=\"v\">{esc(format_value(v))}</div></div>'", "f'<div class=\"card\"><div class=\"k\">{esc(k)}</div><div class=\"v\">{format_value(v)}</div></div>'", "summary card values not escaped", "test_runs.py", "report"),
-    ("I15", "report.py", "+ \"\".join(f\"<dt>{esc(k)}</dt><dd>{esc(format_value(v, 400))}</dd>\" for k, v in long)", "+ \"\".join(f\"<dt>{esc(k)}</dt><dd>{format_value(v, 400)}</dd>\" for k, v in long)", "long summary values not escaped", "test_runs.py", "report"),
+    ("I14", "report.py", "f'<div class=\"v\">{esc(format_value(v))}</div></div>'", "f'<div class=\"v\">{format_value(v)}</div></div>'", "summary card values not escaped", "test_runs.py", "report"),
+    ("I15", "report.py", "<dd>{esc(format_value(v, 400))}</dd>'", "<dd>{format_value(v, 400)}</dd>'", "long summary values not escaped", "test_runs.py", "report"),
     ("I16", "report.py", "return '<dl class=\"kv\">' + \"\".join(f\"<dt>{esc(a)}</dt><dd>{esc(b)}</dd>\" for a, b in rows) + \"</dl>\"", "return '<dl class=\"kv\">' + \"\".join(f\"<dt>{a}</dt><dd>{b}</dd>\" for a, b in rows) + \"</dl>\"", "files block not escaped", "test_runs.py", "report"),
     ("I17", "report.py", "return sum(1 for line in f if line.endswith(b\"\\n\") and line.strip())", "return sum(1 for line in f if line.strip())", "torn checkpoint line counted", "test_runs.py", "report"),
 ]
