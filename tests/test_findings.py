@@ -189,3 +189,24 @@ def test_tokens_show_their_whitespace():
     assert visible_whitespace("a\nb") == "a↵b" and visible_whitespace("The Eiffel Tower is") == "The Eiffel Tower is"
     html = render_table(pd.DataFrame({"top1": [" Paris", " ", "\n"], "p": [0.5, 0.25, 0.25]}), "t")
     assert "<td>␣Paris</td>" in html and "<td>␣</td>" in html and "<td>↵</td>" in html
+
+
+def test_report_compares_two_runs(tmp_path):
+    runs = []
+    for name, drop, held in (("model-a", 0.8, True), ("model-b", 0.3, False)):
+        run = Run.create(tmp_path / name, {"analysis": "x", "model": name})
+        run.update_summary({"knockout": {"drop": drop}})
+        run.add_section("k", "Knockout", "", findings=[f"{name} drops {drop}."],
+                        claims=[Claim("Subject flow matters", "paper", f"drop {drop}", held)])
+        runs.append(run)
+    out = tmp_path / "cmp.html"
+    r = CliRunner().invoke(main, ["report", str(runs[0].dir), str(runs[1].dir), "--compare", str(out)])
+    assert r.exit_code == 0, r.output
+    html = out.read_text()
+    row = re.search(r"<tr><td>Subject flow matters</td>(.*?)</tr>", html, re.S).group(1)
+    assert row.index("✓ holds") < row.index("✗ does not hold") and "drop 0.8" in row and "drop 0.3" in row
+    assert "model-a drops 0.8." in html and "model-b drops 0.3." in html
+    num = re.search(r"Knockout › drop</td>(.*?)</tr>", html, re.S).group(1)
+    assert re.findall(r"<td class=num>([^<]*)</td>", num) == ["0.8", "0.3", "", "-0.5"]
+    bad = CliRunner().invoke(main, ["report", str(runs[0].dir), "--compare", str(out)])
+    assert bad.exit_code == 2 and "two run directories" in bad.output

@@ -156,13 +156,23 @@ def main() -> None:
 @click.option("--title", default=None, help="Report title (default: from the run's config).")
 @click.option("--static", is_flag=True, help="PNG figures only (no interactive figures, no JavaScript).")
 @click.option("--open", "open_", is_flag=True, help="Open the report in the web browser afterwards.")
-def report_command(dirs: tuple[Path, ...], title: str | None, static: bool, open_: bool) -> None:
-    """Re-render DIR/report.html from the result files of each run DIR."""
-    from factscope.runs import Run
+@click.option("--compare", "compare", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write one page comparing the runs side by side (claims, findings, numbers) to this file.")
+def report_command(dirs: tuple[Path, ...], title: str | None, static: bool, open_: bool, compare: Path | None) -> None:
+    """Re-render DIR/report.html from the result files of each run DIR (or, with --compare FILE,
+    one page comparing the runs side by side, e.g. two models)."""
+    from factscope.runs import Run, atomic_write_text
 
     runs = [Run.open(d) for d in dirs]  # check every DIR before writing anything
-    for run in runs:
-        path = run.write_report(title=title, static=static)
+    if compare is not None:
+        from factscope.report import render_comparison
+
+        if len(runs) < 2:
+            raise click.UsageError("--compare needs at least two run directories")
+        paths = [atomic_write_text(compare, render_comparison(runs))]
+    else:
+        paths = [run.write_report(title=title, static=static) for run in runs]
+    for path in paths:
         click.echo(str(path))
         if open_:
             import webbrowser
