@@ -210,3 +210,40 @@ def test_report_compares_two_runs(tmp_path):
     assert re.findall(r"<td class=num>([^<]*)</td>", num) == ["0.8", "0.3", "", "-0.5"]
     bad = CliRunner().invoke(main, ["report", str(runs[0].dir), "--compare", str(out)])
     assert bad.exit_code == 2 and "two run directories" in bad.output
+
+
+def _facts_run(tmp_path, n=3):
+    import numpy as np
+    import pandas as pd
+
+    run = Run.create(tmp_path / "facts", {"analysis": "x"})
+    ids = [f"f{i}" for i in range(n)]
+    run.save_table("known_facts", pd.DataFrame({"id": ids, "subject": [f"S{i}" for i in range(n)],
+                                                "prompt": [f"S{i} lives in" for i in range(n)],
+                                                "target": ["Paris"] * n, "top1": [" Paris"] * n,
+                                                "rank": list(range(n)), "known": [True] * n}))
+    run.save_table("flow_knockout_facts", pd.DataFrame(
+        [{"key": f, "set": s, "layer": l, "change": 10.0 * i + l + (s == "last")}
+         for i, f in enumerate(ids) for s in ("subject", "last") for l in (1, 0)]))
+    run.save_table("hijack_results", pd.DataFrame(
+        [{"fact_id": f, "scheme": "generic", "n": k, "lp_true": -0.5 * k, "lp_false": -3.0 + k}
+         for f in ids for k in range(3)]))
+    return run, ids
+
+
+def test_facts_data_joins_every_per_fact_table(tmp_path):
+    import math
+
+    from factscope.drilldown import facts_data
+
+    run, ids = _facts_run(tmp_path)
+    d = facts_data(run)
+    assert d["key"] == "id" and [r[0] for r in d["rows"]] == ids and d["columns"][:3] == ["id", "subject", "prompt"]
+    charts = {c["title"]: c for c in d["series"]["f1"]}
+    ko = charts["Attention knockout (flow_knockout_facts)"]["lines"]
+    assert ko == {"subject": [[0, 10.0], [1, 11.0]], "last": [[0, 11.0], [1, 12.0]]}  # sorted by layer
+    p_true = charts["Hijacking: P(true target)"]["lines"]["generic"]
+    assert p_true == [[k, round(math.exp(-0.5 * k), 5)] for k in range(3)]
+    assert set(d["series"]) == set(ids)
+    empty = Run.create(tmp_path / "none", {"analysis": "y"})
+    assert facts_data(empty) is None

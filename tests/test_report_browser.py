@@ -157,3 +157,55 @@ def test_report_renders_in_headless_chromium(tmp_path):
         assert severe == [], severe
     finally:
         driver.quit()
+
+
+def test_facts_table_filters_sorts_and_opens_a_fact(tmp_path):
+    """A 1,000-fact run: the page loads (time printed), the search filters, a header click sorts,
+    and a fact's panel shows its prompt with the subject marked and its own knockout numbers."""
+    import time
+
+    from selenium.webdriver.common.by import By
+
+    n = 1000
+    run = Run.create(tmp_path / "facts", {"command": "facts-test", "model": "tiny-llama"})
+    ids = [f"f{i:04d}" for i in range(n)]
+    run.save_table("known_facts", pd.DataFrame({"id": ids, "subject": [f"Subject {i}" for i in range(n)],
+                                                "prompt": [f"Subject {i} is located in" for i in range(n)],
+                                                "target": ["Paris"] * n, "rank": [i % 7 for i in range(n)]}))
+    run.save_table("knockout_facts", pd.DataFrame(
+        [{"key": f, "set": "subject", "layer": l, "change": -float(i % 50) - l} for i, f in enumerate(ids)
+         for l in range(18)]))
+    run.add_section("k", "Knockout", "per-fact data only")
+    path = run.write_report()
+    driver = _chromium(tmp_path)
+    try:
+        t = time.perf_counter()
+        driver.get(path.resolve().as_uri())
+        load = time.perf_counter() - t
+        ms = driver.execute_script("return performance.getEntriesByType('navigation')[0].loadEventEnd")
+        print(f"1,000-fact report: {path.stat().st_size / 1e6:.1f} MB, loaded in {load:.2f} s (load event {ms:.0f} ms)")
+        assert load < 10
+        count = driver.find_element(By.CSS_SELECTOR, ".facts-count")
+        assert count.text == "1000 of 1000 facts, first 50 shown"
+        assert len(driver.find_elements(By.CSS_SELECTOR, "table.facts tbody tr")) == 50  # built a page at a time
+        driver.find_element(By.CSS_SELECTOR, "input.facts-search").send_keys("Subject 123 ")
+        assert count.text == "1 of 1000 facts"
+        driver.find_element(By.CSS_SELECTOR, "input.facts-search").clear()
+        driver.execute_script("document.querySelector('input.facts-search').dispatchEvent(new Event('input'))")
+        rank = driver.find_elements(By.CSS_SELECTOR, "table.facts thead th")[4]
+        rank.click()
+        rank.click()  # descending
+        first = driver.find_element(By.CSS_SELECTOR, "table.facts tbody tr")
+        assert first.find_elements(By.TAG_NAME, "td")[4].text == "6"
+        driver.find_element(By.CSS_SELECTOR, "input.facts-search").send_keys("f0123")
+        driver.find_element(By.CSS_SELECTOR, "table.facts tbody tr").click()
+        panel = driver.find_element(By.CSS_SELECTOR, ".fact-panel")
+        assert panel.is_displayed()
+        assert panel.find_element(By.TAG_NAME, "mark").text == "Subject 123"
+        y = driver.execute_script("return document.querySelector('.fact-chart').data[0].y")
+        assert y == [-(123 % 50) - l for l in range(18)]
+        severe = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+        assert severe == [], severe
+        driver.save_screenshot(str(run.dir / "screenshot_fact.png"))
+    finally:
+        driver.quit()
