@@ -53,8 +53,17 @@ SERIES = [
 ]
 
 
+def _ends(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("_" + suffix)
+
+
 def _tables_ending(run: "Run", suffix: str) -> list[str]:
-    return [t for t in run.tables() if t == suffix or t.endswith("_" + suffix)]
+    return [t for t in run.tables() if _ends(t, suffix)]
+
+
+def is_fact_table(name: str) -> bool:
+    """Whether the Facts section reads the table ``name`` (a listing or per-fact curves)."""
+    return any(_ends(name, s) for s in [*(f[0] for f in FACT_TABLES), *(s.suffix for s in SERIES)])
 
 
 def _clean(v: Any) -> Any:

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from factscope.drilldown import DRILLDOWN_JS, facts_block
+from factscope.drilldown import DRILLDOWN_JS, facts_block, is_fact_table
 from factscope.layout import CHECKPOINT_DIR, NON_DEFINING_KEYS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -451,12 +451,43 @@ def _as_item(entry: Any) -> dict[str, str]:
     return {"name": str(entry), "caption": ""}
 
 
+_FILE_KINDS = {"config.json": "the options that define the run", "summary.json": "every headline number",
+               "sections.json": "the report's layout, findings and claims",
+               "graph.json": "the circuit graph: every edge's score and membership (factscope's format)",
+               "circuit_eap.json": "the circuit in EAP-IG/MIB's graph format",
+               "circuit_view.html": "the circuit's interactive layered view"}
+
+
+def _file_note(name: str, used: Mapping[str, str]) -> str:
+    """What a run file holds, in words: its kind and the report section that shows it."""
+    stem = name.split(".")[0]
+    if name in _FILE_KINDS:
+        return _FILE_KINDS[name]
+    if name.endswith(".plotly.json"):
+        what = "interactive copy of the figure (same numbers)"
+    elif name.endswith(".png"):
+        what = "figure"
+    elif name.endswith(".csv"):
+        what = "table"
+    else:
+        what = "data"
+    where = used.get(stem)
+    if where is None and what == "table" and is_fact_table(stem):
+        where = "Facts"
+    return f"{what}, in “{where}”" if where else f"{what} (not shown in the report)"
+
+
 def _files_block(run: "Run") -> str:
+    used: dict[str, str] = {}
+    for sec in run.sections:
+        for item in [*(sec.get("figures") or []), *(sec.get("tables") or [])]:
+            used.setdefault(_as_item(item)["name"], str(sec.get("title") or sec.get("key")))
     rows = []
     for p in sorted(run.dir.iterdir()):
-        if p.name.startswith(".") or not p.is_file() or p.suffix not in (".csv", ".png", ".json"):
+        if p.name.startswith(".") or not p.is_file() or p.suffix not in (".csv", ".png", ".json", ".html") \
+                or p.name == "report.html":
             continue
-        rows.append((p.name, _size(p.stat().st_size)))
+        rows.append((p.name, f"{_file_note(p.name, used)} · {_size(p.stat().st_size)}"))
     ck_dir = run.dir / CHECKPOINT_DIR
     if ck_dir.is_dir():
         for p in sorted(ck_dir.glob("*.jsonl")):
