@@ -837,8 +837,8 @@ def lca_findings(summary: dict) -> dict:
     elif key == "constructed":
         f.append(f"The theorem's constructed value matrix reaches {s['constructed']:.2f} (trained {s['trained']:.2f}, "
                  f"random {s['random']:.2f}, the training's start {s['initial']:.2f}).")
-        c.append(Claim("The constructed value matrix works like a trained one",
-                       f"{paper}: the construction of the theorem solves the task as a trained W_V does",
+        c.append(Claim("The theorem's constructed value matrix solves the task (above a random one)",
+                       f"{paper}: the construction of the theorem solves the task, as a trained W_V does",
                        f"constructed {s['constructed']:.2f}, trained {s['trained']:.2f}, random {s['random']:.2f}",
                        _above(s["constructed"], s["random"], s["constructed_std"], s["random_std"])))
     elif key == "embeddings":
