@@ -30,7 +30,7 @@ import urllib.request
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from factscope.errors import FactscopeError
 
@@ -540,7 +540,13 @@ def load_facts(dataset: str, limit: int | None = None, seed: int = 0) -> list[Fa
     whole data set (:func:`add_false_targets`, seeded with ``seed``). With ``limit``, a seeded
     random subset of ``limit`` facts is returned in data-set order.
     """
-    facts = add_false_targets(_load_all(dataset), seed=seed)
+    return seeded_subset(add_false_targets(_load_all(dataset), seed=seed), limit, seed)
+
+
+def seeded_subset(facts: Sequence[Fact], limit: int | None, seed: int = 0) -> list[Fact]:
+    """A seeded random subset of ``limit`` of ``facts`` (all when ``limit`` is None or larger), in
+    their order."""
+    facts = list(facts)
     if limit is not None:
         if limit < 0:
             raise FactscopeError(f"limit must be >= 0, got {limit}")

@@ -2,10 +2,17 @@
 
 ``Graph`` (graph.py), ``run_masked`` (patching.py) and ``attribute`` (attribute.py); see
 docs/circuits.md.
+
+From Python, the ``circuit`` commands are one call each, returning a
+:class:`factscope.notebook.Result`: ``factscope.circuits.discover(model, dataset, method="eap-ig")``,
+``factscope.circuits.evaluate(model, dataset)`` and ``factscope.circuits.lens(model, dataset)``
+(the modules evaluate.py and lens.py are callable).
 """
 
 from factscope.circuits.graph import Graph
 from factscope.circuits.patching import run_masked
 from factscope.circuits.attribute import attribute  # (binds the function over the submodule's name)
+from factscope.circuits import evaluate, lens  # callable modules (factscope.notebook.callable_module)
+from factscope.circuits.run import analyse_discover as discover
 
-__all__ = ["Graph", "run_masked", "attribute"]
+__all__ = ["Graph", "run_masked", "attribute", "discover", "evaluate", "lens"]

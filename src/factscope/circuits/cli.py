@@ -80,18 +80,15 @@ def _create_run(common: Common, model, kw: dict, opts, command: str, **extra):
 @_common
 def discover_cmd(common: Common, **kw):
     """Score every edge on the known facts of a relation; write the graph, scores and views."""
-    from factscope.circuits.data import build
-    from factscope.circuits.run import run_discover
+    from factscope.circuits.run import discover_known
 
     opts, model, facts, table = _prepare(common, kw, {}, need=2)
     if len(facts) < 2:
         raise FactscopeError(f"{model.name} knows {len(facts)} facts of {common.dataset}; need at least 2")
-    data = build(model, facts, seed=common.seed)
     run = _create_run(common, model, kw, opts, "discover")
-    run.save_table("known_facts", table)
-    g = run_discover(run, model, data, opts, common.dataset, progress=common.progress)
+    g = discover_known(run, model, facts, table, opts, common.dataset, progress=common.progress)
     run.write_report(title=f"Circuit discovery: {model.name}")
-    click.echo(f"{len(data)} facts; circuit of {int(g.in_graph.sum())} of {int(g.real.sum())} edges; wrote {run.dir}")
+    click.echo(f"{run.summary['circuit']['n_facts_discovery']} facts; circuit of {int(g.in_graph.sum())} of {int(g.real.sum())} edges; wrote {run.dir}")
 
 
 @circuit.command("evaluate")
@@ -104,8 +101,7 @@ def discover_cmd(common: Common, **kw):
               help="Also run exact edge patching on this many D_val facts and report the Spearman correlation.")
 def evaluate_cmd(common: Common, val_fraction, n_random, no_curve, compare_exact, **kw):
     """Discover on D_val, evaluate the circuit standalone on D_test (Hit@1/10, MRR, faithfulness, CPR/CMD)."""
-    from factscope.circuits.data import build, split
-    from factscope.circuits.run import run_evaluate
+    from factscope.circuits.run import evaluate_known
 
     if not 0 < val_fraction < 1:
         raise FactscopeError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
@@ -114,17 +110,12 @@ def evaluate_cmd(common: Common, val_fraction, n_random, no_curve, compare_exact
     if len(facts) < 4:
         raise FactscopeError(f"{model.name} knows only {len(facts)} facts of {common.dataset} (top-{kw['known_top_k']}); "
                              f"evaluation needs at least 4 (another relation, or a larger --known-top-k)")
-    val, test = split(facts, val_fraction, common.seed)
-    d_val, d_test = build(model, val, seed=common.seed), build(model, test, seed=common.seed + 1)
     run = _create_run(common, model, kw, opts, "evaluate", val_fraction=val_fraction)
-    run.save_table("known_facts", table)
-    run.update_summary({"data": {"n_facts": len(table), "n_known": int(table["known"].sum()), "n_used": len(facts),
-                                 "n_val": len(d_val), "n_test": len(d_test),
-                                 "dropped_no_partner": len(d_val.dropped) + len(d_test.dropped)}})
-    ev, _ = run_evaluate(run, model, d_val, d_test, opts, common.dataset, progress=common.progress)
+    ev, _ = evaluate_known(run, model, facts, table, opts, common.dataset, val_fraction, progress=common.progress)
+    d = run.summary["data"]
     run.write_report(title=f"Circuit evaluation: {model.name}")
     h, m = ev.ranks["hit10"], ev.ranks["mrr"]
-    click.echo(f"D_val {len(d_val)}, D_test {len(d_test)} facts; circuit {ev.n_edges}/{ev.n_edges_total} edges")
+    click.echo(f"D_val {d['n_val']}, D_test {d['n_test']} facts; circuit {ev.n_edges}/{ev.n_edges_total} edges")
     click.echo(f"Hit@10 full {h['full']:.2f} circuit {h['circuit']:.2f} random {h['random']:.2f}±{h['random_std']:.2f}; "
                f"MRR full {m['full']:.2f} circuit {m['circuit']:.2f} random {m['random']:.2f}; "
                f"faithfulness {ev.faithfulness:.2f}, CPR {ev.cpr:.2f}, CMD {ev.cmd:.2f}")

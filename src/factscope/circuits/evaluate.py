@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from factscope.errors import FactscopeError
+from factscope.notebook import callable_module
 
 FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 RANK_KEYS = ("hit1", "hit10", "mrr")
@@ -236,3 +237,14 @@ def masked_runner(model, batch, positions: torch.Tensor, ablation: str = "zero",
                           positions=positions)
 
     return run
+
+
+def analyse(*args, **kwargs):
+    """``factscope.circuits.evaluate(model, dataset, ...)``: ``factscope circuit evaluate`` from Python,
+    :func:`factscope.circuits.run.analyse_evaluate`."""
+    from factscope.circuits.run import analyse_evaluate
+
+    return analyse_evaluate(*args, **kwargs)
+
+
+callable_module(__name__)

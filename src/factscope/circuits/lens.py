@@ -35,6 +35,7 @@ from factscope.findings import Claim
 from factscope import hooks
 from factscope.circuits.evaluate import target_ranks
 from factscope.errors import FactscopeError
+from factscope.notebook import callable_module
 from factscope.facts import Fact, fact_subject_span, target_ids
 
 
@@ -361,3 +362,32 @@ def run_lens(run, model, facts: Sequence[Fact], dataset: str, n_boot: int = 1000
                               "and mean probability at the last position"}],
                     tables=["lens_by_layer"])
     return res
+
+
+def analyse(model, dataset: str = "lre:factual/country_capital_city", *, limit: int | None = 40, seed: int = 0,
+            known_only: bool = True, known_top_k: int = 10, n_boot: int = 1000, emerge_top: int = 10, out=None,
+            progress: bool = True):
+    """``factscope circuit lens`` from Python (``factscope.circuits.lens(model, dataset)``): the logit
+    lens of :func:`run_lens` on the facts of ``dataset`` whose target is in ``model``'s top
+    ``known_top_k``. Returns a :class:`factscope.notebook.Result` (``tables["lens"]``: per fact and
+    layer; ``tables["lens_by_layer"]``: the aggregate)."""
+    from factscope.circuits.data import known_relation_facts
+    from factscope.notebook import analysis, as_model, config_of
+
+    model = as_model(model)
+    facts, table = known_relation_facts(model, dataset, limit=limit, seed=seed, top_k=known_top_k, progress=progress,
+                                        known_only=known_only)
+    if not facts:
+        raise FactscopeError(f"{model.name} knows none of the facts of {dataset} (top-{known_top_k}); use "
+                             "known_only=False or a larger known_top_k")
+    cfg = config_of("circuit", model, dataset, limit, seed, known_only=known_only, command="circuit lens",
+                    known_top_k=known_top_k, bootstrap=n_boot, emerge_top=emerge_top)
+
+    def body(run) -> None:
+        run.save_table("known_facts", table)
+        run_lens(run, model, facts, dataset, n_boot=n_boot, seed=seed, top=emerge_top, progress=progress)
+
+    return analysis("lens", cfg, body, out)
+
+
+callable_module(__name__)  # factscope.circuits.lens(model, dataset) is analyse(model, dataset)

@@ -362,3 +362,81 @@ def demo_section(run, model, relation: str = "lre:factual/country_capital_city",
     opts = Options(method="eap-ig", ablation="counterfactual", n_random=3, curve=False, seed=seed)
     ev, _ = run_evaluate(run, model, d_val, d_test, opts, relation, progress=progress)
     return ev.summary()
+
+
+def discover_known(run, model, facts, table, opts: Options, dataset: str, progress: bool = False):
+    """``circuit discover`` on the known ``facts`` (their known table ``table``), paired with
+    counterfactuals (seeded by ``opts.seed``): :func:`run_discover`; returns the Graph."""
+    from factscope.circuits.data import build
+
+    if len(facts) < 2:
+        raise FactscopeError(f"{model.name} knows {len(facts)} facts of {dataset}; need at least 2")
+    data = build(model, facts, seed=opts.seed)
+    run.save_table("known_facts", table)
+    return run_discover(run, model, data, opts, dataset, progress=progress)
+
+
+def evaluate_known(run, model, facts, table, opts: Options, dataset: str, val_fraction: float = 0.5,
+                   progress: bool = False):
+    """``circuit evaluate`` on the known ``facts`` (their known table ``table``): split them into D_val
+    and D_test (seeded by ``opts.seed``), pair them with counterfactuals, then :func:`run_evaluate`."""
+    from factscope.circuits.data import build, split
+
+    if len(facts) < 4:
+        raise FactscopeError(f"{model.name} knows only {len(facts)} facts of {dataset}; evaluation needs at least 4 "
+                             "(another relation, or a larger --known-top-k)")
+    val, test = split(facts, val_fraction, opts.seed)
+    d_val, d_test = build(model, val, seed=opts.seed), build(model, test, seed=opts.seed + 1)
+    run.save_table("known_facts", table)
+    run.update_summary({"data": {"n_facts": len(table), "n_known": int(table["known"].sum()), "n_used": len(facts),
+                                 "n_val": len(d_val), "n_test": len(d_test),
+                                 "dropped_no_partner": len(d_val.dropped) + len(d_test.dropped)}})
+    return run_evaluate(run, model, d_val, d_test, opts, dataset, progress=progress)
+
+
+def _from_python(command: str, model, dataset: str, step, *, limit: int | None, seed: int, known_only: bool,
+                 known_top_k: int, out, progress: bool, options: dict, extra: dict | None = None,
+                 main: str | None = None):
+    """A ``circuit`` command from Python: load ``model``, check the options, choose the known facts
+    and call ``step(run, model, facts, table, opts)`` in a new run (:func:`factscope.notebook.analysis`)."""
+    from factscope.circuits.data import known_relation_facts
+    from factscope.notebook import analysis, as_model, config_of
+
+    opts = Options(seed=seed, **options).check()
+    model = as_model(model)
+    facts, table = known_relation_facts(model, dataset, limit=limit, seed=seed, top_k=known_top_k, progress=progress,
+                                        known_only=known_only)
+    cfg = config_of("circuit", model, dataset, limit, seed, known_only=known_only, command=f"circuit {command}",
+                    known_top_k=known_top_k, **{k: v for k, v in options_dict(opts).items() if k != "seed"},
+                    **(extra or {}))
+    return analysis("circuit", cfg, lambda run: step(run, model, facts, table, opts), out, main=main)
+
+
+def analyse_discover(model, dataset: str = "lre:factual/country_capital_city", *, limit: int | None = 40, seed: int = 0,
+                     known_only: bool = True, known_top_k: int = 10, out=None, progress: bool = True, **options):
+    """``factscope circuit discover`` from Python (``factscope.circuits.discover``): score every edge on
+    the known facts of ``dataset`` with :class:`Options` (``method``, ``metric``, ``ablation``,
+    ``steps``, ``edge_fraction``, ``n_edges``, ...) and keep the circuit. Returns a
+    :class:`factscope.notebook.Result` (``tables["circuit_scores"]``: every edge's score;
+    ``Graph.from_json(res.dir / "graph.json")``: the graph)."""
+    return _from_python("discover", model, dataset,
+                        lambda run, model, facts, table, opts: discover_known(run, model, facts, table, opts, dataset,
+                                                                              progress),
+                        limit=limit, seed=seed, known_only=known_only,
+                        known_top_k=known_top_k, out=out, progress=progress, options=options)
+
+
+def analyse_evaluate(model, dataset: str = "lre:factual/country_capital_city", *, limit: int | None = 40, seed: int = 0,
+                     known_only: bool = True, known_top_k: int = 10, val_fraction: float = 0.5, out=None,
+                     progress: bool = True, **options):
+    """``factscope circuit evaluate`` from Python (``factscope.circuits.evaluate``): discover on D_val,
+    evaluate on D_test (:func:`evaluate_known`; ``options`` as for :func:`analyse_discover`, plus
+    ``n_random``, ``curve``, ``compare_exact``). Returns a :class:`factscope.notebook.Result` whose
+    ``table`` is Hit@1/Hit@10/MRR for the full model, the circuit and random circuits."""
+    if not 0 < val_fraction < 1:
+        raise FactscopeError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    return _from_python("evaluate", model, dataset,
+                        lambda run, model, facts, table, opts: evaluate_known(run, model, facts, table, opts, dataset,
+                                                                              val_fraction, progress),
+                        limit=limit, seed=seed, known_only=known_only, known_top_k=known_top_k, out=out,
+                        progress=progress, options=options, extra={"val_fraction": val_fraction}, main="circuit_eval")

@@ -12,6 +12,10 @@ One module per part of the paper, plain functions and dataclasses on the factsco
 
 ``run_all(run, model, facts)`` runs every part into one run directory; ``demo_section(run, model,
 facts)`` is the short configuration used by ``factscope demo``. See docs/flow.md.
+
+From Python, each part is one call returning a :class:`factscope.notebook.Result`:
+``factscope.flow.knockout(model, facts, limit=20)`` (likewise ``enrichment``, ``sublayer``,
+``extraction``, ``heads``: each module is callable, its ``analyse`` function).
 """
 
 from __future__ import annotations
@@ -19,6 +23,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 PARTS = ("knockout", "enrichment", "sublayer", "extraction", "heads")
+
+
+def __getattr__(name: str):
+    """``factscope.flow.knockout`` etc. without importing each part first (the package itself stays
+    light: importing it for the CLI's --help loads no model code)."""
+    if name in PARTS:
+        import importlib
+
+        return importlib.import_module(f"factscope.flow.{name}")
+    raise AttributeError(f"module 'factscope.flow' has no attribute {name!r}")
 
 
 def run_all(run, model, facts: Sequence, *, parts: Sequence[str] = PARTS, paragraphs_file: str | None = None,

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from factscope import hooks
+from factscope.notebook import callable_module
 from factscope.facts import Fact
 from factscope.flow import attributes as A
 from factscope.flow.common import (
@@ -299,3 +300,17 @@ def load_or_make_attributes(run, model: Model, facts: Sequence[Fact], paragraphs
     """Attribute sets per subject (from :func:`load_or_make_texts`) and their source."""
     texts, source = load_or_make_texts(run, model, facts, paragraphs_file, progress)
     return {s: A.attribute_set(model, s, t, keep_subject_tokens) for s, t in texts.items()}, source
+
+
+def analyse(model, facts="known_1000", *, limit: int | None = 100, seed: int = 0, known_only: bool = True,
+            out=None, progress: bool = True, **options):
+    """``factscope flow enrichment`` from Python: :func:`run_enrichment` (``options``:
+    ``paragraphs_file``, ``keep_subject_tokens``, ``top_n``, ``keep``, ``batch_size``) on known facts,
+    as :func:`factscope.flow.knockout.analyse`."""
+    from factscope.notebook import on_facts
+
+    return on_facts("enrichment", model, facts, run_enrichment, limit=limit, seed=seed, known_only=known_only, out=out,
+                    progress=progress, options=options)
+
+
+callable_module(__name__)

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from factscope import hooks
+from factscope.notebook import callable_module
 from factscope.facts import Fact
 from factscope.flow.common import FactTokens, encode, project_rank, run_facts
 from factscope.flow.knockout import LABELS, set_positions
@@ -315,3 +316,16 @@ def extraction_findings(o: dict) -> tuple[list[str], list[Claim]]:
                             "GPT-2 XL, GPT-J: blocking them lowers the attention extraction rate",
                             f"{100 * none:.0f}% -> {100 * ko['attn']:.0f}% with the edges blocked", decide(d, e)))
     return findings, claims
+
+
+def analyse(model, facts="known_1000", *, limit: int | None = 100, seed: int = 0, known_only: bool = True,
+            out=None, progress: bool = True, **options):
+    """``factscope flow extraction`` from Python: :func:`run_extraction` (``options``: ``heads``,
+    ``ko_from_layer``, ``batch_size``, ...) on known facts, as :func:`factscope.flow.knockout.analyse`."""
+    from factscope.notebook import on_facts
+
+    return on_facts("extraction", model, facts, run_extraction, limit=limit, seed=seed, known_only=known_only, out=out,
+                    progress=progress, options=options)
+
+
+callable_module(__name__)

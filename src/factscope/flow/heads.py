@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from factscope import hooks
+from factscope.notebook import callable_module
 from factscope.facts import Fact, target_ids
 from factscope.flow.common import FactTokens, encode, fact_key, project_rank, run_facts, usable
 from factscope.loop import publish
@@ -148,3 +149,16 @@ def run_heads(run, model: Model, facts: Sequence[Fact], *, top_k: int = 10, show
                    figures={"heads": plot(df, model.name, len(recs), top_k, model.n_layers, model.n_heads)},
                    section={"title": "Heads that map the subject to its attributes (W_VO)", "text": "\n".join(lines),
                             "figures": ["heads"], "tables": ["heads_example"]})
+
+
+def analyse(model, facts="known_1000", *, limit: int | None = 100, seed: int = 0, known_only: bool = True,
+            out=None, progress: bool = True, **options):
+    """``factscope flow heads`` from Python: :func:`run_heads` (``options``: ``top_k``, ``show_head``,
+    ``batch_size``) on known facts, as :func:`factscope.flow.knockout.analyse`."""
+    from factscope.notebook import on_facts
+
+    return on_facts("heads", model, facts, run_heads, limit=limit, seed=seed, known_only=known_only, out=out,
+                    progress=progress, options=options)
+
+
+callable_module(__name__)

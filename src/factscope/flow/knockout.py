@@ -41,6 +41,7 @@ import torch
 
 from factscope import hooks
 from factscope.errors import FactscopeError
+from factscope.notebook import callable_module
 from factscope.facts import Fact, fact_subject_span
 from factscope.flow.common import (
     FactTokens,
@@ -420,3 +421,19 @@ def _section_text(s: dict, model: Model) -> str:
         "Non-subject excludes the BOS token (an attention sink); the 'non-subject incl. BOS' curve blocks it too.",
     ]
     return "\n".join(lines)
+
+
+def analyse(model, facts="known_1000", *, limit: int | None = 100, seed: int = 0, known_only: bool = True,
+            out=None, progress: bool = True, **options):
+    """``factscope flow knockout`` from Python (a notebook): the knockout of :func:`run_knockout`
+    (``options``: ``window``, ``sets``, ``heads``, ``from_positions``, ``batch_size``) on a seeded
+    sample of ``limit`` facts of ``facts`` (a data set name or a list of facts) that ``model`` (a
+    Model or its name) knows. Returns a :class:`factscope.notebook.Result`; ``out``: its run directory
+    (default: a temporary one)."""
+    from factscope.notebook import on_facts
+
+    return on_facts("knockout", model, facts, run_knockout, limit=limit, seed=seed, known_only=known_only, out=out,
+                    progress=progress, options=options)
+
+
+callable_module(__name__)  # factscope.flow.knockout(model, facts) is analyse(model, facts)

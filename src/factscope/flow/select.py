@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from factscope.errors import FactscopeError
-from factscope.facts import Fact, load_facts
+from factscope.facts import Fact, load_facts, seeded_subset
 from factscope.flow.common import usable
 from factscope.models import Model
 from factscope.predict import known_facts
@@ -61,7 +61,7 @@ def facts_for_run(
     if known_only:
         chosen, table = select_known(model, all_facts, limit, seed=seed, progress=progress)
     else:
-        items, _ = usable(model, load_facts(dataset, limit=None if limit is None else 4 * limit, seed=seed))
+        items, _ = usable(model, seeded_subset(all_facts, None if limit is None else 4 * limit, seed))
         chosen = [t.fact for t in items][:limit]
         table = pd.DataFrame({"id": [f.id for f in chosen], "known": [None] * len(chosen)})
     if not chosen:

@@ -32,6 +32,7 @@ import torch
 
 from factscope import hooks
 from factscope.errors import FactscopeError
+from factscope.notebook import callable_module
 from factscope.facts import Fact
 from factscope.flow import attributes as A
 from factscope.flow.common import (
@@ -220,3 +221,25 @@ def run_sublayer(run, model: Model, facts: Sequence[Fact], attrs: dict[str, set[
     return publish(run, "sublayer", summ, tables={"sublayer": df}, figures={"sublayer": plot(df, model.name, n_used, U, k, abl)},
                    section={"title": "Sublayer knockout (what drives enrichment)", "text": text, "figures": ["sublayer"],
                             "tables": ["sublayer"]})
+
+
+def analyse(model, facts="known_1000", *, limit: int | None = 100, seed: int = 0, known_only: bool = True,
+            out=None, progress: bool = True, **options):
+    """``factscope flow sublayer`` from Python: the attribute sets (``options``: ``paragraphs_file``,
+    default the built-in source; ``keep_subject_tokens``) then :func:`run_sublayer` (``options``:
+    ``upper``, ``window``, ``how``, ``top_n``, ``keep``, ``batch_size``) on known facts, as
+    :func:`factscope.flow.knockout.analyse`."""
+    from factscope.flow.enrichment import load_or_make_attributes
+    from factscope.notebook import check_options, on_facts
+
+    check_options(options, run_sublayer, extra=("paragraphs_file", "keep_subject_tokens"))
+
+    def step(run, model, facts, progress, paragraphs_file=None, keep_subject_tokens=False, **kw):
+        attrs, _ = load_or_make_attributes(run, model, facts, paragraphs_file, keep_subject_tokens, progress)
+        return run_sublayer(run, model, facts, attrs, progress=progress, **kw)
+
+    return on_facts("sublayer", model, facts, step, limit=limit, seed=seed, known_only=known_only, out=out,
+                    progress=progress, options=options)
+
+
+callable_module(__name__)

@@ -3,6 +3,9 @@
 Prepending factually harmless sentences ("Do not think of Guam.") before a factual prompt flips
 the model's answer. ``run_benchmark`` measures the efficacy score ES(n) -- the share of facts with
 P(target_false) > P(target_true) after n prepended sentences -- per scheme and model.
+
+From Python: ``factscope.hijack.run(model, "counterfact-sample", max_prepends=5)`` returns a
+:class:`factscope.notebook.Result` (``factscope hijack run`` as one call).
 """
 
 from factscope.hijack.demo import demo_section
@@ -10,6 +13,7 @@ from factscope.hijack.runner import (
     HijackResult,
     ModelResult,
     Prepared,
+    analyse as run,
     load_dataset,
     load_datasets,
     prepare,
@@ -36,6 +40,6 @@ __all__ = [
     "BUILTIN", "GENERIC_TEMPLATE", "HijackResult", "ModelResult", "Prepared", "Scheme", "Score",
     "bootstrap_ci", "build_prompt", "builtin_scheme", "custom_scheme", "demo_section", "efficacy_table",
     "load_dataset", "load_datasets", "negation_templates", "parse_schemes", "prepare", "related_word", "related_words",
-    "relation_sentence", "run_benchmark", "run_model", "scheme_sentence", "score_ids", "score_prompts",
+    "relation_sentence", "run", "run_benchmark", "run_model", "scheme_sentence", "score_ids", "score_prompts",
     "tokenize",
 ]

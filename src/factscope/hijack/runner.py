@@ -564,3 +564,36 @@ def section_text(res: HijackResult) -> str:
                              f"mean P(true) {pt[0]:.3f} -> {pt[-1]:.3f}, top-1 accuracy {acc[0]:.2f} -> "
                              f"{acc[-1]:.2f}")
     return "\n".join(lines)
+
+
+def analyse(models, dataset: str | Sequence = "counterfact-sample", *, schemes: Sequence[str | Scheme] = ("generic", "reverse"),
+            templates: Sequence[str] = (), max_prepends: int = 10, limit: int | None = None, seed: int = 0,
+            relations: Sequence[str] | None = None, known_only: bool = True, metric: str = "first", n_boot: int = 1000,
+            batch_size: int = 32, chunk_size: int = 256, out=None, progress: bool = True):
+    """``factscope hijack run`` from Python (a notebook): the benchmark of :func:`run_benchmark` for
+    ``models`` (a Model, a name, or a list of them) on ``dataset`` (a data set name, a list of names,
+    or a list of facts), with the built-in ``schemes`` (names or :class:`Scheme` objects) and the
+    custom ``templates`` (``'NAME=TEMPLATE'``). Returns a :class:`factscope.notebook.Result` whose
+    ``table`` is the efficacy per model, scheme and n (``tables["hijack_results"]``: every prompt's
+    scores); ``out``: its run directory (default: a temporary one)."""
+    from factscope.hijack.schemes import parse_schemes
+    from factscope.notebook import analysis, config_of
+
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    sch = [s for s in schemes if isinstance(s, Scheme)] + parse_schemes([s for s in schemes if not isinstance(s, Scheme)],
+                                                                        list(templates))
+    if isinstance(dataset, str) or (dataset and isinstance(dataset[0], str)):
+        facts, notes = load_datasets([dataset] if isinstance(dataset, str) else list(dataset), limit=limit, seed=seed,
+                                     relations=relations)
+    else:
+        facts, notes = list(dataset), [f"{len(dataset)} facts given in Python"]
+    cfg = config_of("hijack", models, dataset, limit, seed, known_only=known_only, relations=relations,
+                    schemes=[s.__dict__ for s in sch], max_prepends=max_prepends, metric=metric, bootstrap=n_boot,
+                    chunk_size=chunk_size)
+
+    def body(run: Run) -> None:
+        run_benchmark(run, models, facts, sch, max_prepends, metric=metric, known_only=known_only, batch_size=batch_size,
+                      chunk_size=chunk_size, n_boot=n_boot, seed=seed, progress=progress)
+        run.update_summary({"data": notes})
+
+    return analysis("hijack", cfg, body, out)

@@ -4,12 +4,14 @@ exact constructions and the five experiments.
     from factscope.lca import LCATask, LCAConfig, run_all
     run_all(run)                     # all experiments into a factscope.runs.Run
     run_all(run, quick=True)         # the short demo configuration
+    res = factscope.lca.run(quick=True)  # from a notebook: a factscope.notebook.Result
 """
 
 from factscope.lca.experiments import (
     EXPERIMENTS,
     LCAConfig,
     Trainer,
+    analyse as run,
     attention_experiment,
     constructed_experiment,
     embeddings_experiment,
@@ -33,6 +35,6 @@ __all__ = [
     "EXPERIMENTS", "LCAConfig", "LCATask", "ModelConfig", "OneLayerTransformer", "TrainConfig", "Trainer",
     "attention_experiment", "bayes_accuracy", "constructed_experiment", "constructed_value_matrix",
     "embeddings_experiment", "evaluate", "hijack_experiment", "inner_product_by_hamming", "linear_fit",
-    "log_posterior", "mixed_contexts", "posterior", "principal_angles", "random_pairing_adjacency", "run_all",
+    "log_posterior", "mixed_contexts", "posterior", "principal_angles", "random_pairing_adjacency", "run", "run_all",
     "run_experiments", "theorem1_model", "train", "value_matrix_experiment",
 ]

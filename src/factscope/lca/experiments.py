@@ -865,3 +865,18 @@ def lca_findings(summary: dict) -> dict:
                        f"efficacy {s['efficacy_clean']:.2f} -> {s['efficacy_full']:.2f}",
                        _above(s["efficacy_full"], s["efficacy_clean"], s.get("efficacy_full_std", 0.0))))
     return {"findings": f, "claims": c}
+
+
+def analyse(experiments: Sequence[str] = EXPERIMENTS, *, quick: bool = False, out=None, progress: bool = True,
+            **config):
+    """``factscope lca all`` (or some of its ``experiments``) from Python (a notebook): trains the
+    one-layer models of :class:`LCAConfig` (``quick``: :meth:`LCAConfig.quick`; ``config``: its
+    fields, e.g. ``m=5, seeds=2``) and returns a :class:`factscope.notebook.Result` (one report
+    section per experiment; ``tables`` by name); ``out``: its run directory (default: temporary)."""
+    from factscope.notebook import analysis
+
+    cfg = LCAConfig.quick(**config) if quick else LCAConfig(**config)
+    defining = cfg.to_dict()
+    defining.pop("threads")  # how fast, not what (as the CLI records it)
+    run_config = {"analysis": "lca", "experiments": list(experiments), "quick": bool(quick), **defining}
+    return analysis("lca", run_config, lambda run: run_experiments(run, list(experiments), cfg, progress), out)
