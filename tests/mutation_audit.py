@@ -26,6 +26,8 @@ SRC = ROOT / "src" / "factscope"
 # Test files run for a mutant of each source file (the tiny-model tests of that layer).
 TESTS = {
     "hooks.py": ["test_substrate.py"],
+    "attention.py": ["test_substrate.py"],
+    "layout.py": ["test_runs.py"],
     "models.py": ["test_substrate.py", "test_models.py"],
     "predict.py": ["test_substrate.py", "test_cli.py"],
     "facts.py": ["test_facts.py"],
@@ -37,25 +39,25 @@ TESTS = {
 AUDIT = [
     # ---- hooks.py
     ("H01", "hooks.py", "if not 0 <= layer < model.n_layers:", "if not 0 <= layer <= model.n_layers:", "layer range check off by one"),
-    ("H02", "hooks.py", "return None if new is None else (new.reshape(z.shape), *args[1:])", "return None", "z edits dropped"),
+    ("H02", "hooks.py", "return new.reshape(x.shape) if split else new", "return None", "edits of hook points dropped"),
     ("H03", "hooks.py", "keep = (lambda t: t.detach()) if detach else (lambda t: t)", "keep = (lambda t: t) if detach else (lambda t: t.detach())", "detach flag inverted"),
     ("H04", "hooks.py", "return torch.stack([self[k] for k in keys])", "return torch.stack([self[k] for k in keys[::-1]])", "stack in reverse layer order"),
-    ("H05", "hooks.py", "store[(\"head_out\", l)] = keep(heads * scale)", "store[(\"head_out\", l)] = keep(heads)", "head_out without Gemma's post-norm factor"),
+    ("H05", "hooks.py", "orig = cur = heads * scale", "orig = cur = heads", "head_out without Gemma's post-norm factor"),
     ("H06", "hooks.py", "store[(\"attn_probs\", l)] = keep(rec[-1])", "store[(\"attn_probs\", l)] = keep(rec[0])", "probs of the first, not the last, forward"),
     ("H07", "hooks.py", "m[i, list(cols)] = True", "m[i, list(cols)[:1]] = True", "only the first listed column edited"),
     ("H08", "hooks.py", "return torch.where(m, new, x)", "return torch.where(m, x, new)", "positions inverted"),
     ("H09", "hooks.py", "new = values if mode == \"replace\" else x + values", "new = values if mode == \"replace\" else x - values", "add subtracts"),
     ("H10", "hooks.py", "out[l] = (x * ww).sum((0, 1)) / ww.sum((0, 1))", "out[l] = x.mean((0, 1))", "mean over padding too"),
-    ("H11", "hooks.py", "point = {\"mlp\": \"mlp_out\", \"attn\": \"attn_out\", \"head\": \"z\"}.get(kind)", "point = {\"mlp\": \"attn_out\", \"attn\": \"mlp_out\", \"head\": \"z\"}.get(kind)", "mlp and attn swapped"),
+    ("H11", "hooks.py", "point = {\"mlp\": \"mlp_out\", \"attn\": \"attn_out\", \"head\": \"z\"}[kind]", "point = {\"mlp\": \"attn_out\", \"attn\": \"mlp_out\", \"head\": \"z\"}[kind]", "mlp and attn swapped"),
     ("H12", "hooks.py", "bad = [h for h in heads if not 0 <= h < model.n_heads]", "bad = [h for h in heads if not 0 <= h <= model.n_heads]", "head range off by one"),
     ("H13", "hooks.py", "sel[heads] = True", "sel[:] = True", "every head ablated"),
     ("H14", "hooks.py", "cols.append(off + (p % n))", "cols.append(off + p)", "negative positions not wrapped"),
     ("H15", "hooks.py", "if not -n <= p < n:", "if not -n <= p <= n:", "position range off by one"),
     ("H16", "hooks.py", "m[i][torch.tensor(q_cols[i]).unsqueeze(1), torch.tensor(k_cols[i]).unsqueeze(0)] = True", "m[i][torch.tensor(k_cols[i]).unsqueeze(1), torch.tensor(q_cols[i]).unsqueeze(0)] = True", "edge mask transposed"),
     ("H17", "hooks.py", "m = m & sel.to(m.device).view(1, -1, 1, 1)", "m = m", "knockout heads ignored"),
-    ("H18", "hooks.py", "mask = mask.masked_fill(mask <= torch.finfo(mask.dtype).min, float(\"-inf\"))", "pass", "fully blocked query reads masked keys"),
-    ("H19", "hooks.py", "k = key.repeat_interleave(n_rep, dim=1) if n_rep > 1 else key", "k = key.repeat(1, n_rep, 1, 1) if n_rep > 1 else key", "recorded probs: wrong key head for GQA"),
-    ("H20", "hooks.py", "probs = torch.nan_to_num(torch.softmax(scores.float(), dim=-1), nan=0.0).to(query.dtype)", "probs = torch.nan_to_num(torch.softmax(scores.float() / 2, dim=-1), nan=0.0).to(query.dtype)", "recorded probs at the wrong temperature"),
+    ("H18", "attention.py", "mask = mask.masked_fill(mask <= torch.finfo(mask.dtype).min, float(\"-inf\"))", "pass", "fully blocked query reads masked keys"),
+    ("H19", "attention.py", "k = key.repeat_interleave(n_rep, dim=1) if n_rep > 1 else key", "k = key.repeat(1, n_rep, 1, 1) if n_rep > 1 else key", "recorded probs: wrong key head for GQA"),
+    ("H20", "attention.py", "probs = torch.nan_to_num(torch.softmax(scores.float(), dim=-1), nan=0.0).to(query.dtype)", "probs = torch.nan_to_num(torch.softmax(scores.float() / 2, dim=-1), nan=0.0).to(query.dtype)", "recorded probs at the wrong temperature"),
     # ---- models.py
     ("M01", "models.py", "return [T - n for n in self.lengths]", "return [T - n - 1 for n in self.lengths]", "offset off by one"),
     ("M02", "models.py", "pos = (mask.cumsum(-1) - 1).clamp(min=0)", "pos = mask.cumsum(-1).clamp(min=0)", "positions start at 1"),
@@ -67,7 +69,7 @@ AUDIT = [
     ("M08", "models.py", "if not prompts:\n            raise FactscopeError(\"no prompts given\")", "if prompts is None:\n            raise FactscopeError(\"no prompts given\")", "empty prompt list not caught"),
     ("M09", "models.py", "if p.stat().st_size != info[\"size\"] or _file_digest(p) != info[\"digest\"]:", "if p.stat().st_size != info[\"size\"] and _file_digest(p) != info[\"digest\"]:", "cache check needs both to differ"),
     ("M10", "models.py", "ids[i, T - len(s) :] = torch.as_tensor(list(s), dtype=torch.long)", "ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)", "right padding of ids"),
-    ("M11", "models.py", "\"bfloat16\": torch.bfloat16}[dtype]", "\"bfloat16\": torch.float16}[dtype]", "bfloat16 loads as float16"),
+    ("M11", "models.py", "\"float32\": torch.float32, \"bfloat16\": torch.bfloat16,", "\"float32\": torch.float32, \"bfloat16\": torch.float16,", "bfloat16 loads as float16"),
     # ---- predict.py
     ("P01", "predict.py", "if cur and (len(cur) >= batch_size or", "if cur and (len(cur) > batch_size or", "batches one too big"),
     ("P02", "predict.py", "(max_tokens and width * (len(cur) + 1) > max_tokens)", "(max_tokens and width * len(cur) > max_tokens)", "token budget off by one prompt"),
@@ -90,7 +92,7 @@ AUDIT = [
     ("F10", "facts.py", "while start < end - 1 and not tokenizer.decode([full[start]]).strip():", "while False:", "prefix fallback keeps a lone space token"),
     # ---- runs.py
     ("R01", "runs.py", "elif old_d[key] != new_d[key]:", "elif False:", "changed config values not compared"),
-    ("R02", "runs.py", "NON_DEFINING_KEYS = frozenset({\"versions\", \"created_utc\", \"resumed_utc\", \"runtime\", \"out\", \"resume\"})", "NON_DEFINING_KEYS = frozenset({\"versions\", \"created_utc\", \"resumed_utc\", \"out\", \"resume\"})", "runtime settings block a resume"),
+    ("R02", "layout.py", "NON_DEFINING_KEYS = frozenset({\"versions\", \"created_utc\", \"resumed_utc\", \"runtime\", \"out\", \"resume\"})", "NON_DEFINING_KEYS = frozenset({\"versions\", \"created_utc\", \"resumed_utc\", \"out\", \"resume\"})", "runtime settings block a resume"),
     ("R03", "runs.py", "                        break  # killed mid-write", "                        pass  # killed mid-write", "torn last line is an error"),
     ("R04", "runs.py", "                    if nl < 0:\n                        raise ValueError(\"no newline at the end\")\n", "", "unterminated last line accepted"),
     ("R05", "runs.py", "return [k for k in keys if k not in self]", "return [k for k in keys if k in self]", "pending returns the done keys"),
@@ -107,9 +109,9 @@ AUDIT = [
     ("E05", "report.py", "short = [(k, v) for k, v in scalars if len(format_value(v)) <= 24]", "short = [(k, v) for k, v in scalars if len(format_value(v)) <= 400]", "long values squeezed into cards"),
     ("E06", "report.py", "return sum(1 for line in f if line.endswith(b\"\\n\") and line.strip())", "return sum(1 for line in f if line.strip())", "torn checkpoint line counted"),
     ("E07", "report.py", "        while anchor in used_ids:\n", "        if anchor in used_ids:\n", "third section with one key reuses an anchor"),
-    ("E08", "report.py", "f\"<figcaption>{esc(cap)}", "f\"<figcaption>{cap}", "figure caption not escaped"),
+    ("E08", "report.py", "f\"<figcaption>{esc(cap)}{", "f\"<figcaption>{cap}{", "figure caption not escaped"),
     ("E09", "report.py", "return '<dl class=\"kv\">' + \"\".join(f\"<dt>{esc(a)}</dt><dd>{esc(b)}</dd>\" for a, b in rows) + \"</dl>\"", "return '<dl class=\"kv\">' + \"\".join(f\"<dt>{a}</dt><dd>{b}</dd>\" for a, b in rows) + \"</dl>\"", "files block not escaped"),
-    ("E10", "report.py", "f'<div class=\"card\"><div class=\"k\">{esc(k)}</div><div class=\"v\">{esc(format_value(v))}</div></div>'", "f'<div class=\"card\"><div class=\"k\">{esc(k)}</div><div class=\"v\">{format_value(v)}</div></div>'", "summary card values not escaped"),
+    ("E10", "report.py", "f'<div class=\"v\">{esc(format_value(v))}</div></div>'", "f'<div class=\"v\">{format_value(v)}</div></div>'", "summary card values not escaped"),
 ]
 
 # Written after the tests for AUDIT's survivors, and run once against them (a held-out check of
@@ -120,8 +122,8 @@ HOLDOUT = [
     ("X03", "hooks.py", "repl = target.expand_as(x) if target.dim() else torch.zeros_like(x)", "repl = target.expand_as(x) if target.dim() else torch.ones_like(x)", "zero head ablation writes ones"),
     ("X04", "hooks.py", "m = m.unsqueeze(1)  # [B, 1, T, T]", "m = m.unsqueeze(0)", "per-prompt masks on the head axis"),
     ("X05", "hooks.py", "with edit(model, \"resid_pre\", layer, lambda x, l: resid_pre.to(x.dtype)):", "with edit(model, \"resid_pre\", layer, lambda x, l: x):", "start_at ignores the cached stream"),
-    ("X06", "hooks.py", "if softcap is None and blocks:", "if softcap is None and len(blocks or ()) > 1:", "a single knockout ignored"),
-    ("X07", "hooks.py", "new = fn(z.view(*z.shape[:-1], H, hd))", "new = fn(z.view(*z.shape[:-1], hd, H).transpose(-1, -2))", "z split into heads the wrong way"),
+    ("X06", "attention.py", "if softcap is None and blocks:", "if softcap is None and len(blocks or ()) > 1:", "a single knockout ignored"),
+    ("X07", "hooks.py", "new = fn(x.view(*x.shape[:-1], H, hd) if split else x)", "new = fn(x.view(*x.shape[:-1], hd, H).transpose(-1, -2) if split else x)", "per-head points split the wrong way"),
     ("X08", "models.py", "return Batch(r(self.input_ids), r(self.attention_mask), r(self.position_ids), [x for x in self.lengths for _ in range(n)])", "return Batch(r(self.input_ids), r(self.attention_mask), r(self.position_ids), self.lengths * n)", "repeat: lengths in the wrong order"),
     ("X09", "models.py", "w = proj.weight[:, 2 * self.d_model : 3 * self.d_model]  # c_attn = [q | k | v]", "w = proj.weight[:, self.d_model : 2 * self.d_model]", "GPT-2 W_V reads the keys"),
     ("X10", "models.py", "return (torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w).to(x.dtype)", "return (torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps) * w).to(x.dtype)", "RMS over a sum"),

@@ -101,6 +101,14 @@ def test_bad_or_missing_device(device, needle):
     _fails(["predict", "--model", "tiny-llama", "--device", device, "x"], needle)
 
 
+def test_device_auto_is_the_gpu_when_there_is_one():
+    from factscope.models import check_device, load_model
+
+    want = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert check_device("auto").type == want
+    assert load_model("tiny-llama", device="auto").device.type == want
+
+
 def test_model_directory_without_tokenizer(tmp_path):
     from factscope.models import load_model
 

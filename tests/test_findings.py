@@ -247,3 +247,99 @@ def test_facts_data_joins_every_per_fact_table(tmp_path):
     assert set(d["series"]) == set(ids)
     empty = Run.create(tmp_path / "none", {"analysis": "y"})
     assert facts_data(empty) is None
+
+
+def _enrichment(last=(30.0, 5.0), first=(10.0, 2.0), after=(12.0, 2.0), chance=3.0):
+    peak = {"subject_first": {"max_rate": first[0], "ci95": first[1], "hidden_state": 4, "chance": 1.0},
+            "subject_last": {"max_rate": last[0], "ci95": last[1], "hidden_state": 6, "chance": chance},
+            "after_subject": {"max_rate": after[0], "ci95": after[1], "hidden_state": 7, "chance": 1.0},
+            "last": {"max_rate": 40.0, "ci95": 3.0, "hidden_state": 17, "chance": 1.0}}
+    return {"n_facts": 20, "peak": peak, "baseline": 2.0, "source": "built-in: objects"}
+
+
+def test_enrichment_findings_rules():
+    from factscope.flow.enrichment import enrichment_findings
+
+    f, c = enrichment_findings(_enrichment())
+    assert "30.0% ± 5.0 attributes" in f[0] and "hidden state 6" in f[0] and "chance 3.0%" in f[0]
+    assert c[0].holds is True
+    assert enrichment_findings(_enrichment(last=(15.0, 5.0)))[1][0].holds is None  # overlaps after-subject's
+    assert enrichment_findings(_enrichment(last=(5.0, 1.0)))[1][0].holds is False  # below the other positions
+    assert enrichment_findings(_enrichment(last=(30.0, 5.0), chance=28.0))[1][0].holds is None  # near chance
+    assert enrichment_findings({"n_facts": 0}) == ([], [])
+
+
+def _sublayer(mlp=(5.0, 2.0), attn=(20.0, 3.0), none=25.0):
+    return {"n_facts": 20, "upper_layer": 15, "window": 4, "none_rate": none, "mlp_min_rate": mlp[0],
+            "mlp_min_rate_ci95": mlp[1], "mlp_min_rate_start": 2, "attn_min_rate": attn[0],
+            "attn_min_rate_ci95": attn[1], "attn_min_rate_start": 9}
+
+
+def test_sublayer_findings_rules():
+    from factscope.flow.sublayer import sublayer_findings
+
+    f, c = sublayer_findings(_sublayer())
+    assert "25.0% attributes" in f[0] and "5.0% ± 2.0" in f[0] and "20.0% ± 3.0" in f[0] and "layer 2" in f[0]
+    assert c[0].holds is True
+    assert sublayer_findings(_sublayer(mlp=(18.0, 2.0)))[1][0].holds is None  # intervals overlap
+    assert sublayer_findings(_sublayer(mlp=(22.0, 1.0), attn=(10.0, 2.0)))[1][0].holds is False
+    assert sublayer_findings({"n_facts": 3}) == ([], [])
+
+
+def test_heads_findings_name_the_best_heads():
+    from factscope.flow.heads import heads_findings
+
+    s = {"n_facts": 12, "top_k": 10, "mean_rate_all_heads": 0.02,
+         "top_heads": [{"layer": 9, "head": 2, "rate": 0.5}, {"layer": 10, "head": 0, "rate": 0.25},
+                       {"layer": 3, "head": 1, "rate": 0.125}]}
+    (f,) = heads_findings(s)
+    assert "L9H2" in f and "50% of 12 facts" in f and "L10H0 25%" in f and "mean head 2.0%" in f
+    assert heads_findings({"n_facts": 0}) == []
+
+
+def _halluc(heads=0.75, mover=0.6, n_wrong=8):
+    return {"n_facts": 20, "n_right": 20 - n_wrong, "n_wrong": n_wrong, "emergence_top": 10,
+            "answer_emerges_median_right": 12.0, "answer_emerges_median_wrong": 14.0,
+            "first_node_head_share_wrong": heads, "first_node_head_attends_subject_wrong": mover}
+
+
+def test_hallucination_findings_rules():
+    from factscope.circuits.cases import hallucination_findings
+
+    f, c = hallucination_findings(_halluc())
+    assert "right for 12 of 20" in f[0] and "layer 12 when right and 14 when wrong" in f[0] and "75%" in f[0]
+    assert c[0].holds is True
+    assert hallucination_findings(_halluc(heads=0.4))[1][0].holds is False
+    assert hallucination_findings(_halluc(mover=0.3))[1][0].holds is False
+    assert hallucination_findings(_halluc(n_wrong=2))[1][0].holds is None
+    assert hallucination_findings(_halluc(heads=None, mover=None))[1][0].holds is None
+
+
+def _icl(h0=0.1, h1=0.6, new=0.4, all_=0.2):
+    return {"n_facts": 10, "shots": 4, "hit10_without": h0, "hit10_with": h1, "hit1_without": 0.0, "hit1_with": 0.3,
+            "median_rank_without": 120.0, "median_rank_with": 3.0, "new_heads_demo_share": new,
+            "all_heads_demo_share": all_}
+
+
+def test_icl_findings_rules():
+    from factscope.circuits.cases import icl_findings
+
+    f, c = icl_findings(_icl())
+    assert "0.10 to 0.60" in f[0] and "4 demonstrations" in f[0] and "40%" in f[0] and "all heads 20%" in f[0]
+    assert [x.holds for x in c] == [True, True]
+    assert icl_findings(_icl(h1=0.15))[1][0].holds is None
+    assert icl_findings(_icl(h1=0.1))[1][0].holds is False
+    assert icl_findings(_icl(new=0.1))[1][1].holds is False
+    assert icl_findings(_icl(new=None))[1][1].holds is None
+
+
+def test_roles_findings_rules():
+    from factscope.circuits.roles import roles_findings
+
+    s = {"n_heads": 6, "n_mlps": 2, "mover": ["a9.h1"], "relation": ["a3.h0", "a4.h2"], "mixture": [],
+         "target_MLP": ["m5"]}
+    f, c = roles_findings(s)
+    assert "6 heads and 2 MLPs" in f[0] and "mover 1 (a9.h1)" in f[0] and "relation 2 (a3.h0, a4.h2)" in f[0]
+    assert c[0].holds is True
+    assert roles_findings({**s, "relation": []})[1][0].holds is None
+    assert roles_findings({**s, "relation": [], "mover": []})[1][0].holds is False

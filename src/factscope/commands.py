@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -67,6 +68,10 @@ class Common:
     dtype: str = "float32"
     no_progress: bool = False
     all_facts: bool | None = None  # None: the command has no --all-facts
+    executor: str = "local"
+    workers: int = 2
+    ray_address: str | None = None
+    gpus_per_worker: float = 0.0
     options: tuple[str, ...] = COMMON_OPTIONS  # the common options the command has
 
     @property
@@ -124,6 +129,10 @@ class Common:
             cfg["known_only"] = self.known_only
         cfg.update(extra)
         runtime = {k: getattr(self, k) for k in ("batch_size", "threads", "device") if k in has}
+        if "executor" in has:  # how, not what: a run resumes on another executor
+            runtime["executor"] = self.executor
+            if self.executor == "ray":
+                runtime.update(workers=self.workers, ray_address=self.ray_address, gpus_per_worker=self.gpus_per_worker)
         if runtime:
             cfg["runtime"] = {**cfg.get("runtime", {}), **runtime}
         return cfg
@@ -146,11 +155,17 @@ _HELP = {
     "resume": "Continue an interrupted run in --out with the same options (finished work is kept).",
     "batch_size": "Prompts per forward pass.",
     "threads": "torch CPU threads (default: torch's choice).",
-    "device": "torch device: cpu, cuda, cuda:N or mps.",
+    "device": "torch device: cpu, cuda, cuda:N, mps, or auto (a GPU when there is one).",
     "dtype": "Weights and activations dtype (bfloat16 halves memory; float16 is refused for models that overflow it).",
     "no_progress": "Hide progress bars.",
     "all_facts": "Keep facts the model does not know (top-1 is not the target; e.g. random test models).",
+    "executor": "Where the batches run: here (local), or on Ray actors (ray; pip install 'factscope[ray]'), each "
+                "loading the model once; the run directory and its numbers are the same, and a run resumes on either.",
+    "workers": "Ray actors (--executor ray).",
+    "ray_address": "Ray cluster to join, e.g. ray://head:10001 or auto (default: start Ray on this machine).",
+    "gpus_per_worker": "GPUs per Ray actor (e.g. 1: one actor per GPU; the model loads on cuda there).",
 }
+EXECUTOR_OPTIONS = ("executor", "workers", "ray_address", "gpus_per_worker")
 
 
 def _click_options(names: Sequence[str], multiple: bool, defaults: Mapping[str, Any], helps: Mapping[str, str]) -> list:
@@ -182,16 +197,26 @@ def _click_options(names: Sequence[str], multiple: bool, defaults: Mapping[str, 
                                       type=click.Choice(["float32", "bfloat16", "float16"]), help=h("dtype")),
         "no_progress": lambda: click.option("--no-progress", is_flag=True, help=h("no_progress")),
         "all_facts": lambda: click.option("--all-facts", is_flag=True, help=h("all_facts")),
+        "executor": lambda: click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
+                                         show_default=True, help=h("executor")),
+        "workers": lambda: click.option("--workers", type=click.IntRange(1), default=2, show_default=True,
+                                        help=h("workers")),
+        "ray_address": lambda: click.option("--ray-address", default=None, help=h("ray_address")),
+        "gpus_per_worker": lambda: click.option("--gpus-per-worker", type=click.FloatRange(0), default=0.0,
+                                                show_default=True, help=h("gpus_per_worker")),
     }
     return [made[n]() for n in names]
 
 
 def analysis_options(analysis: str | None, *, without: Sequence[str] = (), multiple: bool = False,
-                     all_facts: bool = False, helps: Mapping[str, str] | None = None, **defaults: Any):
+                     all_facts: bool = False, executor: bool = False, helps: Mapping[str, str] | None = None,
+                     **defaults: Any):
     """The common options of an analysis command, defined once: ``--model``, ``--dataset``,
     ``--limit``, ``--seed``, ``--out``, ``--resume``, ``--batch-size``, ``--threads``, ``--device``,
-    ``--dtype``, ``--no-progress`` (those in ``without`` left out where they do not apply), and
-    ``--all-facts`` with ``all_facts=True``.
+    ``--dtype``, ``--no-progress`` (those in ``without`` left out where they do not apply),
+    ``--all-facts`` with ``all_facts=True``, and with ``executor=True`` ``--executor``,
+    ``--workers``, ``--ray-address``, ``--gpus-per-worker`` (:mod:`factscope.executors`: the
+    command's loops run on that executor).
 
     The command function receives them as one :class:`Common` argument ``common`` (its other
     options as usual). Before it runs: ``--limit``, ``--batch-size``, ``--threads`` >= 1 and the
@@ -211,7 +236,8 @@ def analysis_options(analysis: str | None, *, without: Sequence[str] = (), multi
     unknown = set(defaults) - {"model", "dataset", "limit", "seed", "out", "batch_size"}
     if unknown:
         raise ValueError(f"no default can be set for {sorted(unknown)}")
-    names = [n for n in COMMON_OPTIONS if n not in without] + (["all_facts"] if all_facts else [])
+    names = [n for n in COMMON_OPTIONS if n not in without] + (["all_facts"] if all_facts else []) \
+        + (list(EXECUTOR_OPTIONS) if executor else [])
     options = _click_options(names, multiple, defaults, helps or {})
 
     def decorate(f):
@@ -222,11 +248,17 @@ def analysis_options(analysis: str | None, *, without: Sequence[str] = (), multi
                 values["model_spec"] = kwargs.pop("model_spec")
             common = Common(analysis, **values, options=tuple(names))
             common.check()
-            if "dtype" not in names:
-                return f(*args, common=common, **kwargs)
-            from factscope.models import using_dtype
+            with contextlib.ExitStack() as stack:
+                if executor:
+                    from factscope import executors
 
-            with using_dtype(common.dtype), recording(functools.partial(_recorded_model_config, common.dtype)):
+                    stack.enter_context(executors.using(executors.make(
+                        common.executor, common.workers, common.ray_address, common.gpus_per_worker)))
+                if "dtype" in names:
+                    from factscope.models import using_dtype
+
+                    stack.enter_context(using_dtype(common.dtype))
+                    stack.enter_context(recording(functools.partial(_recorded_model_config, common.dtype)))
                 return f(*args, common=common, **kwargs)
 
         for o in reversed(options):
@@ -370,7 +402,7 @@ def known_section(run, model, facts, top_k: int = 1, batch_size: int = 32, progr
 
 
 @facts.command("known")
-@analysis_options("facts known")
+@analysis_options("facts known", executor=True)
 @click.option("--top-k", type=click.IntRange(1, 1000), default=1, show_default=True)
 def facts_known(common: Common, top_k: int) -> None:
     """Keep the facts whose target is the model's top-1 (or top-k) prediction."""

@@ -4,7 +4,8 @@
 prompts), a :class:`~factscope.runs.Checkpoint` and a batch function, it skips the keys already
 in the checkpoint, groups the rest into batches, and appends each batch's records to the
 checkpoint as soon as the batch finishes (so Ctrl-C or SIGTERM, which the CLI turns into
-KeyboardInterrupt, loses at most the batch in flight). A resumed run says how much is done
+KeyboardInterrupt, loses at most the batch in flight). The batches run on the current executor
+(:mod:`factscope.executors`: here, or on Ray actors), their records come back in batch order. A resumed run says how much is done
 ("resuming: 8 of 12 facts done") and its progress bar starts there.
 
 :func:`publish` is the run tail: it writes an analysis's tables and figures, puts its summary
@@ -19,6 +20,8 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from factscope import executors
 
 # work(indices, report) -> one record (a dict of JSON-able values) per index; ``report(f)`` may be
 # called with the fraction 0..1 of the batch done so far, to move the progress bar within a batch.
@@ -76,26 +79,33 @@ def resumable(
         tqdm.write(f"resuming: {done} of {total} {units} done" + (f" ({desc})" if desc else ""), file=sys.stderr)
     new: dict[Hashable, dict] = {}
     bar = tqdm(total=total, initial=done, desc=desc or None, unit=unit, disable=not progress)
+
+    reports: dict[tuple, Callable[[float], None]] = {}
+
+    def report_for(idx: list[int]) -> Callable[[float], None]:
+        """Moves the bar by the fraction 0..1 done of batch ``idx`` (never twice for the same part)."""
+        if tuple(idx) in reports:
+            return reports[tuple(idx)]
+        size, moved = sum(weight[i] for i in idx), [0]
+
+        def report(fraction: float) -> None:
+            step = min(size, int(size * max(0.0, fraction))) - moved[0]
+            if step > 0:
+                bar.update(step)
+                moved[0] += step
+
+        return reports.setdefault(tuple(idx), report)
+
     try:
-        for idx in group(pending):
-            idx = list(idx)
-            size = sum(weight[i] for i in idx)
-            moved = [0]
-
-            def report(fraction: float, size=size, moved=moved) -> None:
-                step = min(size, int(size * max(0.0, fraction))) - moved[0]
-                if step > 0:
-                    bar.update(step)
-                    moved[0] += step
-
-            records = list(work(idx, report))
+        for idx, records in executors.current().map(work, (list(b) for b in group(pending)), report_for):
             if len(records) != len(idx):
                 raise RuntimeError(f"resumable: the batch function returned {len(records)} records for {len(idx)} items")
             for i, rec in zip(idx, records):
                 if checkpoint is not None:
                     checkpoint.append(keys[i], rec)
                 new[keys[i]] = dict(rec)
-            report(1.0)
+            report_for(idx)(1.0)
+            del reports[tuple(idx)]
             if on_batch is not None:
                 on_batch([keys[i] for i in idx])
     finally:

@@ -1064,11 +1064,16 @@ def _check_float16(model: "Model") -> None:
 
 
 def check_device(device: str | torch.device) -> torch.device:
-    """A torch device this machine has, or one clear error naming ``--device``."""
+    """A torch device this machine has, or one clear error naming ``--device``. ``auto``: the first
+    GPU when CUDA sees one, else Apple's MPS when available, else the CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise FactscopeError(f"unknown --device {device!r}; use cpu, cuda, cuda:N or mps") from None
+        raise FactscopeError(f"unknown --device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise FactscopeError(
@@ -1080,7 +1085,7 @@ def check_device(device: str | torch.device) -> torch.device:
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise FactscopeError(f"--device {device}: MPS is not available on this machine")
     elif dev.type not in ("cpu", "cuda", "mps"):
-        raise FactscopeError(f"unsupported --device {device!r}; use cpu, cuda, cuda:N or mps")
+        raise FactscopeError(f"unsupported --device {device!r}; use auto, cpu, cuda, cuda:N or mps")
     return dev
 
 
@@ -1137,6 +1142,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dt
     hf.set_attn_implementation(attention.ATTN_NAME)
     hf = hf.to(device)
     model = Model(hf, tok, name, weights=weights_label(spec))
+    model.origin = (spec, str(device), dtype_name(dtype))  # how to load it again (a Ray worker does)
     if dtype == torch.float16:
         _check_float16(model)
     return model

@@ -236,7 +236,7 @@ def on_facts(key: str, model: Any, facts: str | Sequence, step: Callable[..., An
     def body(run: Run) -> None:
         step(run, model, facts_of(run, model, facts, limit, seed, known_only, progress), progress=progress, **options)
 
-    return analysis(key, cfg, body, out)
+    return analysis(key, cfg, body, out, main=key)  # flow's main tables are named as the parts
 
 
 class _CallableModule(types.ModuleType):

@@ -104,16 +104,25 @@ def known_facts(
     """
     if top_k < 1:
         raise FactscopeError(f"top-k must be at least 1, not {top_k}")
+    from factscope.loop import resumable
+
     first = [target_ids(model.tokenizer, f.prompt, f.target_true)[0] for f in facts]
+    seqs = [model.tokenizer(f.prompt)["input_ids"] for f in facts]
 
-    def reduce(lg, idx):
+    def work(idx: list[int], report) -> list[dict]:
+        with torch.inference_mode():
+            lg = model.forward(model.batch_from_ids([seqs[i] for i in idx]), last_only=True).float()
         tgt = torch.tensor([first[i] for i in idx], device=lg.device)
-        rank = token_rank(lg, tgt)
+        rank, top = token_rank(lg, tgt), lg.argmax(-1)
         prob = lg.softmax(-1).gather(1, tgt[:, None])[:, 0]
-        top = lg.argmax(-1)
-        return [(int(r), float(p), int(t)) for r, p, t in zip(rank, prob, top)]
+        return [{"rank": int(r), "prob": float(p), "top": int(t)} for r, p, t in zip(rank, prob, top)]
 
-    res = map_last(model, [f.prompt for f in facts], reduce, batch_size, progress="known facts" if progress else False)
+    # through the one loop, so that it runs on the current executor (Ray with --executor ray)
+    def batches(pending: list[int]) -> list[list[int]]:
+        return [[pending[j] for j in b] for b in length_batches([len(seqs[i]) for i in pending], batch_size, 4096)]
+
+    recs = resumable(range(len(facts)), work, batches=batches, progress=progress, desc="known facts", unit="prompt")
+    res = [(recs[i]["rank"], recs[i]["prob"], recs[i]["top"]) for i in range(len(facts))]
     rows = []
     for f, tid, (rank, prob, top) in zip(facts, first, res):
         rows.append(

@@ -43,6 +43,7 @@ from factscope.circuits.evaluate import target_ranks, top_mask
 from factscope.circuits.graph import Graph
 from factscope.errors import FactscopeError
 from factscope.facts import Fact, target_ids
+from factscope.findings import Claim
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,10 +368,37 @@ def run_hallucination(run, model, facts: Sequence[Fact], answers: Sequence[int],
            f"mixture {', '.join(s['wrong_circuit_roles']['mixture']) or 'none'}, relation "
            f"{', '.join(s['wrong_circuit_roles']['relation']) or 'none'}" if h.roles is not None else "")
     )
+    f, c = hallucination_findings(s)
     run.add_section("circuit_hallucination", "Hallucination: right vs wrong answers", text,
                     figures=[{"name": "hallucination", "caption": "lens of the model's answer; first promoting node"}],
-                    tables=["hallucination"] + (["hallucination_roles"] if h.roles is not None else []))
+                    tables=["hallucination"] + (["hallucination_roles"] if h.roles is not None else []),
+                    findings=f, claims=c)
     return h
+
+
+def hallucination_findings(s: dict) -> tuple[list[str], list[Claim]]:
+    """Findings and Yao et al.'s hallucination claim from ``summary["hallucination"]``. Rule: "a head
+    reading the subject moves the wrong answer" holds when, in the wrong facts, the first node that
+    promotes the model's answer is a head in at least half of them and such heads attend to the
+    subject in at least half; does not hold when either share is below half; undecided with fewer
+    than 3 wrong facts or no first node found."""
+    if not s.get("n_facts"):
+        return [], []
+    heads, mover = s.get("first_node_head_share_wrong"), s.get("first_node_head_attends_subject_wrong")
+    f = [f"The model's answer is right for {s['n_right']} of {s['n_facts']} facts; it enters the top "
+         f"{s['emergence_top']} from layer {_fmt_layer(s['answer_emerges_median_right'])} when right and "
+         f"{_fmt_layer(s['answer_emerges_median_wrong'])} when wrong (medians); in wrong facts the first node to "
+         f"promote it is a head in {_pct(heads)} of them, attending to the subject in {_pct(mover)}."]
+    if s["n_wrong"] < 3 or heads is None:
+        holds = None
+    else:
+        holds = heads >= 0.5 and mover is not None and mover >= 0.5
+    claims = [Claim("Hallucinations come from a head that moves the wrong information from the subject",
+                    "GPT-2 medium: in wrong answers a mover head reading the subject brings the wrong answer to "
+                    "the last position first",
+                    f"first promoting node a head in {_pct(heads)} of {s['n_wrong']} wrong facts, attending to the "
+                    f"subject in {_pct(mover)}", holds)]
+    return f, claims
 
 
 def _pct(x) -> str:
@@ -555,7 +583,35 @@ def run_icl(run, model, facts: Sequence[Fact], pool: Sequence[Fact], k: int, dat
            f"- the new heads put {_pct(s['new_heads_demo_share'])} of the last token's attention on the "
            f"demonstrations (all heads: {_pct(s['all_heads_demo_share'])})" if cmp else "")
     )
+    f, c = icl_findings(s)
     run.add_section("circuit_icl", "In-context learning", text,
                     figures=[{"name": "icl", "caption": "lens with and without demonstrations; new heads' attention"}],
-                    tables=["icl"] + (["icl_new_heads"] if res.new_heads is not None else []))
+                    tables=["icl"] + (["icl_new_heads"] if res.new_heads is not None else []), findings=f, claims=c)
     return res
+
+
+def icl_findings(s: dict) -> tuple[list[str], list[Claim]]:
+    """Findings and Yao et al.'s in-context-learning claims from ``summary["icl"]``. Rules:
+    "demonstrations make the facts known" holds when Hit@10 rises by at least 0.1, does not hold when
+    it does not rise, else undecided; "new heads attend to the demonstrations" holds when the heads
+    new in the circuit with demonstrations put a larger share of the last token's attention on them
+    than all heads on average, does not hold when not larger, undecided without new heads."""
+    if not s.get("n_facts"):
+        return [], []
+    h0, h1 = s["hit10_without"], s["hit10_with"]
+    new, all_ = s.get("new_heads_demo_share"), s.get("all_heads_demo_share")
+    f = [f"With {s['shots']} demonstrations, Hit@10 on {s['n_facts']} facts the model did not know goes from "
+         f"{h0:.2f} to {h1:.2f} (Hit@1 {s['hit1_without']:.2f} → {s['hit1_with']:.2f}, median rank "
+         f"{s['median_rank_without']:,.0f} → {s['median_rank_with']:,.0f}); the heads new in the circuit put "
+         f"{_pct(new)} of the last token's attention on the demonstrations (all heads {_pct(all_)})."]
+    claims = [
+        Claim("Demonstrations let the model answer facts it did not know",
+              "GPT-2 medium, TinyLlama: with demonstrations the circuit changes and the answer is found",
+              f"Hit@10 {h0:.2f} → {h1:.2f}", True if h1 - h0 >= 0.1 else False if h1 <= h0 else None),
+        Claim("New heads in the in-context circuit attend to the demonstrations",
+              "GPT-2 medium, TinyLlama: heads that appear with demonstrations attend to the demonstrations' "
+              "answers (induction-like)",
+              f"new heads {_pct(new)} of the attention on the demonstrations vs all heads {_pct(all_)}",
+              None if new is None or all_ is None else new > all_),
+    ]
+    return f, claims

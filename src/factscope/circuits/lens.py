@@ -35,8 +35,8 @@ from factscope.findings import Claim
 from factscope import hooks
 from factscope.circuits.evaluate import target_ranks
 from factscope.errors import FactscopeError
-from factscope.notebook import callable_module
 from factscope.facts import Fact, fact_subject_span, target_ids
+from factscope.notebook import callable_module
 
 
 def point_labels(model) -> list[int]:

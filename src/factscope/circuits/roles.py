@@ -53,6 +53,7 @@ from factscope.circuits.evaluate import target_ranks
 from factscope.circuits.graph import Graph
 from factscope.errors import FactscopeError
 from factscope.facts import Fact, fact_subject_span, target_ids
+from factscope.findings import Claim
 
 HEAD_ROLES = ("mixture", "mover", "relation")
 MLP_ROLE = "target MLP"
@@ -369,7 +370,26 @@ def run_roles(run, model, facts: Sequence[Fact], graph: Graph, dataset: str, ans
             f"- mover heads: {names('mover')}\n- relation heads: {names('relation')}\n"
             f"- mixture heads: {names('mixture')}\n- target MLPs: {names('target_MLP')}"
         )
+        f, c = roles_findings(s)
         run.add_section(f"circuit_{prefix}", "Node roles in the circuit", text,
                         figures=[{"name": prefix, "caption": "heads by attention and role; MLPs by target-rank gain"}],
-                        tables=[prefix])
+                        tables=[prefix], findings=f, claims=c)
     return table
+
+
+def roles_findings(s: dict) -> tuple[list[str], list[Claim]]:
+    """Findings and Yao et al.'s node-role claim from a roles summary (``summary["roles"]``). Rule:
+    "the circuit holds mover and relation heads" holds when the rules find at least one of each, does
+    not hold when they find neither, undecided with one kind only."""
+    if not s.get("n_heads") and not s.get("n_mlps"):
+        return [], []
+    kinds = {"mover": "mover", "relation": "relation", "mixture": "mixture", "target_MLP": "target MLPs"}
+    f = [f"Of the circuit's {s['n_heads']} heads and {s['n_mlps']} MLPs: "
+         + "; ".join(f"{label} {len(s[k])}" + (f" ({', '.join(s[k][:4])}{', ...' if len(s[k]) > 4 else ''})"
+                                               if s[k] else "") for k, label in kinds.items()) + "."]
+    mover, relation = bool(s["mover"]), bool(s["relation"])
+    claims = [Claim("The knowledge circuit holds mover heads and relation heads",
+                    "GPT-2 medium: mover heads carry the subject to the last position, relation heads its relation",
+                    f"{len(s['mover'])} mover, {len(s['relation'])} relation heads",
+                    True if mover and relation else False if not (mover or relation) else None)]
+    return f, claims

@@ -10,7 +10,7 @@ from factscope.errors import FactscopeError
 
 def _common(command: str):
     return analysis_options(
-        f"flow {command}", all_facts=True, limit=100, batch_size=8,
+        f"flow {command}", all_facts=True, executor=True, limit=100, batch_size=8,
         helps={"limit": "Number of known facts to analyse (seeded random sample of the facts the model knows).",
                "batch_size": "Facts per batch."})
 

@@ -24,13 +24,13 @@ import pandas as pd
 import torch
 
 from factscope import hooks
-from factscope.notebook import callable_module
 from factscope.facts import Fact
 from factscope.flow.common import FactTokens, encode, project_rank, run_facts
 from factscope.flow.knockout import LABELS, set_positions
 from factscope.findings import Claim
 from factscope.loop import publish
 from factscope.models import Model
+from factscope.notebook import callable_module
 
 KO_SETS = ("subject", "non_subject", "last")
 

@@ -41,7 +41,6 @@ import torch
 
 from factscope import hooks
 from factscope.errors import FactscopeError
-from factscope.notebook import callable_module
 from factscope.facts import Fact, fact_subject_span
 from factscope.flow.common import (
     FactTokens,
@@ -54,6 +53,7 @@ from factscope.flow.common import (
 from factscope.findings import Claim
 from factscope.loop import publish
 from factscope.models import Model, Prefix
+from factscope.notebook import callable_module
 
 SETS = ("subject", "non_subject", "last", "subject_first", "subject_last", "non_subject_bos")
 MAIN_SETS = ("subject", "non_subject", "last")

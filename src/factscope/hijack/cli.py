@@ -15,7 +15,7 @@ def hijack() -> None:
 
 @hijack.command("run")
 @analysis_options(
-    "hijack", multiple=True, all_facts=True,
+    "hijack", multiple=True, all_facts=True, executor=True,
     helps={"dataset": "known_1000, lre, lre:<category>[/<relation>], counterfact (full file if downloaded, else the "
                       "shipped sample), counterfact-sample, or a path.",
            "limit": "Seeded random subset of this many facts per dataset.",

@@ -481,7 +481,8 @@ def plot_attention(r: AttentionResult):
     for row, nb in zip(axes, nbs):
         H = r.heat[nb]
         k = H.shape[0]
-        names = [format(i, f"0{int(np.log2(k))}b") + "…" for i in range(k)]
+        bits = int(np.log2(k))  # clusters by the first latent(s): "z1=0", "z1z2=01" (ASCII: one font)
+        names = ["".join(f"z{b + 1}" for b in range(bits)) + "=" + format(i, f"0{bits}b") for i in range(k)]
         heatmap(row[0], H, xlabels=names, ylabels=names, xlabel="cluster of the attended context token",
                 ylabel="cluster of the last token", cmap="viridis",
                 colorbar="mean attention per token × L (1 = uniform)")
@@ -670,6 +671,10 @@ def write_constructed(run, cfg: LCAConfig, trainer: Trainer, progress=True) -> d
 def write_embeddings(run, cfg: LCAConfig, trainer: Trainer, progress=True) -> dict:
     r = embeddings_experiment(cfg, trainer, progress)
     fits = r.mean_fits()
+    # the figure plots inner products relative to the mean squared norm: the slope in those units too
+    sq = r.inner[r.inner.hamming == 0].groupby(["neighbourhood", "d", "W_V"]).mean_inner.mean()
+    fits["slope_relative"] = fits.slope.to_numpy() / sq.reindex(
+        pd.MultiIndex.from_frame(fits[["neighbourhood", "d", "W_V"]])).to_numpy()
     acc = aggregate(r.accuracy, ["d", "embedding"], ["accuracy"])
     run.save_table("lca_embeddings_accuracy", acc)
     run.save_table("lca_embeddings_accuracy_seeds", r.accuracy)
@@ -697,8 +702,9 @@ def write_embeddings(run, cfg: LCAConfig, trainer: Trainer, progress=True) -> di
     summary = {"embeddings": emb}
     run.update_summary(summary)
     lines = [f"- {f.neighbourhood} (w = {f.w:g}), d = {f.d} ({'d < V' if f.d < r.V else 'd ≥ V'}), "
-             f"W_V {'trained' if f.W_V == 'trained' else '= I'}: slope {_pm(f.slope, f.slope_std, n)} per unit "
-             f"Hamming distance, R² = {_pm(f.r2, f.r2_std, n)} (accuracy {_pm(f.accuracy, f.accuracy_std, n)})"
+             f"W_V {'trained' if f.W_V == 'trained' else '= I'}: slope {f.slope_relative:+.3f} of the mean squared "
+             f"norm per unit Hamming distance (as plotted; raw {_pm(f.slope, f.slope_std, n)}), "
+             f"R² = {_pm(f.r2, f.r2_std, n)} (accuracy {_pm(f.accuracy, f.accuracy_std, n)})"
              for f in fits.itertuples()]
     acc_lines = []
     for d in sorted(acc.d.unique()):
