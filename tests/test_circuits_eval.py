@@ -643,3 +643,43 @@ def test_circuit_view_in_headless_chromium(tmp_path):
         assert severe == [], severe
     finally:
         driver.quit()
+
+
+def test_the_report_shows_the_circuit_view_offline(tmp_path):
+    """A run's report embeds the circuit's layered view (name_view.html beside name.png) in place of
+    the PNG: in headless Chromium with every network URL blocked its edges draw, the slider works,
+    nothing is fetched; --static shows the PNG."""
+    from test_report_browser import _chromium
+    from selenium.webdriver.common.by import By
+
+    from factscope.circuits import Graph, views
+    from factscope.runs import Run
+
+    g = Graph(3, 4, 1)
+    torch.manual_seed(5)
+    g.scores = torch.randn(g.real.shape) * g.real
+    g.top_n(30)
+    run = Run.create(tmp_path / "run", {"analysis": "circuit view test"})
+    views.write_html(g, run.path("circuit_view.html"), title="view test", initial=20)
+    run.save_figure("circuit", views.plot_circuit(g, title="view test"), interactive=False)
+    run.add_section("circuit", "Circuit", "text", figures=["circuit"])
+    page = run.write_report().read_text()
+    assert "<iframe" in page and 'sandbox="allow-scripts"' in page and "data:image/png" not in page
+    assert "<iframe" not in run.write_report(static=True).read_text()
+    path = run.write_report()
+    driver = _chromium(tmp_path)
+    try:
+        driver.get(path.resolve().as_uri())
+        driver.switch_to.frame(driver.find_element(By.CSS_SELECTOR, "iframe.figure-view"))
+        edges = driver.find_elements(By.CSS_SELECTOR, "path.cv-edge")
+        assert len(edges) == 30
+        assert len([p for p in edges if p.value_of_css_property("display") != "none"]) == 20
+        driver.execute_script("const s = document.getElementById('cv-k'); s.value = 5; s.dispatchEvent(new Event('input'))")
+        assert driver.find_element(By.ID, "cv-kval").text == "5 of 30 edges"
+        driver.switch_to.default_content()
+        fetched = driver.execute_script(
+            "return performance.getEntriesByType('resource').map(e => e.name).filter(n => !n.startsWith('data:'))")
+        assert fetched == []
+        assert [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"] == []
+    finally:
+        driver.quit()

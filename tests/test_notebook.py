@@ -86,9 +86,10 @@ def test_out_names_the_run_directory_and_a_failing_call_leaves_nothing(tmp_path)
         factscope.flow.knockout("tiny-llama", limit=2, known_only=False, progress=False, windw=2, out=tmp_path / "bad")
     with pytest.raises(FactscopeError, match="unknown option.*'windw'"):
         factscope.flow.sublayer("tiny-llama", limit=2, known_only=False, progress=False, windw=2, out=tmp_path / "bad")
-    with pytest.raises(FactscopeError, match="knows none"):  # a random model knows (almost) no fact
-        factscope.flow.knockout("tiny-neox", "lre:factual/country_capital_city", limit=2, progress=False,
-                                out=tmp_path / "bad")
+    with pytest.raises(FactscopeError, match="limit must be at least 1"):
+        factscope.flow.knockout("tiny-llama", limit=0, progress=False, out=tmp_path / "bad")
+    with pytest.raises(FactscopeError, match="knows none"):  # fails after the run directory was created
+        factscope.flow.knockout("tiny-llama", [], progress=False, out=tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
     with pytest.raises(FactscopeError):
         factscope.flow.knockout("tiny-llama", "no-such-dataset", limit=2, progress=False, out=tmp_path / "bad2")

@@ -449,7 +449,7 @@ def demo(common: Common, skip) -> None:
         _demo_part(part, run, model, known, common.seed, common.progress)
         run.write_report()
         click.echo(f"demo: {part} done in {time.time() - t:.0f} s")
-    run.update_summary({"demo_seconds": round(time.time() - t0, 1)})
+    run.update_summary({"seconds": {**run.summary.get("seconds", {}), "demo": round(time.time() - t0, 1)}})
     path = run.write_report(title=f"factscope demo: {model.name}")
     click.echo(f"demo: report in {path} ({time.time() - t0:.0f} s)")
 

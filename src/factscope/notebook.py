@@ -230,6 +230,8 @@ def on_facts(key: str, model: Any, facts: str | Sequence, step: Callable[..., An
     """A flow analysis from Python: load ``model``, choose the facts in the new run (:func:`facts_of`)
     and call ``step(run, model, facts, progress=progress, **options)`` (e.g. ``run_knockout``)."""
     check_options(options, step)
+    if limit is not None and limit < 1:
+        raise FactscopeError(f"limit must be at least 1, got {limit}")
     model = as_model(model)
     cfg = config_of(f"flow {key}", model, facts, limit, seed, known_only=known_only, **options)
 

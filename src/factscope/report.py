@@ -88,6 +88,7 @@ details.numbers > summary { cursor: pointer; color: var(--accent); margin: 6px 0
 .card .v { font-size: 18px; font-weight: 600; font-variant-numeric: tabular-nums; overflow-wrap: anywhere; }
 figure { margin: 18px 0; }
 figure img { display: block; max-width: 100%; height: auto; border: 1px solid #eee; }
+iframe.figure-view { display: block; width: 100%; height: min(760px, 90vh); border: 1px solid #eee; }
 figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; }
 .table-wrap { display: inline-block; max-width: 100%; overflow-x: auto; margin: 12px 0 4px;
   border: 1px solid var(--line); border-radius: 6px; vertical-align: top; }
@@ -307,6 +308,20 @@ def plotly_js() -> str:
     from plotly.offline import get_plotlyjs
 
     return get_plotlyjs().replace("</script", "<\\/script")
+
+
+def render_view(view: Path, alt: str, caption: str = "") -> str:
+    """A figure's own interactive page (``name_view.html`` beside ``name.png``, e.g. the circuit's
+    layered view) inside the report: a sandboxed iframe whose document is the page itself
+    (``srcdoc``), so it works offline and its script sees only its own page."""
+    doc = esc(view.read_text(encoding="utf-8"))
+    png = view.name[: -len("_view.html")] + ".png"
+    cap = caption or png
+    return (f'<figure class="view"><iframe class="figure-view" title="{esc(alt)}" sandbox="allow-scripts" '
+            f'srcdoc="{doc}"></iframe>'
+            f"<figcaption>{esc(cap)} <span class=muted>(interactive: hover a node or an edge for its name and "
+            f"score, the slider sets how many edges are shown; static copy <code>{esc(png)}</code>, full page "
+            f"<code>{esc(view.name)}</code>)</span></figcaption></figure>")
 
 
 def render_figure(path: Path, alt: str, caption: str = "") -> str:
@@ -582,8 +597,11 @@ def render_report(run: "Run", title: str | None = None, static: bool = False) ->
             name = fig["name"]
             path = run.dir / f"{name}.png"
             spec = run.dir / f"{name}.plotly.json"
+            view = run.dir / f"{name}_view.html"
             alt = f"{sec_title}: {fig['caption'] or name}"
-            if spec.is_file() and not static:
+            if view.is_file() and not static:
+                parts.append(render_view(view, alt=alt, caption=fig["caption"]))
+            elif spec.is_file() and not static:
                 parts.append(render_interactive(spec, alt=alt, caption=fig["caption"]))
                 interactive = True
             elif path.is_file():

@@ -160,7 +160,8 @@ def write_circuit(run, model, g, title: str, prefix: str = "circuit") -> dict:
     run.save_table(f"{prefix}_scores", _edge_table(g))
     files = views.write_dot(g, run.path(f"{prefix}.dot"))
     views.write_html(g, run.path(f"{prefix}_view.html"), title=title, initial=min(int(g.in_graph.sum()), 150))
-    # static: the circuit's interactive view is circuit_view.html (nodes, hover, edge slider)
+    # static: the circuit's interactive view is circuit_view.html (nodes, hover, edge slider), which
+    # the report shows in place of this PNG
     run.save_figure(prefix, views.plot_circuit(g, title=title, max_edges=150), interactive=False)
     return {"svg": any(p.suffix == ".svg" for p in files)}
 
@@ -247,7 +248,7 @@ def run_discover(run, model, data, opts: Options, dataset: str, progress: bool =
         f"`{dataset}`. The circuit: {how}. Layers run bottom (embeddings) to top (logits); inside a "
         f"layer: attention heads, the shared key/value input (grouped-query models), the MLP. Edge colour "
         f"is the signed score, width |score|. The interactive view with a slider for the number of edges "
-        f"is `circuit_view.html` in this run (offline); `circuit_eap.json` loads in EAP-IG/MIB; "
+        f"is below (also `circuit_view.html` in this run; offline); `circuit_eap.json` loads in EAP-IG/MIB; "
         f"`circuit.dot`{' and `circuit.svg`' if info['svg'] else ''} for Graphviz. Model weights: 4-bit "
         f"GGUF dequantized to float for the embedded models.",
         figures=[{"name": "circuit", "caption": "strongest edges of the circuit (at most 150 drawn)"}],

@@ -804,7 +804,7 @@ def run_experiments(run, names, config: LCAConfig | None = None, progress: bool 
         if name not in WRITERS:
             raise FactscopeError(f"LCA: unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
         summary.update(WRITERS[name](run, cfg, tr, progress))
-    summary = run.update_summary({"lca_seconds": time.time() - t0})
+    summary = run.update_summary({"seconds": {**run.summary.get("seconds", {}), "lca": time.time() - t0}})
     return summary
 
 
