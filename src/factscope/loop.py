@@ -5,8 +5,9 @@ prompts), a :class:`~factscope.runs.Checkpoint` and a batch function, it skips t
 in the checkpoint, groups the rest into batches, and appends each batch's records to the
 checkpoint as soon as the batch finishes (so Ctrl-C or SIGTERM, which the CLI turns into
 KeyboardInterrupt, loses at most the batch in flight). The batches run on the current executor
-(:mod:`factscope.executors`: here, or on Ray actors), their records come back in batch order. A resumed run says how much is done
-("resuming: 8 of 12 facts done") and its progress bar starts there.
+(:mod:`factscope.executors`: here, or on Ray actors); their records come back in batch order. A
+resumed run says how much is done ("resuming: 8 of 12 facts done") and its progress bar starts
+there.
 
 :func:`publish` is the run tail: it writes an analysis's tables and figures, puts its summary
 under the analysis key of ``summary.json`` (always nested: ``summary[name]``) and adds its report
@@ -79,7 +80,6 @@ def resumable(
         tqdm.write(f"resuming: {done} of {total} {units} done" + (f" ({desc})" if desc else ""), file=sys.stderr)
     new: dict[Hashable, dict] = {}
     bar = tqdm(total=total, initial=done, desc=desc or None, unit=unit, disable=not progress)
-
     reports: dict[tuple, Callable[[float], None]] = {}
 
     def report_for(idx: list[int]) -> Callable[[float], None]:

@@ -64,7 +64,8 @@ class Result:
     def summary(self) -> dict:
         """The analysis's entry of ``summary.json`` (the whole summary when it has none)."""
         s = self.run.summary
-        return s.get(self.key, s) if isinstance(s.get(self.key), dict) else s
+        own = s.get(self.key)
+        return own if isinstance(own, dict) else s
 
     @property
     def findings(self) -> list[str]:
@@ -78,21 +79,27 @@ class Result:
         names = [item["name"] for s in self._sections() for item in s.get(kind, [])]
         return list(dict.fromkeys(names))
 
+    def table_names(self) -> list[str]:
+        """The run's table names: those the report sections show first, then the rest."""
+        names = [n for n in self._names("tables") if self.run.table_path(n).is_file()]
+        return names + [n for n in self.run.tables() if n not in names]
+
     @property
     def tables(self) -> dict[str, Any]:
-        """The run's tables by name (DataFrames): those the report sections show first, then the rest."""
-        names = [n for n in self._names("tables") if self.run.table_path(n).is_file()]
-        return {n: self.run.load_table(n) for n in names + [n for n in self.run.tables() if n not in names]}
+        """The run's tables by name (DataFrames, read from the CSV files), in :meth:`table_names` order."""
+        return {n: self.run.load_table(n) for n in self.table_names()}
+
+    def _main_name(self) -> str | None:
+        names = self.table_names()
+        return self.main if self.main in names else (names[0] if names else None)
 
     @property
     def table(self) -> Any:
         """The analysis's main table (``main``, or the first its report sections show)."""
-        tables = self.tables
-        if self.main in tables:
-            return tables[self.main]
-        if not tables:
+        name = self._main_name()
+        if name is None:
             raise FactscopeError(f"the {self.key} run in {self.dir} wrote no table")
-        return next(iter(tables.values()))
+        return self.run.load_table(name)
 
     @property
     def figures(self) -> list[str]:
@@ -130,15 +137,16 @@ class Result:
         for name in self.figures[:1]:  # a static preview; res.plot() gives the interactive figure
             png = base64.b64encode(self.run.figure_path(name).read_bytes()).decode("ascii")
             parts.append(f"<img alt='{html.escape(name)}' style='max-width:100%' src='data:image/png;base64,{png}'>")
-        for name, df in list(self.tables.items())[:1]:
-            parts.append(render_table(df, name, max_rows=10))
-        more = ", ".join(self.tables) or "none"
+        main = self._main_name()
+        if main is not None:
+            parts.append(render_table(self.run.load_table(main), main, max_rows=10))
+        more = ", ".join(self.table_names()) or "none"
         parts.append(f"<p><small>Run directory {html.escape(str(self.dir))}; tables: {html.escape(more)}; "
                      "<code>.plot()</code> draws the figure, <code>.save(DIR)</code> keeps the run.</small></p></div>")
         return "\n".join(parts)
 
     def __repr__(self) -> str:
-        return f"Result({self.key!r}, {str(self.dir)!r}, {len(self.findings)} findings, tables {list(self.tables)})"
+        return f"Result({self.key!r}, {str(self.dir)!r}, {len(self.findings)} findings, tables {self.table_names()})"
 
     def save(self, out: str | Path, report: bool = True) -> Path:
         """Copy the run directory to ``out`` (new, or an empty directory) with its ``report.html``;
@@ -146,8 +154,7 @@ class Result:
         out = Path(out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise FactscopeError(f"{out} already exists and is not an empty directory")
-        if out.resolve() != self.dir.resolve():
-            shutil.copytree(self.dir, out, dirs_exist_ok=True)
+        shutil.copytree(self.dir, out, dirs_exist_ok=True)
         saved = Run.open(out)
         if report:
             saved.write_report()
@@ -167,7 +174,7 @@ def config_of(analysis: str, model: Any, dataset: Any, limit: int | None, seed: 
     """config.json of a run started from Python: the CLI's keys (``analysis``, ``model``,
     ``model_spec``, ``dataset``, ``limit``, ``seed``) and the analysis's own options."""
     name = [getattr(m, "name", m) for m in model] if isinstance(model, list) else getattr(model, "name", model)
-    if isinstance(dataset, str) or all(isinstance(d, str) for d in dataset):
+    if isinstance(dataset, str) or (dataset and all(isinstance(d, str) for d in dataset)):
         data = dataset if isinstance(dataset, str) else list(dataset)
     else:
         data = f"{len(dataset)} facts given in Python"
@@ -176,14 +183,13 @@ def config_of(analysis: str, model: Any, dataset: Any, limit: int | None, seed: 
 
 
 def analysis(key: str, config: dict, body: Callable[[Run], Any], out: str | Path | None = None,
-             resume: bool = False, main: str | None = None) -> Result:
+             main: str | None = None) -> Result:
     """Run ``body(run)`` in a new run directory (``out``, default a temporary one) and return its
     :class:`Result` (the report sections ``body`` added). When ``body`` fails, the directory it
     started is removed (as the CLI does), so a corrected call can use the same ``out``."""
     mark = unstarted_mark()
     temp = Path(tempfile.mkdtemp(prefix="factscope-")) if out is None else None
-    run = Run.create(temp / key if temp else out, config, resume=resume)
-    before = {s.get("key") for s in run.sections}
+    run = Run.create(temp / key if temp else out, config)
     try:
         body(run)
     except BaseException:
@@ -192,9 +198,7 @@ def analysis(key: str, config: dict, body: Callable[[Run], Any], out: str | Path
             shutil.rmtree(temp, ignore_errors=True)
         raise
     forget_unstarted_runs(mark)
-    added = tuple(s["key"] for s in run.sections if s.get("key") not in before) or tuple(
-        s["key"] for s in run.sections)
-    return Result(run, key, added, main)
+    return Result(run, key, tuple(s["key"] for s in run.sections), main)
 
 
 def facts_of(run: Run, model: Any, facts: str | Sequence, limit: int | None, seed: int, known_only: bool,
@@ -203,10 +207,9 @@ def facts_of(run: Run, model: Any, facts: str | Sequence, limit: int | None, see
     model knows, saved as ``facts.csv``): from a data set name or a list of :class:`Fact`."""
     from factscope.flow.select import facts_for_run
 
-    if isinstance(facts, str):
-        return facts_for_run(run, model, facts, limit, seed=seed, progress=progress, known_only=known_only)
-    return facts_for_run(run, model, "the facts given", limit, seed=seed, progress=progress, known_only=known_only,
-                         all_facts=list(facts))
+    named = isinstance(facts, str)
+    return facts_for_run(run, model, facts if named else "the facts given", limit, seed=seed, progress=progress,
+                         known_only=known_only, all_facts=None if named else list(facts))
 
 
 def check_options(options: dict, fn: Callable[..., Any], extra: Sequence[str] = ()) -> None:

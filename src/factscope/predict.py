@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from factscope.errors import FactscopeError
 from factscope.facts import Fact, target_ids
+from factscope.loop import resumable
 from factscope.models import Model
 
 
@@ -104,8 +105,6 @@ def known_facts(
     """
     if top_k < 1:
         raise FactscopeError(f"top-k must be at least 1, not {top_k}")
-    from factscope.loop import resumable
-
     first = [target_ids(model.tokenizer, f.prompt, f.target_true)[0] for f in facts]
     seqs = [model.tokenizer(f.prompt)["input_ids"] for f in facts]
 
