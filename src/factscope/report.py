@@ -284,13 +284,17 @@ def render_interactive(spec_path: Path, alt: str, caption: str = "") -> str:
     """A Plotly figure from ``name.plotly.json`` (drawn by :data:`PLOTLY_INIT`); the data sit in a
     JSON script block with ``</`` escaped, so no data can close the block."""
     spec = spec_path.read_text(encoding="utf-8").replace("</", "<\\/")
-    png = spec_path.name[: -len(".plotly.json")] + ".png"
-    cap = caption or png
-    return (f'<figure class="interactive"><div class="plotly-fig" role="img" aria-label="{esc(alt)}"></div>'
-            f'<script type="application/json" class="plotly-spec">{spec}</script>'
-            f"<figcaption>{esc(cap)} <span class=muted>(interactive: hover for values, click a legend entry to "
-            f"hide it, drag to zoom, double-click to reset; static copy <code>{esc(png)}</code>)</span>"
-            "</figcaption></figure>")
+    return _live_figure("interactive",
+                        f'<div class="plotly-fig" role="img" aria-label="{esc(alt)}"></div>'
+                        f'<script type="application/json" class="plotly-spec">{spec}</script>',
+                        caption, spec_path.name[: -len(".plotly.json")] + ".png",
+                        "hover for values, click a legend entry to hide it, drag to zoom, double-click to reset")
+
+
+def _live_figure(cls: str, body: str, caption: str, png: str, how: str, also: str = "") -> str:
+    """An interactive figure: ``body`` and a caption saying how to use it and where its PNG is."""
+    return (f'<figure class="{cls}">{body}<figcaption>{esc(caption or png)} <span class=muted>(interactive: '
+            f"{how}; static copy <code>{esc(png)}</code>{also})</span></figcaption></figure>")
 
 
 # draws every interactive figure once Plotly's inlined JavaScript has loaded
@@ -315,13 +319,11 @@ def render_view(view: Path, alt: str, caption: str = "") -> str:
     layered view) inside the report: a sandboxed iframe whose document is the page itself
     (``srcdoc``), so it works offline and its script sees only its own page."""
     doc = esc(view.read_text(encoding="utf-8"))
-    png = view.name[: -len("_view.html")] + ".png"
-    cap = caption or png
-    return (f'<figure class="view"><iframe class="figure-view" title="{esc(alt)}" sandbox="allow-scripts" '
-            f'srcdoc="{doc}"></iframe>'
-            f"<figcaption>{esc(cap)} <span class=muted>(interactive: hover a node or an edge for its name and "
-            f"score, the slider sets how many edges are shown; static copy <code>{esc(png)}</code>, full page "
-            f"<code>{esc(view.name)}</code>)</span></figcaption></figure>")
+    return _live_figure("view", f'<iframe class="figure-view" title="{esc(alt)}" sandbox="allow-scripts" '
+                                f'srcdoc="{doc}"></iframe>',
+                        caption, view.name[: -len("_view.html")] + ".png",
+                        "hover a node or an edge for its name and score, the slider sets how many edges are shown",
+                        f", full page <code>{esc(view.name)}</code>")
 
 
 def render_figure(path: Path, alt: str, caption: str = "") -> str:
