@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -47,6 +48,10 @@ def test_run_all_writes_everything(tmp_path):
     fit = run.load_table("lca_embeddings_fit").set_index(["neighbourhood", "d", "W_V"]).loc[("all", 8, "trained")]
     assert emb["fit_r2"] == pytest.approx(fit.r2) and emb["fit_r2_std"] == pytest.approx(fit.r2_std)
     # attention shares: per-token weights are probabilities, the masses add up to at most 1
+    # the cluster heat map's ticks name the latent bits in plain ASCII (one font), e.g. z1=0
+    spec = json.loads(run.path("lca_attention.plotly.json").read_text())
+    ticks = {t for ax in ("xaxis", "yaxis") for t in spec["layout"][ax]["ticktext"]}
+    assert ticks and all(re.fullmatch(r"(z\d)+=[01]+", t) for t in ticks), ticks
     att = run.load_table("lca_attention").iloc[0]
     assert 0 <= att.mass_same_cluster + att.mass_other_cluster <= 1 + 1e-6
     fits = run.load_table("lca_embeddings_fit_seeds")
@@ -56,6 +61,12 @@ def test_run_all_writes_everything(tmp_path):
     # with W_V = I the association W_E^T W_V W_E is the Gram matrix
     ident = inner[inner.W_V == "identity"]
     assert (ident.mean_assoc - ident.mean_inner).abs().max() < 1e-4
+    # the slope in the figure's units: over the mean squared norm of the same setting, every setting
+    mean_fits = run.load_table("lca_embeddings_fit")
+    for t in mean_fits.itertuples():
+        sel = lambda df: df[(df.neighbourhood == t.neighbourhood) & (df.d == t.d) & (df.W_V == t.W_V)]  # noqa: E731
+        sq = sel(inner)[sel(inner).hamming == 0].mean_inner.mean()
+        assert t.slope_relative == pytest.approx(sel(fits).slope.mean() / sq, rel=1e-6)
     hj = run.load_table("lca_hijack_fraction")
     assert hj.rate_y_alt.iloc[0] < hj.rate_y_alt.iloc[-1]
     assert hj.efficacy.iloc[0] < hj.efficacy.iloc[-1]
