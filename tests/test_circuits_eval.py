@@ -458,7 +458,9 @@ def test_cli_evaluate_writes_the_table_and_summary(tmp_path):
     html = (out / "report.html").read_text()
     assert "Circuit evaluation" in html
     page = re.sub(r"<script[^>]*>.*?</script>", "", html, flags=re.S)  # Plotly's inlined bundle names URLs
+    page = page.replace("http://www.w3.org/2000/svg", "")  # the embedded view's SVG namespace (never fetched)
     assert "http://" not in page and "https://" not in page and "<script src" not in html
+    assert 'class="figure-view"' in html  # the layered view is in the report
     # the EAP-IG JSON loads back into the model's graph with the same circuit
     from factscope.circuits import Graph
     from factscope.circuits.interop import from_eap_json
