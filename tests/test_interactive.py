@@ -81,8 +81,13 @@ def test_text_in_the_plot_becomes_annotations():
     ax.plot([0, 1], [0, 1], label="a")
     ax.text(0.25, 0.75, "node", ha="left")
     ax.text(0.5, 0.1, "corner", transform=ax.transAxes)
+    ax.text(0.8, 0.55, "m = 5", transform=ax.get_xaxis_transform(), rotation=90)  # beside a vertical line
+    ax.text(0.02, 0.3, "level", transform=ax.get_yaxis_transform())
     notes = {a["text"]: a for a in to_plotly(fig)["layout"]["annotations"]}
     assert (notes["node"]["x"], notes["node"]["y"], notes["node"]["xref"]) == (0.25, 0.75, "x")
     assert notes["node"]["xanchor"] == "left" and notes["corner"]["xref"] == "x domain"
+    m = notes["m = 5"]
+    assert (m["x"], m["xref"], m["y"], m["yref"], m["textangle"]) == (0.8, "x", 0.55, "y domain", -90)
+    assert (notes["level"]["xref"], notes["level"]["yref"], notes["level"]["y"]) == ("x domain", "y", 0.3)
     ax.text(0.5, 0.5, "figure", transform=fig.transFigure)
     assert to_plotly(fig) is None

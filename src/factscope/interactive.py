@@ -102,7 +102,8 @@ def _image_trace(im: Any, ax: Any, xa: str, ya: str) -> dict:
 
 
 def _text_note(t: Any, ax: Any, xa: str, ya: str) -> dict:
-    """A Plotly annotation for text drawn in data or axes coordinates (anything else: Unsupported)."""
+    """A Plotly annotation for text drawn in data or axes coordinates, or blended (x in data, y in axes
+    or the reverse: a label beside a reference line); anything else: Unsupported."""
     x, y = t.get_position()
     if t.get_transform() == ax.transData:
         xref, yref = xa, ya
@@ -112,12 +113,20 @@ def _text_note(t: Any, ax: Any, xa: str, ya: str) -> dict:
             y = math.log10(y)
     elif t.get_transform() == ax.transAxes:
         xref, yref = f"{xa} domain", f"{ya} domain"
+    elif t.get_transform() == ax.get_xaxis_transform():  # x in data, y in axes coordinates
+        xref, yref = xa, f"{ya} domain"
+        if ax.get_xscale() == "log" and x > 0:
+            x = math.log10(x)
+    elif t.get_transform() == ax.get_yaxis_transform():  # x in axes, y in data coordinates
+        xref, yref = f"{xa} domain", ya
+        if ax.get_yscale() == "log" and y > 0:
+            y = math.log10(y)
     else:
         raise Unsupported("text placed in other coordinates")
     ha = {"left": "left", "right": "right"}.get(t.get_horizontalalignment(), "center")
     va = {"top": "top", "bottom": "bottom", "baseline": "bottom"}.get(t.get_verticalalignment(), "middle")
     return {"x": x, "y": y, "xref": xref, "yref": yref, "text": t.get_text().replace("\n", "<br>"),
-            "showarrow": False, "xanchor": ha, "yanchor": va,
+            "showarrow": False, "xanchor": ha, "yanchor": va, "textangle": -t.get_rotation(),
             "font": {"size": max(8, t.get_fontsize() - 1), "color": _color(t.get_color())}}
 
 

@@ -251,7 +251,7 @@ def run_discover(run, model, data, opts: Options, dataset: str, progress: bool =
         f"is below (also `circuit_view.html` in this run; offline); `circuit_eap.json` loads in EAP-IG/MIB; "
         f"`circuit.dot`{' and `circuit.svg`' if info['svg'] else ''} for Graphviz. Model weights: 4-bit "
         f"GGUF dequantized to float for the embedded models.",
-        figures=[{"name": "circuit", "caption": "strongest edges of the circuit (at most 150 drawn)"}],
+        figures=[{"name": "circuit", "caption": "the circuit's edges, strongest first (the static PNG draws at most 150)"}],
         tables=["circuit_scores"],
     )
     return g

@@ -287,6 +287,7 @@ _CSS = """
 .cv-controls input[type=range] { width: min(420px, 60vw); }
 #cv-info { min-height: 1.4em; color: #333; background: #f6f6f6; padding: 3px 8px; border-radius: 4px; }
 .cv-wrap { overflow-x: auto; border: 1px solid #e3e3e3; border-radius: 6px; }
+#cv-svg { display: block; max-width: 100%; height: auto; min-width: 640px; }
 .cv-edge { fill: none; opacity: 0.8; } .cv-edge.hot { opacity: 1; stroke: #000 !important; }
 .cv-tie { stroke: #c8c8c8; stroke-dasharray: 2 3; }
 .cv-node rect { fill: #eef3f8; stroke: #566; stroke-width: 0.8; }
@@ -330,7 +331,7 @@ def html_fragment(graph, title: str = "", max_edges: int | None = None, initial:
 <input id="cv-k" type="range" min="0" max="{n}" value="{k0}" step="1"><output id="cv-kval"></output>
 <span class="cv-legend"><span style="background:{_color(1, 1)}"></span>positive score<span style="background:{_color(-1, 1)}"></span>negative score; width = |score|; dotted: query heads that share the key/value input kv</span></div>
 <div id="cv-info">Hover over an edge or a node for its name and score.</div>
-<div class="cv-wrap"><svg id="cv-svg" xmlns="http://www.w3.org/2000/svg" width="{d['width']:.0f}" height="{d['height']:.0f}" role="img" aria-label="layered circuit view"></svg></div>
+<div class="cv-wrap"><svg id="cv-svg" xmlns="http://www.w3.org/2000/svg" width="{d['width']:.0f}" height="{d['height']:.0f}" viewBox="0 0 {d['width']:.0f} {d['height']:.0f}" role="img" aria-label="layered circuit view"></svg></div>
 <script type="application/json" id="circuit-data">{data}</script>
 <script>{_JS}</script>
 </div>"""
