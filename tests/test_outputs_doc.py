@@ -78,6 +78,7 @@ def _row(rows, file: str):
 @pytest.fixture
 def all_known(monkeypatch):
     """Every fact counts as known (tiny random models know none), so the demo runs every part."""
+    import factscope.flow.select as S
     import factscope.predict as P
 
     real = P.known_facts
@@ -86,7 +87,10 @@ def all_known(monkeypatch):
         _, table = real(model, facts, *a, **k)
         return list(facts), table.assign(known=True)
 
-    monkeypatch.setattr(P, "known_facts", known_facts)
+    # flow.select binds the name at import: patch it there too, so that no module keeps the fake
+    # after the test (it would if it were first imported while the patch is in place)
+    for module in (P, S):
+        monkeypatch.setattr(module, "known_facts", known_facts)
 
 
 @pytest.mark.parametrize("section", list(RUNS))
