@@ -209,12 +209,12 @@ def plot(per_layer: pd.DataFrame, ko: pd.DataFrame, overall: dict, model_name: s
 
     fig, axes = new_figure(1, 2, width=12.5, height=4.2)
     ax = axes[0]
-    ax.plot(per_layer["layer"], 100 * per_layer["attn_rate"], marker="o", color=COLORS["attn"], label="attention output (rank 1)")
-    ax.plot(per_layer["layer"], 100 * per_layer["mlp_rate"], marker="o", color=COLORS["mlp"], label="MLP output (rank 1)")
+    ax.plot(per_layer["layer"], 100 * per_layer["attn_rate"], marker="o", color=COLORS["attn"], label="attention output (top-1)")
+    ax.plot(per_layer["layer"], 100 * per_layer["mlp_rate"], marker="o", color=COLORS["mlp"], label="MLP output (top-1)")
     ax.plot(per_layer["layer"], 100 * per_layer["attn_top10_rate"], ls=":", color=COLORS["attn"], label="attention: top-1 token in its top 10")
     ax.plot(per_layer["layer"], 100 * per_layer["mlp_top10_rate"], ls=":", color=COLORS["mlp"], label="MLP: top-1 token in its top 10")
     if "any_head_rate" in per_layer:
-        ax.plot(per_layer["layer"], 100 * per_layer["any_head_rate"], ls="--", color=PALETTE[0], label="any single head (rank 1)")
+        ax.plot(per_layer["layer"], 100 * per_layer["any_head_rate"], ls="--", color=PALETTE[0], label="any single head (top-1)")
     layer_axis(ax, n_layers)
     ax.set_ylabel("% of facts with an extraction event")
     ax.set_title("Extraction events at the last position (clean run)")
