@@ -14,6 +14,7 @@ import factscope.circuits
 import factscope.flow
 import factscope.hijack
 import factscope.lca
+import factscope.trace
 from factscope.cli import main
 from factscope.errors import FactscopeError
 from factscope.findings import Claim
@@ -107,6 +108,18 @@ def test_a_list_of_facts_is_analysed_as_given(tmp_path):
     assert "facts given in Python" in res.run.config["dataset"]
 
 
+def test_the_calls_need_no_import_of_their_modules():
+    import subprocess
+    import sys
+
+    code = ("import factscope.flow, factscope.trace, factscope.circuits, factscope.hijack, factscope.lca; "
+            "fs = [factscope.flow.knockout, factscope.flow.heads, factscope.trace.run, factscope.circuits.lens, "
+            "factscope.circuits.evaluate, factscope.circuits.discover, factscope.hijack.run, factscope.lca.run]; "
+            "assert all(map(callable, fs))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
 def test_modules_stay_modules():
     from factscope.circuits.lens import run_lens
     from factscope.flow.knockout import run_knockout
@@ -167,3 +180,16 @@ def test_the_docs_notebook_runs_on_a_tiny_model():
     text = json.dumps(shown)
     for part in ("Attention knockout", "holds", "median rank", "hit10", ": ES ", "LCA 1", "report.html"):
         assert part in text, part
+
+
+def test_trace_equals_the_cli(tmp_path):
+    _cli("trace", "--model", "tiny-gemma3", "--limit", "3", "--all-facts", "--samples", "2", "--window", "2",
+         "--figures", "1", "--kind", "mlp", "--seed", "2", "--out", str(tmp_path / "cli"), "--no-progress")
+    cli = Run.open(tmp_path / "cli")
+    res = factscope.trace.run("tiny-gemma3", limit=3, known_only=False, samples=2, window=2, n_figures=1,
+                              kinds=["mlp"], seed=2, progress=False)
+    for name in ("facts", "trace", "trace_average"):
+        _same_table(res.tables[name], cli.load_table(name))
+    assert res.table.equals(res.tables["trace_average"]) and res.summary == cli.summary["trace"]
+    with pytest.raises(FactscopeError, match="unknown option.*'sample'"):
+        factscope.trace.run("tiny-gemma3", limit=3, known_only=False, sample=2)

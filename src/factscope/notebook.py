@@ -14,7 +14,8 @@ one unless ``out=`` names one) and comes back as a :class:`Result` reading it::
     res.save("runs/ko")   # the run directory, as ``factscope flow knockout --out runs/ko`` writes it
 
 The calls are ``factscope.flow.knockout|enrichment|sublayer|extraction|heads``,
-``factscope.hijack.run``, ``factscope.lca.run``, ``factscope.circuits.discover|evaluate|lens``
+``factscope.hijack.run``, ``factscope.lca.run``, ``factscope.circuits.discover|evaluate|lens``,
+``factscope.trace.run``
 (each the module's ``analyse`` function: :func:`callable_module` makes the module callable, so
 ``factscope.flow.knockout`` stays the module that holds the method as well). They run the same
 functions as the CLI commands, so a result saved from a notebook and a CLI run with the same options
@@ -229,19 +230,37 @@ def check_options(options: dict, fn: Callable[..., Any], extra: Sequence[str] = 
 
 
 def on_facts(key: str, model: Any, facts: str | Sequence, step: Callable[..., Any], *, limit: int | None, seed: int,
-             known_only: bool, out: str | Path | None, progress: bool, options: dict) -> Result:
-    """A flow analysis from Python: load ``model``, choose the facts in the new run (:func:`facts_of`)
-    and call ``step(run, model, facts, progress=progress, **options)`` (e.g. ``run_knockout``)."""
+             known_only: bool, out: str | Path | None, progress: bool, options: dict,
+             analysis_name: str | None = None, main: str | None = None) -> Result:
+    """A per-fact analysis from Python (flow's parts, tracing): load ``model``, choose the facts in the
+    new run (:func:`facts_of`) and call ``step(run, model, facts, progress=progress, **options)`` (e.g.
+    ``run_knockout``); config.json's ``analysis`` is ``analysis_name`` (default ``flow <key>``), the
+    result's main table ``main`` (default ``key``)."""
     check_options(options, step)
     if limit is not None and limit < 1:
         raise FactscopeError(f"limit must be at least 1, got {limit}")
     model = as_model(model)
-    cfg = config_of(f"flow {key}", model, facts, limit, seed, known_only=known_only, **options)
+    cfg = config_of(analysis_name or f"flow {key}", model, facts, limit, seed, known_only=known_only, **options)
 
     def body(run: Run) -> None:
         step(run, model, facts_of(run, model, facts, limit, seed, known_only, progress), progress=progress, **options)
 
-    return analysis(key, cfg, body, out, main=key)  # flow's main tables are named as the parts
+    return analysis(key, cfg, body, out, main=main or key)
+
+
+def lazy_submodules(package: str, names: Sequence[str]) -> Callable[[str], types.ModuleType]:
+    """A package's ``__getattr__`` that imports its submodules ``names`` on first use, so that
+    ``factscope.flow.knockout(...)`` works after ``import factscope.flow`` while importing the package
+    itself loads no model code (the CLI's ``--help`` stays fast)."""
+
+    def __getattr__(name: str) -> types.ModuleType:
+        if name in names:
+            import importlib
+
+            return importlib.import_module(f"{package}.{name}")
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
 
 
 class _CallableModule(types.ModuleType):

@@ -22,17 +22,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from factscope.notebook import lazy_submodules
+
 PARTS = ("knockout", "enrichment", "sublayer", "extraction", "heads")
 
-
-def __getattr__(name: str):
-    """``factscope.flow.knockout`` etc. without importing each part first (the package itself stays
-    light: importing it for the CLI's --help loads no model code)."""
-    if name in PARTS:
-        import importlib
-
-        return importlib.import_module(f"factscope.flow.{name}")
-    raise AttributeError(f"module 'factscope.flow' has no attribute {name!r}")
+__getattr__ = lazy_submodules(__name__, PARTS)  # factscope.flow.knockout etc. on first use
 
 
 def run_all(run, model, facts: Sequence, *, parts: Sequence[str] = PARTS, paragraphs_file: str | None = None,

@@ -13,6 +13,7 @@ from factscope.errors import FactscopeError
 from factscope.facts import Fact
 from factscope.flow.common import fact_key, usable
 from factscope.models import Model
+from factscope.notebook import callable_module
 from factscope.trace.core import CLASSES, KINDS, TraceInput, embedding_std, fact_noise, position_classes, trace
 
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
@@ -246,3 +247,22 @@ def trace_findings(s: dict, n_layers: int) -> tuple[list[str], list[Claim]]:
                             "GPT-2 XL: restoring attention at the last token in upper layers recovers the answer",
                             f"peak {v['effect']:.3f} of a {gap:.3f} gap at layer {v['layer']} of {n_layers}", holds))
     return findings, claims
+
+
+def analyse(model, facts="known_1000", *, limit: int | None = 20, seed: int = 0, known_only: bool = True,
+            out=None, progress: bool = True, **options):
+    """``factscope trace`` from Python (``factscope.trace.run(model, facts)``): :func:`run_trace`
+    (``options``: ``kinds``, ``noise``, ``window``, ``samples``, ``max_rows``, ``n_figures``) on a
+    seeded sample of ``limit`` facts that ``model`` knows; ``seed`` draws the facts and the noise, as
+    in the CLI. Returns a :class:`factscope.notebook.Result` (``table``: the average indirect effects)."""
+    from factscope.notebook import check_options, on_facts
+
+    check_options(options, run_trace)
+    if "seed" in options:
+        raise FactscopeError("pass seed as the seed argument (it draws the facts and the noise)")
+    return on_facts("trace", model, facts, lambda run, model, facts, progress, **kw: run_trace(
+        run, model, facts, progress=progress, seed=seed, **kw), limit=limit, seed=seed, known_only=known_only,
+        out=out, progress=progress, options=options, analysis_name="trace", main="trace_average")
+
+
+callable_module(__name__)  # factscope.trace.run(model, facts) is analyse(model, facts)
