@@ -112,9 +112,10 @@ def test_the_calls_need_no_import_of_their_modules():
     import subprocess
     import sys
 
-    code = ("import factscope.flow, factscope.trace, factscope.circuits, factscope.hijack, factscope.lca; "
-            "fs = [factscope.flow.knockout, factscope.flow.heads, factscope.trace.run, factscope.circuits.lens, "
-            "factscope.circuits.evaluate, factscope.circuits.discover, factscope.hijack.run, factscope.lca.run]; "
+    code = ("import factscope.flow, factscope.trace, factscope.circuits, factscope.hijack, factscope.lca, "
+            "factscope.edit; fs = [factscope.flow.knockout, factscope.flow.heads, factscope.trace.run, factscope.circuits.lens, "
+            "factscope.circuits.evaluate, factscope.circuits.discover, factscope.hijack.run, factscope.lca.run, "
+            "factscope.edit.run]; "
             "assert all(map(callable, fs))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -193,3 +194,21 @@ def test_trace_equals_the_cli(tmp_path):
     assert res.table.equals(res.tables["trace_average"]) and res.summary == cli.summary["trace"]
     with pytest.raises(FactscopeError, match="unknown option.*'sample'"):
         factscope.trace.run("tiny-gemma3", limit=3, known_only=False, sample=2)
+
+
+def test_edit_equals_the_cli(tmp_path):
+    from importlib import resources
+
+    import factscope.edit
+
+    cf = str(resources.files("factscope.hijack") / "counterfact_sample.json")
+    _cli("edit", "--model", "tiny-llama", "--method", "ft-m", "--dataset", cf, "--limit", "2", "--circuits", "1",
+         "--edges", "10", "--layer", "1", "--out", str(tmp_path / "cli"), "--no-progress")
+    cli = Run.open(tmp_path / "cli")
+    res = factscope.edit.run("tiny-llama", cf, method="ft-m", limit=2, circuit_cases=1, circuit_edges=10, layer=1,
+                             progress=False)
+    for name in cli.tables():
+        _same_table(res.tables[name], cli.load_table(name))
+    assert res.table.equals(res.tables["edits"]) and res.summary == cli.summary["edit"]
+    for k in ("method", "layer", "circuits", "edges", "hparams", "dataset", "limit", "seed"):
+        assert res.run.config[k] == cli.config[k], k

@@ -18,6 +18,7 @@ from factscope import hooks
 from factscope.facts import subject_span, target_ids
 
 from factscope.edit.scores import EditCase, score_case
+from factscope.notebook import callable_module
 
 
 def make_editor(model, method: str, layer: int | None = None, cov_texts=None, seed: int = 0, cache: bool = True,
@@ -280,3 +281,26 @@ def run_edit(run, model, editor, cases: list[EditCase], circuit_cases: int = 3, 
                     figures=[{"name": "edit_lens", "caption": "Logit lens of the new answer before and after the edit."}],
                     tables=["edits"] + (["edit_circuits"] if circ_rows else []))
     return s
+
+
+def analyse(model, dataset: str = "lre:factual", *, method: str = "rome", limit: int | None = 50, seed: int = 0,
+            layer: int | None = None, cov_texts: list[str] | None = None, circuit_cases: int = 3,
+            circuit_edges: int = 200, out=None, progress: bool = True):
+    """``factscope edit`` from Python (``factscope.edit.run(model, dataset)``): edit a seeded sample of
+    ``limit`` cases of ``dataset`` with ``method`` (``rome`` or ``ft-m``) at ``layer`` (default: per
+    model) and score them (:func:`run_edit`; ``cov_texts``: ROME's covariance texts). The model's
+    weights are restored after each edit. Returns a :class:`factscope.notebook.Result` whose
+    ``table`` is one row per edit."""
+    from factscope.edit.scores import load_cases
+    from factscope.notebook import analysis, as_model, config_of
+
+    model = as_model(model)
+    cases = load_cases(dataset, limit=limit, seed=seed)
+    editor = make_editor(model, method, layer=layer, cov_texts=cov_texts, seed=seed)
+    cfg = config_of("edit", model, dataset, limit, seed, method=method, layer=editor.layer, single=None,
+                    cov_text=None, circuits=circuit_cases, edges=circuit_edges, hparams=dict(editor.hp.__dict__))
+    return analysis("edit", cfg, lambda run: run_edit(run, model, editor, cases, circuit_cases, circuit_edges,
+                                                      progress=progress), out, main="edits")
+
+
+callable_module(__name__)  # factscope.edit.run(model, dataset) is analyse(model, dataset)
