@@ -115,7 +115,7 @@ def test_the_calls_need_no_import_of_their_modules():
     code = ("import factscope.flow, factscope.trace, factscope.circuits, factscope.hijack, factscope.lca, "
             "factscope.edit; fs = [factscope.flow.knockout, factscope.flow.heads, factscope.trace.run, factscope.circuits.lens, "
             "factscope.circuits.evaluate, factscope.circuits.discover, factscope.hijack.run, factscope.lca.run, "
-            "factscope.edit.run]; "
+            "factscope.edit.run, factscope.circuits.hallucination, factscope.circuits.icl]; "
             "assert all(map(callable, fs))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -212,3 +212,18 @@ def test_edit_equals_the_cli(tmp_path):
     assert res.table.equals(res.tables["edits"]) and res.summary == cli.summary["edit"]
     for k in ("method", "layer", "circuits", "edges", "hparams", "dataset", "limit", "seed"):
         assert res.run.config[k] == cli.config[k], k
+
+
+@pytest.mark.parametrize("command", ["hallucination", "icl"])
+def test_circuit_case_studies_equal_the_cli(tmp_path, command):
+    args = ["--model", "tiny-llama", "--ablation", "counterfactual", "--edges", "40", "--limit", "8", "--no-progress"]
+    extra = ["--shots", "2", "--known-top-k", "1"] if command == "icl" else []
+    _cli("circuit", command, *args, *extra, "--out", str(tmp_path / "cli"))
+    cli = Run.open(tmp_path / "cli")
+    kw = {"shots": 2, "known_top_k": 1} if command == "icl" else {}
+    res = getattr(factscope.circuits, command)("tiny-llama", ablation="counterfactual", n_edges=40, limit=8,
+                                               progress=False, **kw)
+    for name in cli.tables():
+        _same_table(res.tables[name], cli.load_table(name))
+    assert res.table.equals(res.tables[command]) and res.summary == cli.summary[command]
+    assert res.findings == next(s for s in cli.sections if s["key"] == f"circuit_{command}")["findings"]

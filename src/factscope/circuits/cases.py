@@ -615,3 +615,36 @@ def icl_findings(s: dict) -> tuple[list[str], list[Claim]]:
               None if new is None or all_ is None else new > all_),
     ]
     return f, claims
+
+
+# --------------------------------------------------------------------------------------------
+# the commands' bodies, shared by the CLI and the Python calls (factscope.circuits.hallucination, .icl)
+
+
+def hallucination_on(run, model, facts: Sequence[Fact], table, opts, dataset: str, rules=R.RoleRules(),
+                     progress: bool = False) -> Hallucination:
+    """``circuit hallucination`` on ``facts`` (every fact of the relation; ``table`` their known
+    table): the relation's answers from ``dataset``, then :func:`run_hallucination` (``opts`` None:
+    no circuits)."""
+    from factscope.facts import load_facts
+
+    answers = answer_tokens(model, load_facts(dataset))
+    if len(answers) < 2:
+        raise FactscopeError(f"{dataset} has {len(answers)} distinct answer token(s); a wrong answer needs 2")
+    run.save_table("known_facts", table)
+    return run_hallucination(run, model, facts, answers, dataset, opts, rules, progress=progress)
+
+
+def icl_on(run, model, facts: Sequence[Fact], table, opts, dataset: str, shots: int, known_top_k: int,
+           seed: int = 0, progress: bool = False) -> ICL:
+    """``circuit icl`` on the ``facts`` the model does not know (not in ``table``'s known rows), with
+    ``shots`` demonstrations drawn from ``dataset``: :func:`run_icl` (``opts`` None: no circuits)."""
+    from factscope.facts import load_facts
+
+    known = set(table.loc[table["known"].astype(bool), "prompt"]) if "prompt" in table else set()
+    unknown = [f for f in facts if f.prompt not in known]
+    if len(unknown) < 2:
+        raise FactscopeError(f"{model.name} knows all but {len(unknown)} of the facts of {dataset} "
+                             f"(top-{known_top_k}); use a smaller --known-top-k (e.g. 1)")
+    run.save_table("known_facts", table)
+    return run_icl(run, model, unknown, load_facts(dataset), shots, dataset, opts, seed=seed, progress=progress)

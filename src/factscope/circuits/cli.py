@@ -261,17 +261,13 @@ def _all_facts(common: Common, kw: dict):
 def hallucination_cmd(common: Common, no_circuits, **kw):
     """Facts the model gets wrong vs right: where the (wrong) answer emerges in the logit lens, the first
     node that promotes it, and the circuits of both groups."""
-    from factscope.circuits.cases import run_hallucination
+    from factscope.circuits.cases import hallucination_on
 
     rules = _rules(kw)
     opts, model, facts, table = _all_facts(common, kw)
-    answers = _relation_answers(model, common.dataset)
-    if len(answers) < 2:
-        raise FactscopeError(f"{common.dataset} has {len(answers)} distinct answer token(s); a wrong answer needs 2")
     run = _create_run(common, model, kw, opts, "hallucination", circuits=not no_circuits)
-    run.save_table("known_facts", table)
-    h = run_hallucination(run, model, facts, answers, common.dataset, None if no_circuits else opts, rules,
-                          progress=common.progress)
+    hallucination_on(run, model, facts, table, None if no_circuits else opts, common.dataset, rules,
+                     progress=common.progress)
     run.write_report(title=f"Hallucination: {model.name}")
     s = run.summary["hallucination"]
     click.echo(f"{s['n_right']} right, {s['n_wrong']} wrong; the answer emerges at layer "
@@ -288,20 +284,12 @@ def icl_cmd(common: Common, shots, no_circuits, **kw):
     known, which nodes and edges appear, where the new heads look.
 
     Not known: the target is not in the model's top --known-top-k."""
-    from factscope.circuits.cases import run_icl
-    from factscope.facts import load_facts
+    from factscope.circuits.cases import icl_on
 
     opts, model, facts, table = _all_facts(common, kw)
-    known = set(table.loc[table["known"].astype(bool), "prompt"]) if "prompt" in table else set()
-    unknown = [f for f in facts if f.prompt not in known]
-    if len(unknown) < 2:
-        raise FactscopeError(f"{model.name} knows all but {len(unknown)} of the facts of {common.dataset} "
-                             f"(top-{kw['known_top_k']}); use a smaller --known-top-k (e.g. 1)")
-    pool = load_facts(common.dataset)
     run = _create_run(common, model, kw, opts, "icl", shots=shots, circuits=not no_circuits)
-    run.save_table("known_facts", table)
-    res = run_icl(run, model, unknown, pool, shots, common.dataset, None if no_circuits else opts, seed=common.seed,
-                  progress=common.progress)
+    res = icl_on(run, model, facts, table, None if no_circuits else opts, common.dataset, shots, kw["known_top_k"],
+                 seed=common.seed, progress=common.progress)
     run.write_report(title=f"In-context learning: {model.name}")
     s = run.summary["icl"]
     click.echo(f"{len(res.facts)} unknown facts, {shots} shots: Hit@1 {s['hit1_without']:.2f} -> {s['hit1_with']:.2f}, "

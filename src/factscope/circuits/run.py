@@ -397,9 +397,10 @@ def evaluate_known(run, model, facts, table, opts: Options, dataset: str, val_fr
 
 def _from_python(command: str, model, dataset: str, step, *, limit: int | None, seed: int, known_only: bool,
                  known_top_k: int, out, progress: bool, options: dict, extra: dict | None = None,
-                 main: str | None = None):
+                 main: str | None = None, key: str = "circuit"):
     """A ``circuit`` command from Python: load ``model``, check the options, choose the known facts
-    and call ``step(run, model, facts, table, opts)`` in a new run (:func:`factscope.notebook.analysis`)."""
+    and call ``step(run, model, facts, table, opts)`` in a new run (:func:`factscope.notebook.analysis`;
+    ``key``: the command's entry in summary.json, ``main``: its main table)."""
     from factscope.circuits.data import known_relation_facts
     from factscope.notebook import analysis, as_model, config_of
 
@@ -410,7 +411,7 @@ def _from_python(command: str, model, dataset: str, step, *, limit: int | None, 
     cfg = config_of("circuit", model, dataset, limit, seed, known_only=known_only, command=f"circuit {command}",
                     known_top_k=known_top_k, **{k: v for k, v in options_dict(opts).items() if k != "seed"},
                     **(extra or {}))
-    return analysis("circuit", cfg, lambda run: step(run, model, facts, table, opts), out, main=main)
+    return analysis(key, cfg, lambda run: step(run, model, facts, table, opts), out, main=main)
 
 
 def analyse_discover(model, dataset: str = "lre:factual/country_capital_city", *, limit: int | None = 40, seed: int = 0,
@@ -441,3 +442,39 @@ def analyse_evaluate(model, dataset: str = "lre:factual/country_capital_city", *
                                                                               val_fraction, progress),
                         limit=limit, seed=seed, known_only=known_only, known_top_k=known_top_k, out=out,
                         progress=progress, options=options, extra={"val_fraction": val_fraction}, main="circuit_eval")
+
+
+def analyse_hallucination(model, dataset: str = "lre:factual/country_capital_city", *, limit: int | None = 40,
+                          seed: int = 0, known_top_k: int = 10, circuits: bool = True, rules=None, out=None,
+                          progress: bool = True, **options):
+    """``factscope circuit hallucination`` from Python (``factscope.circuits.hallucination``): every fact
+    of ``dataset`` (a seeded sample of ``limit``), right vs wrong answers, the first node promoting the
+    answer and (``circuits``) both groups' circuits with :class:`Options` (``options``); ``rules``: a
+    :class:`factscope.circuits.roles.RoleRules`. Returns a :class:`factscope.notebook.Result`."""
+    from factscope.circuits.cases import hallucination_on
+    from factscope.circuits.roles import RoleRules
+
+    rules = rules or RoleRules()
+    return _from_python("hallucination", model, dataset,
+                        lambda run, model, facts, table, opts: hallucination_on(
+                            run, model, facts, table, opts if circuits else None, dataset, rules, progress),
+                        limit=limit, seed=seed, known_only=False, known_top_k=known_top_k, out=out, progress=progress,
+                        options=options, extra={"circuits": circuits}, main="hallucination",
+                        key="hallucination")
+
+
+def analyse_icl(model, dataset: str = "lre:factual/country_capital_city", *, shots: int = 3, limit: int | None = 40,
+                seed: int = 0, known_top_k: int = 10, circuits: bool = True, out=None, progress: bool = True,
+                **options):
+    """``factscope circuit icl`` from Python (``factscope.circuits.icl``): the facts of ``dataset`` the
+    model does not know (target outside its top ``known_top_k``) with ``shots`` demonstrations, with and
+    without, and (``circuits``) both circuits with :class:`Options` (``options``). Returns a
+    :class:`factscope.notebook.Result`."""
+    from factscope.circuits.cases import icl_on
+
+    return _from_python("icl", model, dataset,
+                        lambda run, model, facts, table, opts: icl_on(
+                            run, model, facts, table, opts if circuits else None, dataset, shots, known_top_k, seed,
+                            progress),
+                        limit=limit, seed=seed, known_only=False, known_top_k=known_top_k, out=out, progress=progress,
+                        options=options, extra={"shots": shots, "circuits": circuits}, main="icl", key="icl")
