@@ -16,9 +16,9 @@ one unless ``out=`` names one) and comes back as a :class:`Result` reading it::
 The calls are ``factscope.flow.knockout|enrichment|sublayer|extraction|heads``,
 ``factscope.hijack.run``, ``factscope.lca.run``,
 ``factscope.circuits.discover|evaluate|lens|hallucination|icl``, ``factscope.trace.run``,
-``factscope.edit.run``
-(each the module's ``analyse`` function: :func:`callable_module` makes the module callable, so
-``factscope.flow.knockout`` stays the module that holds the method as well). They run the same
+``factscope.edit.run``. Where a module of that name exists (``factscope.flow.knockout``), the module
+itself is callable (:func:`callable_module`: calling it calls its ``analyse`` function), so it still
+holds the method's functions; the others are plain functions. They run the same
 functions as the CLI commands, so a result saved from a notebook and a CLI run with the same options
 hold the same numbers.
 """
