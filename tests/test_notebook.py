@@ -115,7 +115,8 @@ def test_the_calls_need_no_import_of_their_modules():
     code = ("import factscope.flow, factscope.trace, factscope.circuits, factscope.hijack, factscope.lca, "
             "factscope.edit; fs = [factscope.flow.knockout, factscope.flow.heads, factscope.trace.run, factscope.circuits.lens, "
             "factscope.circuits.evaluate, factscope.circuits.discover, factscope.hijack.run, factscope.lca.run, "
-            "factscope.edit.run, factscope.circuits.hallucination, factscope.circuits.icl]; "
+            "factscope.edit.run, factscope.circuits.hallucination, factscope.circuits.icl, "
+            "factscope.circuits.roles]; "
             "assert all(map(callable, fs))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -214,16 +215,32 @@ def test_edit_equals_the_cli(tmp_path):
         assert res.run.config[k] == cli.config[k], k
 
 
-@pytest.mark.parametrize("command", ["hallucination", "icl"])
+@pytest.mark.parametrize("command", ["hallucination", "icl", "roles"])
 def test_circuit_case_studies_equal_the_cli(tmp_path, command):
     args = ["--model", "tiny-llama", "--ablation", "counterfactual", "--edges", "40", "--limit", "8", "--no-progress"]
-    extra = ["--shots", "2", "--known-top-k", "1"] if command == "icl" else []
+    extra = {"icl": ["--shots", "2", "--known-top-k", "1"], "roles": ["--all-facts"]}.get(command, [])
     _cli("circuit", command, *args, *extra, "--out", str(tmp_path / "cli"))
     cli = Run.open(tmp_path / "cli")
-    kw = {"shots": 2, "known_top_k": 1} if command == "icl" else {}
+    kw = {"icl": {"shots": 2, "known_top_k": 1}, "roles": {"known_only": False}}.get(command, {})
     res = getattr(factscope.circuits, command)("tiny-llama", ablation="counterfactual", n_edges=40, limit=8,
                                                progress=False, **kw)
     for name in cli.tables():
         _same_table(res.tables[name], cli.load_table(name))
     assert res.table.equals(res.tables[command]) and res.summary == cli.summary[command]
     assert res.findings == next(s for s in cli.sections if s["key"] == f"circuit_{command}")["findings"]
+
+
+def test_roles_take_a_given_circuit_and_refuse_another_models(tmp_path):
+    disc = factscope.circuits.discover("tiny-llama", limit=4, known_only=False, method="eap", n_edges=30,
+                                       progress=False)
+    res = factscope.circuits.roles("tiny-llama", graph=disc.dir / "graph.json", limit=4, known_only=False,
+                                   progress=False)
+    from factscope.circuits.roles import circuit_nodes
+
+    g = factscope.circuits.Graph.from_json(disc.dir / "graph.json")
+    assert sorted(res.table["node"]) == sorted(circuit_nodes(g))  # the given circuit's nodes, no new discovery
+    assert res.run.config["graph"] == str(disc.dir / "graph.json") and not (res.dir / "graph.json").exists()
+    with pytest.raises(FactscopeError, match="is not a graph of tiny-gpt2"):
+        factscope.circuits.roles("tiny-gpt2", graph=disc.dir / "graph.json", limit=4, known_only=False,
+                                 progress=False, out=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

@@ -15,7 +15,7 @@ one unless ``out=`` names one) and comes back as a :class:`Result` reading it::
 
 The calls are ``factscope.flow.knockout|enrichment|sublayer|extraction|heads``,
 ``factscope.hijack.run``, ``factscope.lca.run``,
-``factscope.circuits.discover|evaluate|lens|hallucination|icl``, ``factscope.trace.run``,
+``factscope.circuits.discover|evaluate|lens|roles|hallucination|icl``, ``factscope.trace.run``,
 ``factscope.edit.run``. Where a module of that name exists (``factscope.flow.knockout``), the module
 itself is callable (:func:`callable_module`: calling it calls its ``analyse`` function), so it still
 holds the method's functions; the others are plain functions. They run the same

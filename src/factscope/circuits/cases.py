@@ -648,3 +648,36 @@ def icl_on(run, model, facts: Sequence[Fact], table, opts, dataset: str, shots: 
                              f"(top-{known_top_k}); use a smaller --known-top-k (e.g. 1)")
     run.save_table("known_facts", table)
     return run_icl(run, model, unknown, load_facts(dataset), shots, dataset, opts, seed=seed, progress=progress)
+
+
+def circuit_graph(graph, model) -> Graph:
+    """A circuit to study: a :class:`Graph`, or the path of a graph JSON (``graph.json`` of ``circuit
+    discover``), checked to be a graph of ``model`` with edges in its circuit."""
+    where = graph if not isinstance(graph, Graph) else "the graph given"
+    g = graph if isinstance(graph, Graph) else Graph.from_json(graph)
+    ref = Graph.from_model(model)
+    if (g.n_up, g.n_down) != (ref.n_up, ref.n_down):
+        raise FactscopeError(f"{where} is not a graph of {model.name} ({g!r})")
+    if not g.in_graph.any():
+        raise FactscopeError(f"{where} has no edges in its circuit")
+    return g
+
+
+def roles_on(run, model, facts: Sequence[Fact], table, opts, dataset: str, rules=R.RoleRules(),
+             graph: Graph | None = None, progress: bool = False):
+    """``circuit roles`` on the known ``facts`` (``table``: their known table): the circuit ``graph``,
+    or one discovered on the facts with ``opts``, then :func:`factscope.circuits.roles.run_roles` with
+    the relation's answers from ``dataset``. Returns the node table."""
+    from factscope.circuits.data import build
+    from factscope.circuits.run import run_discover
+    from factscope.facts import load_facts
+
+    if not facts:
+        raise FactscopeError(f"{model.name} knows none of the facts of {dataset}")
+    if graph is None and len(facts) < 2:
+        raise FactscopeError(f"{model.name} knows {len(facts)} facts of {dataset}; need at least 2")
+    answers = answer_tokens(model, load_facts(dataset))
+    run.save_table("known_facts", table)
+    if graph is None:
+        graph = run_discover(run, model, build(model, facts, seed=opts.seed), opts, dataset, progress=progress)
+    return R.run_roles(run, model, facts, graph, dataset, answers, rules, progress=progress)

@@ -171,14 +171,6 @@ def _rules(kw: dict):
                      relation_hits=kw.pop("relation_hits"), mlp_gain_bits=kw.pop("mlp_gain")).check()
 
 
-def _relation_answers(model, dataset: str) -> list[int]:
-    """First target tokens of every fact of ``dataset`` (the relation's answer type)."""
-    from factscope.circuits.cases import answer_tokens
-    from factscope.facts import load_facts
-
-    return answer_tokens(model, load_facts(dataset))
-
-
 @circuit.command("lens")
 @_lens_options
 def lens_cmd(common: Common, n_boot, emerge_top, known_top_k):
@@ -214,34 +206,15 @@ def lens_cmd(common: Common, n_boot, emerge_top, known_top_k):
 def roles_cmd(common: Common, graph_path, **kw):
     """Roles of a circuit's nodes: vocabulary projections, attention to subject/relation, mover /
     relation / mixture heads and MLPs that raise the target."""
-    from factscope.circuits import Graph
-    from factscope.circuits.data import build
-    from factscope.circuits.roles import run_roles
-    from factscope.circuits.run import run_discover
+    from dataclasses import asdict
+
+    from factscope.circuits.cases import circuit_graph, roles_on
 
     rules = _rules(kw)
     opts, model, facts, table = _prepare(common, kw, {}, need=1)
-    if not facts:
-        raise FactscopeError(f"{model.name} knows none of the facts of {common.dataset}")
-    g = None
-    if graph_path:
-        g = Graph.from_json(graph_path)
-        ref = Graph.from_model(model)
-        if (g.n_up, g.n_down) != (ref.n_up, ref.n_down):
-            raise FactscopeError(f"{graph_path} is not a graph of {model.name} ({g!r})")
-        if not g.in_graph.any():
-            raise FactscopeError(f"{graph_path} has no edges in its circuit")
-    elif len(facts) < 2:
-        raise FactscopeError(f"{model.name} knows {len(facts)} facts of {common.dataset}; need at least 2")
-    answers = _relation_answers(model, common.dataset)
-    run = _create_run(common, model, kw, opts, "roles", graph=graph_path,
-                      rules={"attn": rules.attn, "top_k": rules.top_k, "relation_hits": rules.relation_hits,
-                             "mlp_gain_bits": rules.mlp_gain_bits})
-    run.save_table("known_facts", table)
-    if g is None:
-        g = run_discover(run, model, build(model, facts, seed=common.seed), opts, common.dataset,
-                         progress=common.progress)
-    t = run_roles(run, model, facts, g, common.dataset, answers, rules, progress=common.progress)
+    g = circuit_graph(graph_path, model) if graph_path else None
+    run = _create_run(common, model, kw, opts, "roles", graph=graph_path, rules=asdict(rules))
+    t = roles_on(run, model, facts, table, opts, common.dataset, rules, g, progress=common.progress)
     run.write_report(title=f"Circuit node roles: {model.name}")
     counts = t["role"].value_counts().to_dict()
     click.echo(f"{len(t)} nodes on {len(facts)} facts; roles: "

@@ -54,6 +54,7 @@ from factscope.circuits.graph import Graph
 from factscope.errors import FactscopeError
 from factscope.facts import Fact, fact_subject_span, target_ids
 from factscope.findings import Claim
+from factscope.notebook import callable_module
 
 HEAD_ROLES = ("mixture", "mover", "relation")
 MLP_ROLE = "target MLP"
@@ -393,3 +394,29 @@ def roles_findings(s: dict) -> tuple[list[str], list[Claim]]:
                     f"{len(s['mover'])} mover, {len(s['relation'])} relation heads",
                     True if mover and relation else False if not (mover or relation) else None)]
     return f, claims
+
+
+def analyse(model, dataset: str = "lre:factual/country_capital_city", *, graph=None, rules: RoleRules | None = None,
+            limit: int | None = 40, seed: int = 0, known_only: bool = True, known_top_k: int = 10, out=None,
+            progress: bool = True, **options):
+    """``factscope circuit roles`` from Python (``factscope.circuits.roles(model, dataset)``): the roles
+    of a circuit's nodes on the known facts of ``dataset``; ``graph``: a :class:`Graph` or the path of
+    a graph JSON (default: discovered on the facts with ``options``, as :class:`factscope.circuits.run.Options`);
+    ``rules``: :class:`RoleRules`. Returns a :class:`factscope.notebook.Result` (``table``: one row per node)."""
+    from factscope.circuits.cases import circuit_graph, roles_on
+    from factscope.circuits.run import from_python
+    from factscope.notebook import as_model
+
+    rules = (rules or RoleRules()).check()
+    model = as_model(model)
+    g = circuit_graph(graph, model) if graph is not None else None
+    return from_python("roles", model, dataset,
+                        lambda run, model, facts, table, opts: roles_on(run, model, facts, table, opts, dataset, rules,
+                                                                        g, progress),
+                        limit=limit, seed=seed, known_only=known_only, known_top_k=known_top_k, out=out,
+                        progress=progress, options=options, key="roles", main="roles",
+                        extra={"graph": None if graph is None or isinstance(graph, Graph) else str(graph),
+                               "rules": asdict(rules)})
+
+
+callable_module(__name__)  # factscope.circuits.roles(model, dataset) is analyse(model, dataset)

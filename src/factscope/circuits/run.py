@@ -395,7 +395,7 @@ def evaluate_known(run, model, facts, table, opts: Options, dataset: str, val_fr
     return run_evaluate(run, model, d_val, d_test, opts, dataset, progress=progress)
 
 
-def _from_python(command: str, model, dataset: str, step, *, limit: int | None, seed: int, known_only: bool,
+def from_python(command: str, model, dataset: str, step, *, limit: int | None, seed: int, known_only: bool,
                  known_top_k: int, out, progress: bool, options: dict, extra: dict | None = None,
                  main: str | None = None, key: str = "circuit"):
     """A ``circuit`` command from Python: load ``model``, check the options, choose the known facts
@@ -421,7 +421,7 @@ def analyse_discover(model, dataset: str = "lre:factual/country_capital_city", *
     ``steps``, ``edge_fraction``, ``n_edges``, ...) and keep the circuit. Returns a
     :class:`factscope.notebook.Result` (``tables["circuit_scores"]``: every edge's score;
     ``Graph.from_json(res.dir / "graph.json")``: the graph)."""
-    return _from_python("discover", model, dataset,
+    return from_python("discover", model, dataset,
                         lambda run, model, facts, table, opts: discover_known(run, model, facts, table, opts, dataset,
                                                                               progress),
                         limit=limit, seed=seed, known_only=known_only,
@@ -437,7 +437,7 @@ def analyse_evaluate(model, dataset: str = "lre:factual/country_capital_city", *
     ``table`` is Hit@1/Hit@10/MRR for the full model, the circuit and random circuits."""
     if not 0 < val_fraction < 1:
         raise FactscopeError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-    return _from_python("evaluate", model, dataset,
+    return from_python("evaluate", model, dataset,
                         lambda run, model, facts, table, opts: evaluate_known(run, model, facts, table, opts, dataset,
                                                                               val_fraction, progress),
                         limit=limit, seed=seed, known_only=known_only, known_top_k=known_top_k, out=out,
@@ -455,7 +455,7 @@ def analyse_hallucination(model, dataset: str = "lre:factual/country_capital_cit
     from factscope.circuits.roles import RoleRules
 
     rules = rules or RoleRules()
-    return _from_python("hallucination", model, dataset,
+    return from_python("hallucination", model, dataset,
                         lambda run, model, facts, table, opts: hallucination_on(
                             run, model, facts, table, opts if circuits else None, dataset, rules, progress),
                         limit=limit, seed=seed, known_only=False, known_top_k=known_top_k, out=out, progress=progress,
@@ -472,7 +472,7 @@ def analyse_icl(model, dataset: str = "lre:factual/country_capital_city", *, sho
     :class:`factscope.notebook.Result`."""
     from factscope.circuits.cases import icl_on
 
-    return _from_python("icl", model, dataset,
+    return from_python("icl", model, dataset,
                         lambda run, model, facts, table, opts: icl_on(
                             run, model, facts, table, opts if circuits else None, dataset, shots, known_top_k, seed,
                             progress),
