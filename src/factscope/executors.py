@@ -35,8 +35,6 @@ Work = Callable[[list[int], Callable[[float], None]], Sequence[Any]]
 class Local:
     """Run the batches here, one after another (``report`` moves the progress bar within a batch)."""
 
-    name = "local"
-
     def map(self, work: Work, batches: Iterable[list[int]],
             report_for: Callable[[list[int]], Callable[[float], None]]) -> Iterator[tuple[list[int], list]]:
         for idx in batches:
@@ -50,8 +48,6 @@ class RayExecutor:
     """Run the batches on ``workers`` Ray actors (a local Ray instance, or the cluster at
     ``address``), each with ``cpus_per_worker`` CPUs and ``gpus_per_worker`` GPUs. The actors live as
     long as the executor (:meth:`close`), so a command's analyses share their loaded models."""
-
-    name = "ray"
 
     def __init__(self, workers: int = 2, address: str | None = None, gpus_per_worker: float = 0.0,
                  cpus_per_worker: float = 1.0, max_restarts: int = 3):
@@ -92,7 +88,7 @@ class RayExecutor:
         ray = self._start()
         from ray.util import ActorPool
 
-        ref = ray.put(work)  # sent once; each actor unpickles it (and loads the model) once per map
+        ref = ray.put(work)  # stored once; a task unpickles it, its model comes from _LOADED after the first
         pool = ActorPool(self._actors)
         try:
             for idx, records in zip(batches, pool.map(lambda a, idx: a.run.remote(ref, idx), batches)):

@@ -586,7 +586,8 @@ def run_icl(run, model, facts: Sequence[Fact], pool: Sequence[Fact], k: int, dat
     f, c = icl_findings(s)
     run.add_section("circuit_icl", "In-context learning", text,
                     figures=[{"name": "icl", "caption": "lens with and without demonstrations; new heads' attention"}],
-                    tables=["icl"] + (["icl_new_heads"] if res.new_heads is not None else []), findings=f, claims=c)
+                    tables=["icl"] + (["icl_new_heads"] if res.new_heads is not None else []),
+                    findings=f, claims=c)
     return res
 
 
@@ -621,14 +622,19 @@ def icl_findings(s: dict) -> tuple[list[str], list[Claim]]:
 # the commands' bodies, shared by the CLI and the Python calls (factscope.circuits.hallucination, .icl)
 
 
+def relation_answers(model, dataset: str) -> list[int]:
+    """The first target tokens of every fact of ``dataset`` (the relation's answer type)."""
+    from factscope.facts import load_facts
+
+    return answer_tokens(model, load_facts(dataset))
+
+
 def hallucination_on(run, model, facts: Sequence[Fact], table, opts, dataset: str, rules=R.RoleRules(),
                      progress: bool = False) -> Hallucination:
     """``circuit hallucination`` on ``facts`` (every fact of the relation; ``table`` their known
     table): the relation's answers from ``dataset``, then :func:`run_hallucination` (``opts`` None:
     no circuits)."""
-    from factscope.facts import load_facts
-
-    answers = answer_tokens(model, load_facts(dataset))
+    answers = relation_answers(model, dataset)
     if len(answers) < 2:
         raise FactscopeError(f"{dataset} has {len(answers)} distinct answer token(s); a wrong answer needs 2")
     run.save_table("known_facts", table)
@@ -670,13 +676,12 @@ def roles_on(run, model, facts: Sequence[Fact], table, opts, dataset: str, rules
     the relation's answers from ``dataset``. Returns the node table."""
     from factscope.circuits.data import build
     from factscope.circuits.run import run_discover
-    from factscope.facts import load_facts
 
     if not facts:
         raise FactscopeError(f"{model.name} knows none of the facts of {dataset}")
     if graph is None and len(facts) < 2:
         raise FactscopeError(f"{model.name} knows {len(facts)} facts of {dataset}; need at least 2")
-    answers = answer_tokens(model, load_facts(dataset))
+    answers = relation_answers(model, dataset)
     run.save_table("known_facts", table)
     if graph is None:
         graph = run_discover(run, model, build(model, facts, seed=opts.seed), opts, dataset, progress=progress)

@@ -281,8 +281,8 @@ def enrichment_findings(s: dict) -> tuple[list[str], list[Claim]]:
 
     Rule: the last subject token is enriched when its peak attributes rate, minus its 95% interval,
     lies above the chance rate (another subject's set) and above the peaks of the first subject token
-    and of the token after the subject (plus their intervals); below all of them: does not hold;
-    otherwise undecided."""
+    and of the token after the subject (plus their intervals); its peak plus its interval below any of
+    them (minus theirs): does not hold; otherwise undecided."""
     peak = s.get("peak") or {}
     if not s.get("n_facts") or "subject_last" not in peak:
         return [], []

@@ -57,9 +57,7 @@ def _run(names, common: Common, quick, m, L, w, d, steps, seeds):
     from factscope.lca.experiments import run_experiments
 
     cfg = _config(quick, m, L, w, d, steps, common.seed, seeds, common.threads)
-    defining = cfg.to_dict()
-    defining.pop("threads")  # how fast, not what: recorded under runtime
-    run = common.create_run(experiments=list(names), quick=bool(quick), **defining)
+    run = common.create_run(experiments=list(names), quick=bool(quick), **cfg.defining())
     t0 = time.time()
     summary = run_experiments(run, names, cfg, progress=common.progress)
     run.write_report(title="Latent concept association")

@@ -106,6 +106,10 @@ class LCAConfig:
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
+    def defining(self) -> dict:
+        """The run config's keys: every field but ``threads`` (how fast, not what: under runtime)."""
+        return {k: v for k, v in self.to_dict().items() if k != "threads"}
+
 
 class Trainer:
     """Trains models on demand and remembers them, so experiments share identical trainings."""
@@ -882,7 +886,5 @@ def analyse(experiments: Sequence[str] = EXPERIMENTS, *, quick: bool = False, ou
     from factscope.notebook import analysis
 
     cfg = LCAConfig.quick(**config) if quick else LCAConfig(**config)
-    defining = cfg.to_dict()
-    defining.pop("threads")  # how fast, not what (as the CLI records it)
-    run_config = {"analysis": "lca", "experiments": list(experiments), "quick": bool(quick), **defining}
+    run_config = {"analysis": "lca", "experiments": list(experiments), "quick": bool(quick), **cfg.defining()}
     return analysis("lca", run_config, lambda run: run_experiments(run, list(experiments), cfg, progress), out)

@@ -258,8 +258,6 @@ def analyse(model, facts="known_1000", *, limit: int | None = 20, seed: int = 0,
     from factscope.notebook import check_options, on_facts
 
     check_options(options, run_trace)
-    if "seed" in options:
-        raise FactscopeError("pass seed as the seed argument (it draws the facts and the noise)")
     return on_facts("trace", model, facts, lambda run, model, facts, progress, **kw: run_trace(
         run, model, facts, progress=progress, seed=seed, **kw), limit=limit, seed=seed, known_only=known_only,
         out=out, progress=progress, options=options, analysis_name="trace", main="trace_average")
