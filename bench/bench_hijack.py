@@ -110,20 +110,26 @@ def main() -> None:
     # FLOPs. naive: every token through the layers + the vocabulary projection at every position;
     # batched: the same layers, one vocabulary projection per prompt; shared: each (fact, scheme)'s
     # N-sentence context once, then per prompt the query tokens (attending to the first n
-    # sentences) and one vocabulary projection.
+    # sentences) and one vocabulary projection; identical contexts (one target in two facts or
+    # schemes: "Do not think of X.") are prefilled once.
     naive_flops = sum(forward_flops(model, len(s), logits_positions=len(s)) for s in seqs)
     batched_flops = sum(forward_flops(model, len(s), logits_positions=1) for s in seqs)
     shared_flops = sum(forward_flops(model, len(s), logits_positions=1) for s in seqs[: len(chosen)])  # n = 0
+    distinct = set()
     for s in schemes:
         for p in chosen:
             ctx, parts = shared_prompts(model, scheme_sentence(s, p.fact), p.fact.prompt, N)
-            shared_flops += forward_flops(model, len(ctx), logits_positions=0)
+            if tuple(ctx) not in distinct:
+                distinct.add(tuple(ctx))
+                shared_flops += forward_flops(model, len(ctx), logits_positions=0)
             for m, suf in parts:
                 shared_flops += forward_flops(model, m + len(suf)) - forward_flops(model, m, logits_positions=0)
     res = {
         "model": model.name,
         "facts": len(chosen),
         "max_prepends": N,
+        "contexts": len(schemes) * len(chosen),
+        "distinct_contexts": len(distinct),
         "n_prompts": len(items),
         "n_tokens": n_tokens,
         "threads": torch.get_num_threads(),

@@ -178,6 +178,27 @@ def test_score_shared_equals_score_ids_on_the_joined_prompts(tiny):
             assert a.top1 == b.top1
 
 
+def test_score_shared_prefills_identical_contexts_once(tiny, monkeypatch):
+    """Contexts given twice (as facts sharing a false target give them) are prefilled once, and the
+    prompts still read their own context: a wrong context index changes the scores (the two
+    contexts differ), so equality with score_ids on the joined prompts checks the mapping."""
+    a, b = _ids(tiny, ["Do not think of Guam. Do not think of Guam.", "Do not think of Rome. Do not think of Rome."])
+    q = _ids(tiny, ["The Eiffel Tower is located in"])[0][-4:]
+    ctx = [a, b, list(a), b, list(a)]
+    prompts = [(0, len(a), q), (1, len(b), q), (2, 5, q), (3, 4, q[:2]), (4, len(a), q[:3]), (2, len(a), q)]
+    t, f = [[11]] * len(prompts), [[21]] * len(prompts)
+    rows = []
+    real = tiny.prefill
+    monkeypatch.setattr(tiny, "prefill", lambda batch, **kw: rows.append(len(batch)) or real(batch, **kw))
+    got = score_shared(tiny, ctx, prompts, t, f, batch_size=8)
+    assert sum(rows) == 2  # two distinct contexts, not five
+    want = score_ids(tiny, [ctx[c][:m] + list(s) for c, m, s in prompts], t, f)
+    for x, y in zip(got, want):
+        assert x.lp_true == pytest.approx(y.lp_true, abs=1e-4) and x.lp_false == pytest.approx(y.lp_false, abs=1e-4)
+        assert x.top1 == y.top1
+    assert got[0].lp_true != pytest.approx(got[1].lp_true, abs=1e-3)  # the contexts do differ
+
+
 def _compare_runs(tmp_path, model, facts, schemes, n, **kw):
     kw = dict(known_only=False, progress=False, **kw)
     a = run_model(Run.create(tmp_path / "full", {}), model, facts, schemes, n, shared_prefix=False, **kw)

@@ -297,11 +297,12 @@ def _execute_shared(
     on_chunk: Callable[[str], None] | None,
 ) -> dict[tuple, Score]:
     """Score prompts that share prefixes: ``groups`` = [(context ids, [(key, m, suffix ids,
-    prepared fact)])], the prompts of one (scheme, fact). Groups are sorted by context length,
-    their prompts cut into chunks of ``chunk_size`` (checkpointed like :func:`_execute`), and
-    each chunk runs through :func:`score_shared` (each context's keys/values computed once per
-    chunk, up to the longest prefix its prompts read)."""
-    order = sorted(range(len(groups)), key=lambda g: (-len(groups[g][0]), g))
+    prepared fact)])], the prompts of one (scheme, fact). Groups are sorted by context (longest
+    first, identical contexts together), their prompts cut into chunks of ``chunk_size``
+    (checkpointed like :func:`_execute`), and each chunk runs through :func:`score_shared` (each
+    distinct context's keys/values computed once per chunk, up to the longest prefix its prompts
+    read)."""
+    order = sorted(range(len(groups)), key=lambda g: (-len(groups[g][0]), groups[g][0], g))
     flat = [(g, it) for g in order for it in groups[g][1]]
     parts = [flat[start : start + chunk_size] for start in range(0, len(flat), chunk_size)]
 

@@ -160,16 +160,21 @@ def score_shared(
     for ``prompts[i] = (c, m, suffix)``. The keys/values of each context are computed once
     (:meth:`Model.prefill`, in length-sorted batches of contexts) and every prompt's suffix is run
     against the first ``m`` tokens of its context (:meth:`Model.forward_from`); prompts with
-    ``m = 0`` run whole. Equals :func:`score_ids` on the joined token sequences. ``on_progress``
-    as for :func:`score_ids`."""
+    ``m = 0`` run whole. Identical contexts (facts whose prepended sentence is the same, e.g. one
+    false target, or one scheme's false target being another's true one) are prefilled once, and
+    identical prompts scored once. Equals :func:`score_ids` on the joined token sequences.
+    ``on_progress`` as for :func:`score_ids`."""
     _check_args(metric, "prompts", prompts, true_ids, false_ids)
+    canon: dict[tuple, int] = {}
+    cid = [canon.setdefault(tuple(int(x) for x in ctx), len(canon)) for ctx in contexts]
+    contexts = list(canon)
     bases = []
     for c, m, suffix in prompts:
-        if not 0 <= c < len(contexts) or not 0 <= m <= len(contexts[c]):
-            raise FactscopeError(f"prompt ({c}, {m}, ...) does not fit the {len(contexts)} contexts given")
+        if not 0 <= c < len(cid) or not 0 <= m <= len(contexts[cid[c]]):
+            raise FactscopeError(f"prompt ({c}, {m}, ...) does not fit the {len(cid)} contexts given")
         if not suffix:
             raise FactscopeError("empty suffix: every prompt needs at least one token after its context")
-        bases.append((int(c), int(m) if m else -1, tuple(int(x) for x in suffix)))
+        bases.append((cid[c], int(m) if m else -1, tuple(int(x) for x in suffix)))
     runs, wants, plans = _plan(bases, true_ids, false_ids, metric, lambda b, toks: (b[0], b[1], b[2] + toks))
     reduce = _reducer(wants)
     count = _fractions(len(runs), on_progress)
