@@ -604,6 +604,21 @@ def _spearman_ties(x, y):
     return float(pd.Series(x.double().numpy()).rank().corr(pd.Series(y.double().numpy()).rank()))
 
 
+@pytest.mark.parametrize("name", CTINY)
+def test_target_nll_from_hidden_states_equals_the_logits_path(name):
+    """The target NLL through Model.log_probs (what ACDC and exact patching use) equals it from the
+    full logits, multi-token answers with padding included."""
+    model = _load(name)
+    batch = model.encode(PROMPTS)
+    metric = target_nll(model, batch, [[5, 9, 4], [6]])
+    with torch.no_grad():
+        h = model.final_hidden(batch, metric.positions)
+        rows = torch.arange(len(batch))
+        want = metric.fn(model.unembed(h), rows)
+        got = metric.fn_hidden(h, rows)
+    assert torch.allclose(got, want, atol=1e-4) and want.abs().min() > 0
+
+
 # Spearman floors against exact single-edge patching (counterfactual ablation, both metrics; the
 # measured values are in docs/circuits.md). EAP-IG on activations on |score| (what circuit selection
 # ranks by) is held to the issue's 0.8.

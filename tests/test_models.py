@@ -422,3 +422,29 @@ def test_realmodel_marker_deselects_real_models_only():
         assert not any("gemma-3-270m]" in t or "smollm2-135m]" in t for t in kept), sel
         assert not names & real, sel
         assert "test_subject_span_tricky_cases_tiny" in names
+
+
+@pytest.mark.parametrize("variant", ["plain", "softcap+bias"])
+def test_log_probs_equal_the_full_log_softmax(any_model, variant, monkeypatch):
+    """Model.log_probs (the normaliser summed over vocabulary chunks) equals the log-softmax of the
+    whole logit table gathered at the ids: on every family and the real models, with chunks that do
+    not divide the vocabulary, and with a final-logit softcap and an output bias patched in (the
+    branches Gemma 2-style and biased heads take). Caught by: keeping one chunk's normaliser,
+    skipping the softcap on either side, dropping the bias."""
+    m = any_model
+    if variant == "softcap+bias":
+        if m.name in ("gemma-3-270m", "smollm2-135m"):
+            pytest.skip("the patched branches are checked on the tiny models")
+        head = models._get(m.hf, m.spec.lm_head)
+        monkeypatch.setattr(m.hf.config, "final_logit_softcapping", 3.0, raising=False)
+        monkeypatch.setattr(head, "bias", torch.nn.Parameter(torch.randn(m.vocab_size) * 2, requires_grad=False))
+    g = torch.Generator().manual_seed(0)
+    x = m.final_norm(torch.randn(3, 2, m.d_model, generator=g))
+    full = m.unembed(x).float().log_softmax(-1)
+    ids = torch.randint(0, m.vocab_size, (3, 2), generator=g)
+    ids[0] = full[0].argmax(-1)  # likely tokens as well as random ones
+    want = full.gather(-1, ids[..., None])[..., 0]
+    for chunk in (m.vocab_size // 3 + 7, 4096):
+        got = m.log_probs(x, ids, chunk=chunk)
+        assert got.shape == ids.shape
+        assert (got - want).abs().max() <= 1e-4 * max(1.0, float(want.abs().max()))

@@ -188,11 +188,14 @@ def _eap_ig_act(model, graph, clean, metric, delta, steps: int, scores, max_rows
 
 def unembed_metric(model, metric, h: torch.Tensor, rows: torch.Tensor, max_logit_rows: int = 64) -> torch.Tensor:
     """metric values of final-normed hidden states ``h [N, P, d]``: with ``metric.vocab`` only the
-    vocabulary rows the metric reads are unembedded; otherwise the whole vocabulary (262k wide on
-    Gemma), at most ``max_logit_rows`` rows of ``h`` at a time."""
+    vocabulary rows the metric reads are unembedded; with ``metric.fn_hidden`` (the target NLL) the
+    log-probabilities come from :meth:`Model.log_probs`; otherwise the whole vocabulary (262k wide
+    on Gemma), at most ``max_logit_rows`` rows of ``h`` at a time."""
     if metric.vocab is not None:
         ids = metric.vocab.to(h.device)[rows.to(h.device)]
         return metric.fn_vocab(model.unembed_rows(h, ids), rows).float()
+    if metric.fn_hidden is not None:
+        return metric.fn_hidden(h, rows).float()
     out = [metric.fn(model.unembed(h[s : s + max_logit_rows]), rows[s : s + max_logit_rows]).float()
            for s in range(0, h.shape[0], max_logit_rows)]
     return torch.cat(out)

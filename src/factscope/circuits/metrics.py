@@ -40,6 +40,9 @@ class Metric:
     # row i = id ``vocab[rows[i], k]``): exact patching then unembeds K rows instead of the vocabulary
     vocab: torch.Tensor | None = None
     fn_vocab: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # optional: the same values from the final-normed hidden states ``[N, P, d]`` at ``positions``
+    # without the vocabulary table (the target NLL through :meth:`Model.log_probs`)
+    fn_hidden: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def values(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Per-row values [N] (rows default to 0..N-1)."""
@@ -98,7 +101,13 @@ def target_nll(model, batch, answers: Sequence) -> Metric:
         m = valid[rows].to(lp.device).float()
         return -(tok * m).sum(-1) / m.sum(-1)
 
-    return Metric("nll", pos, fn, higher_is_better=False)
+    def fn_hidden(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.to(ids.device)
+        tok = model.log_probs(h, ids[rows])
+        m = valid[rows].to(tok.device).float()
+        return -(tok * m).sum(-1) / m.sum(-1)
+
+    return Metric("nll", pos, fn, higher_is_better=False, fn_hidden=fn_hidden)
 
 
 def logit_diff(model, batch, answers: Sequence, cf_answers: Sequence) -> Metric:
