@@ -437,7 +437,18 @@ def test_log_probs_equal_the_full_log_softmax(any_model, variant, monkeypatch):
             pytest.skip("the patched branches are checked on the tiny models")
         head = models._get(m.hf, m.spec.lm_head)
         monkeypatch.setattr(m.hf.config, "final_logit_softcapping", 3.0, raising=False)
-        monkeypatch.setattr(head, "bias", torch.nn.Parameter(torch.randn(m.vocab_size) * 2, requires_grad=False))
+        old = head.bias  # restored by hand: monkeypatch's undo would delete the registered None
+        head.bias = torch.nn.Parameter(torch.randn(m.vocab_size) * 2, requires_grad=False)
+        try:
+            _check_log_probs(m)
+        finally:
+            head.bias = old
+        assert "bias" in head._parameters and head.bias is old
+        return
+    _check_log_probs(m)
+
+
+def _check_log_probs(m):
     g = torch.Generator().manual_seed(0)
     x = m.final_norm(torch.randn(3, 2, m.d_model, generator=g))
     full = m.unembed(x).float().log_softmax(-1)
