@@ -105,24 +105,20 @@ def _text_note(t: Any, ax: Any, xa: str, ya: str) -> dict:
     """A Plotly annotation for text drawn in data or axes coordinates, or blended (x in data, y in axes
     or the reverse: a label beside a reference line); anything else: Unsupported."""
     x, y = t.get_position()
-    if t.get_transform() == ax.transData:
-        xref, yref = xa, ya
-        if (ax.get_xscale() == "log" and x > 0):
-            x = math.log10(x)
-        if (ax.get_yscale() == "log" and y > 0):
-            y = math.log10(y)
-    elif t.get_transform() == ax.transAxes:
-        xref, yref = f"{xa} domain", f"{ya} domain"
-    elif t.get_transform() == ax.get_xaxis_transform():  # x in data, y in axes coordinates
-        xref, yref = xa, f"{ya} domain"
-        if ax.get_xscale() == "log" and x > 0:
-            x = math.log10(x)
-    elif t.get_transform() == ax.get_yaxis_transform():  # x in axes, y in data coordinates
-        xref, yref = f"{xa} domain", ya
-        if ax.get_yscale() == "log" and y > 0:
-            y = math.log10(y)
+    tr = t.get_transform()
+    # (transform, x in data coordinates, y in data coordinates); otherwise axes coordinates
+    kinds = ((ax.transData, True, True), (ax.transAxes, False, False),
+             (ax.get_xaxis_transform(), True, False), (ax.get_yaxis_transform(), False, True))
+    for ref, x_data, y_data in kinds:
+        if tr == ref:
+            break
     else:
         raise Unsupported("text placed in other coordinates")
+    xref, yref = (xa if x_data else f"{xa} domain"), (ya if y_data else f"{ya} domain")
+    if x_data and ax.get_xscale() == "log" and x > 0:
+        x = math.log10(x)
+    if y_data and ax.get_yscale() == "log" and y > 0:
+        y = math.log10(y)
     ha = {"left": "left", "right": "right"}.get(t.get_horizontalalignment(), "center")
     va = {"top": "top", "bottom": "bottom", "baseline": "bottom"}.get(t.get_verticalalignment(), "middle")
     return {"x": x, "y": y, "xref": xref, "yref": yref, "text": t.get_text().replace("\n", "<br>"),

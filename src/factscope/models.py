@@ -620,10 +620,8 @@ class Model:
                 lg = lg + b[s : s + chunk]
             c = torch.logsumexp(self._softcap(lg).float(), -1)
             lse = c if lse is None else torch.logaddexp(lse, c)
-        tgt = (flat * w[idx]).sum(-1)
-        if b is not None:
-            tgt = tgt + b[idx]
-        return (self._softcap(tgt).float() - lse).view(ids.shape)
+        tgt = self.unembed_rows(flat[:, None], idx[:, None])[:, 0, 0]  # each vector's own id
+        return (tgt.float() - lse).view(ids.shape)
 
     def logit_lens(self, x: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits of residual-stream vectors; equals the model's logits at the last layer."""

@@ -94,18 +94,18 @@ def target_nll(model, batch, answers: Sequence) -> Metric:
     """Mean negative log-probability of the answer tokens over the answer positions (lower is better)."""
     pos, ids, valid = answer_positions(batch, answers)
 
+    def mean_nll(tok: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # tok: [N, P] log-probs
+        m = valid[rows].to(tok.device).float()
+        return -(tok * m).sum(-1) / m.sum(-1)
+
     def fn(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         rows = rows.to(ids.device)
         lp = torch.log_softmax(logits.float(), dim=-1)
-        tok = lp.gather(-1, ids[rows].to(lp.device)[..., None])[..., 0]
-        m = valid[rows].to(lp.device).float()
-        return -(tok * m).sum(-1) / m.sum(-1)
+        return mean_nll(lp.gather(-1, ids[rows].to(lp.device)[..., None])[..., 0], rows)
 
     def fn_hidden(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         rows = rows.to(ids.device)
-        tok = model.log_probs(h, ids[rows])
-        m = valid[rows].to(tok.device).float()
-        return -(tok * m).sum(-1) / m.sum(-1)
+        return mean_nll(model.log_probs(h, ids[rows]), rows)
 
     return Metric("nll", pos, fn, higher_is_better=False, fn_hidden=fn_hidden)
 
