@@ -459,3 +459,35 @@ def _check_log_probs(m):
         got = m.log_probs(x, ids, chunk=chunk)
         assert got.shape == ids.shape
         assert (got - want).abs().max() <= 1e-4 * max(1.0, float(want.abs().max()))
+        # several ids per vector, and the top-1 token
+        lp, top = m.vocab_scores(x.reshape(6, -1), ids.reshape(3, 2).repeat(2, 2), chunk=chunk)
+        assert (lp - full.reshape(6, -1).gather(-1, ids.reshape(3, 2).repeat(2, 2))).abs().max() <= 1e-4 * max(
+            1.0, float(want.abs().max()))
+        assert top.tolist() == full.reshape(6, -1).argmax(-1).tolist()
+
+
+def test_vocab_scores_top1_breaks_ties_as_argmax(tiny):
+    """The winning vocabulary row copied into a row two chunks away: the two logits tie, and the
+    top-1 is the lower id, as ``argmax`` over the whole table gives (a chunk that took over the
+    best on a tie would give the higher one)."""
+    head = models._get(tiny.hf, tiny.spec.lm_head)
+    x = tiny.final_norm(torch.randn(1, tiny.d_model, generator=torch.Generator().manual_seed(1)))
+    chunk = tiny.vocab_size // 4
+    t = int(tiny.unembed(x)[0].argmax())
+    o = (t + 2 * chunk) % tiny.vocab_size
+    bias = getattr(head, "bias", None)
+    old = head.weight[o].clone(), None if bias is None else bias[o].clone()
+    try:
+        with torch.no_grad():
+            head.weight[o] = head.weight[t]
+            if bias is not None:
+                bias[o] = bias[t]
+        full = tiny.unembed(x)[0]
+        assert full[t] == full[o] == full.max()
+        _, top = tiny.vocab_scores(x, torch.tensor([[0]]), chunk=chunk)
+        assert int(top[0]) == min(t, o) == int(full.argmax())
+    finally:
+        with torch.no_grad():
+            head.weight[o] = old[0]
+            if bias is not None:
+                bias[o] = old[1]

@@ -15,6 +15,7 @@ from factscope.facts import load_facts
 from factscope.hijack import parse_schemes, run_model, score_ids, tokenize
 from factscope.hijack.runner import shared_prompts
 from factscope.hijack.schemes import build_prompt, custom_scheme
+from factscope.hijack import scoring
 from factscope.hijack.scoring import score_shared
 from factscope.models import Prefix
 from factscope.runs import Run
@@ -91,9 +92,30 @@ def test_take_scores_against_the_first_tokens_of_a_longer_prefix(model):
         prefix = model.prefill(model.batch_from_ids(ctx))
         sub = prefix.take(rows, lengths)
         got = model.forward_from(sub, model.batch_from_ids(tails))
+        # a taken prefix keeps its tokens in their columns (not left-padded): extending it works too
+        ext = model.extend(sub, model.batch_from_ids([t[:-1] for t in tails]))
+        got_ext = model.forward_from(ext, model.batch_from_ids([t[-1:] for t in tails]))
     assert sub.lengths == lengths and len(sub) == 4
     want = _full(model, [ctx[r][:m] + t for r, m, t in zip(rows, lengths, tails)])[:, -1]
     assert (_logp(got) - _logp(want)).abs().max().item() <= 1e-4
+    assert (_logp(got_ext) - _logp(want)).abs().max().item() <= 1e-4
+
+
+def test_prefill_without_logits_stops_after_the_last_keys_and_values(tiny):
+    """Without logits nothing after the last layer's keys/values runs (its MLP never fires), and
+    the keys/values are those of the full forward."""
+    from factscope import hooks
+
+    batch = tiny.batch_from_ids(_ids(tiny, TEXTS))
+    last = tiny.n_layers - 1
+    with torch.inference_mode():
+        with hooks.cache(tiny, "mlp_out", [last]) as full_c:
+            full = tiny.prefill(batch, logits=True)
+        with hooks.cache(tiny, "mlp_out", [last]) as c:
+            cut = tiny.prefill(batch)
+    assert ("mlp_out", last) in full_c and ("mlp_out", last) not in c
+    assert torch.equal(cut.keys, full.keys) and torch.equal(cut.values, full.values) and cut.logits is None
+    assert not any(tiny.attn(l)._fs_halt for l in range(tiny.n_layers))
 
 
 def test_extend_equals_prefilling_the_joined_prompt(tiny):
@@ -163,13 +185,17 @@ def test_prefix_errors_name_the_problem():
 # hijacking with shared prefixes
 
 
-def test_score_shared_equals_score_ids_on_the_joined_prompts(tiny):
+@pytest.mark.parametrize("unembed_rows", [128, 3])
+def test_score_shared_equals_score_ids_on_the_joined_prompts(tiny, unembed_rows, monkeypatch):
     """Contexts cut at several lengths (m = 0 runs the suffix whole), multi-token targets with
-    teacher forcing, one batch smaller than the prompts of one context."""
+    teacher forcing, one batch smaller than the prompts of one context; with 3 rows per
+    vocabulary pass the query batches of 2 are unembedded in groups of 4 and a last smaller group."""
+    monkeypatch.setattr(scoring, "UNEMBED_ROWS", unembed_rows)
     ctx = _ids(tiny, ["Do not think of Guam. Do not think of Guam. Do not think of Guam.", "Toyota is"])
     q = _ids(tiny, ["The Eiffel Tower is located in"])[0][-4:]
-    prompts = [(0, len(ctx[0]), q), (0, 5, q), (1, 2, q[:2]), (1, 0, ctx[1] + q), (0, len(ctx[0]), q[:1])]
-    t, f = [[11, 12, 13]] * 5, [[21, 22]] * 5
+    prompts = [(0, len(ctx[0]), q), (0, 5, q), (1, 2, q[:2]), (1, 0, ctx[1] + q), (0, len(ctx[0]), q[:1]),
+               (0, 7, q[:2]), (1, 1, q[:3])]
+    t, f = [[11, 12, 13]] * len(prompts), [[21, 22]] * len(prompts)
     for metric in ("first", "full", "full-sum"):
         got = score_shared(tiny, ctx, prompts, t, f, metric=metric, batch_size=2)
         want = score_ids(tiny, [ctx[c][:m] + list(s) for c, m, s in prompts], t, f, metric=metric)

@@ -57,6 +57,27 @@ def test_noop_interventions_reproduce_logits(model):
     assert (model.run(batch, last_only=True) - base[:, -1]).abs().max().item() <= 1e-4
 
 
+def test_stop_after_runs_nothing_above_the_layer(tiny):
+    """Inside ``stop_after(l)`` the forward gives layer l's residual of the full forward, no layer
+    above l runs (its MLP never fires), the forward call does not return, and the hooks are gone
+    afterwards (the next forward runs whole)."""
+    batch = tiny.encode(PROMPTS)
+    l = tiny.n_layers // 2
+    with hooks.cache(tiny, "resid_post", [l]) as full:
+        base = tiny.run(batch)
+    after = []
+    with hooks.cache(tiny, ["resid_post", "mlp_out"]) as c, hooks.stop_after(tiny, l):
+        tiny.run(batch)
+        after.append(1)
+    assert not after
+    assert torch.equal(c["resid_post", l], full["resid_post", l])
+    assert ("mlp_out", l) in c and ("mlp_out", l + 1) not in c and ("resid_post", l + 1) not in c
+    assert torch.equal(tiny.run(batch), base)
+    with pytest.raises(FactscopeError):
+        with hooks.stop_after(tiny, tiny.n_layers):
+            pass
+
+
 def test_hooks_are_removed_even_on_exceptions(tiny):
     batch = tiny.encode(PROMPTS[:1])
     base = tiny.run(batch)

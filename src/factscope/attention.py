@@ -20,6 +20,10 @@ if TYPE_CHECKING:  # pragma: no cover
 ATTN_NAME = "factscope"
 
 
+class Halt(Exception):
+    """Ends a forward pass early: raised by a layer's attention marked ``_fs_halt`` once it has
+    recorded its keys/values (:meth:`factscope.models.Model.prefill`), and by
+    :func:`factscope.hooks.stop_after`. The code that arms it catches it."""
 
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
@@ -40,6 +44,8 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     kv = getattr(module, "_fs_kv", None)
     if kv is not None:  # Model.prefill / extend: record what this layer attends over
         kv.append((key, value))
+        if module._fs_halt:  # Model.prefill without logits: nothing after the last keys/values
+            raise Halt
     blocks = getattr(module, "_fs_blocks", None)
     record = getattr(module, "_fs_record", None)
     uniform = getattr(module, "_fs_uniform", None)
@@ -102,4 +108,5 @@ def install(model: "Model") -> None:
         attn._fs_record = None
         attn._fs_prefix = None  # (keys, values, mask) while Model.forward_from runs
         attn._fs_kv = None  # a list recording (keys, values) while Model.prefill runs
+        attn._fs_halt = False  # raise Halt once the keys/values are recorded
         attn._fs_uniform = []

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from factscope.archs import POINT_SITES, site_path
-from factscope.attention import ATTN_NAME, install, register_attention  # noqa: F401 (re-exported)
+from factscope.attention import ATTN_NAME, Halt, install, register_attention  # noqa: F401 (re-exported)
 from factscope.errors import FactscopeError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -669,8 +669,27 @@ def knockout(
 
 
 # --------------------------------------------------------------------------------------------
-# Resuming from a cached residual stream
+# Stopping early, resuming from a cached residual stream
 # --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def stop_after(model: "Model", layer: int):
+    """End a forward pass run in the block once decoder layer ``layer`` has written its output:
+    no layer above it (nor the unembedding) runs. The forward call does not return (what follows
+    it in the block is skipped); read the activations it computed from a :func:`cache` entered
+    before this context (its hooks fire first)."""
+    _check(model, "resid_post", layer)
+
+    def halt(x, l):
+        raise Halt
+
+    try:
+        with edit(model, "resid_post", layer, halt):
+            yield
+    except Halt:
+        pass
+
 
 
 class _Skip(torch.nn.Module):

@@ -465,16 +465,18 @@ class Prefix:
 
     ``keys``/``values`` are ``[n_layers, B, n_kv_heads, width, head_dim]``: what each layer's
     attention reads (after rotary embeddings and key norms; key/value heads, not expanded for
-    grouped-query attention). Rows are left-padded like :class:`Batch`: row i's ``lengths[i]``
-    tokens sit at columns ``width - lengths[i] ..``, its token j at position j. Pad columns hold
-    junk that no query ever sees. ``logits`` holds the last position's logits ``[B, V]`` when
-    :meth:`Model.prefill` was asked for them.
+    grouped-query attention). Row i's ``lengths[i]`` tokens sit at columns ``offset[i] ..
+    offset[i] + lengths[i] - 1``, its token j at position j: left-padded like :class:`Batch`
+    (``offset[i] = width - lengths[i]``) unless ``starts`` gives the offsets (:meth:`take` keeps
+    the columns where they are). Other columns hold junk that no query ever sees. ``logits``
+    holds the last position's logits ``[B, V]`` when :meth:`Model.prefill` was asked for them.
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     lengths: list[int]
     logits: torch.Tensor | None = None
+    starts: list[int] | None = None
 
     @property
     def width(self) -> int:
@@ -482,7 +484,7 @@ class Prefix:
 
     @property
     def offset(self) -> list[int]:
-        return [self.width - n for n in self.lengths]
+        return list(self.starts) if self.starts is not None else [self.width - n for n in self.lengths]
 
     def __len__(self) -> int:
         return self.keys.shape[1]
@@ -490,7 +492,8 @@ class Prefix:
     def take(self, rows: Sequence[int] | None = None, lengths: Sequence[int] | None = None) -> "Prefix":
         """A new prefix whose row r is the first ``lengths[r]`` tokens of row ``rows[r]`` (default:
         every row, whole). Rows may repeat; the keys/values of a prompt's first m tokens do not
-        depend on what follows them, so the result equals prefilling those tokens alone."""
+        depend on what follows them, so the result equals prefilling those tokens alone. One copy
+        of the rows, over the columns they use (the tokens stay in their columns)."""
         rows = list(range(len(self))) if rows is None else [int(r) for r in rows]
         for r in rows:
             if not 0 <= r < len(self):
@@ -503,19 +506,13 @@ class Prefix:
         for r, n in zip(rows, lengths):
             if not 0 <= n <= self.lengths[r]:
                 raise FactscopeError(f"take: {n} tokens asked of prefix row {r}, which has {self.lengths[r]}")
-        M = max(lengths, default=0)
         off = self.offset
-        src = torch.zeros(len(rows), M, dtype=torch.long)
-        for i, (r, n) in enumerate(zip(rows, lengths)):
-            if n:
-                src[i, M - n :] = torch.arange(off[r], off[r] + n)
-        dev = self.keys.device
-        rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
-        L, _, H, _, hd = self.keys.shape
-        idx = src.to(dev).view(1, len(rows), 1, M, 1).expand(L, len(rows), H, M, hd)
-        k = torch.gather(self.keys.index_select(1, rows_t), 3, idx)
-        v = torch.gather(self.values.index_select(1, rows_t), 3, idx)
-        return Prefix(k, v, lengths)
+        lo = min((off[r] for r in rows), default=0)
+        hi = max((off[r] + n for r, n in zip(rows, lengths)), default=lo)
+        rows_t = torch.tensor(rows, dtype=torch.long, device=self.keys.device)
+        k = self.keys[:, rows_t, :, lo:hi]  # (advanced indexing: ~5x faster than index_select here)
+        v = self.values[:, rows_t, :, lo:hi]
+        return Prefix(k, v, lengths, starts=[off[r] - lo for r in rows])
 
 
 class Model:
@@ -607,21 +604,37 @@ class Model:
 
     def log_probs(self, x: torch.Tensor, ids: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """float ``[...]``: log-probabilities of ``ids [...]`` (one id per vector) under the logits of
-        final-normed ``x [..., d]``, i.e. ``unembed(x).float().log_softmax(-1)`` gathered at ``ids``,
-        with the normaliser summed over vocabulary chunks so the ``[..., V]`` table is never written
-        (Gemma's 262k-wide vocabulary: 20-25% faster than the table on this CPU, no large allocations)."""
+        final-normed ``x [..., d]``, i.e. ``unembed(x).float().log_softmax(-1)`` gathered at ``ids``
+        (:meth:`vocab_scores` without the ``[..., V]`` table)."""
+        flat = x.reshape(-1, x.shape[-1])
+        return self.vocab_scores(flat, ids.reshape(-1, 1), chunk)[0][:, 0].view(ids.shape)
+
+    def vocab_scores(self, x: torch.Tensor, ids: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+        """For final-normed ``x [N, d]``: the log-probabilities of ``ids [N, K]`` (float ``[N, K]``)
+        and the top-1 token (long ``[N]``, the first of tied maxima), i.e. ``unembed(x)`` with
+        ``.float().log_softmax(-1)`` gathered at ``ids`` and ``.argmax(-1)``. The vocabulary is
+        walked in chunks of ``chunk`` rows, each chunk's logits reduced while they are in cache, so
+        the ``[N, V]`` table is never written (Gemma's 262k-wide vocabulary: the product runs
+        ~1.5x faster per FLOP on this CPU, and no large allocations)."""
         head = _get(self.hf, self.spec.lm_head)
         w, b = head.weight, getattr(head, "bias", None)
-        flat, idx = x.reshape(-1, x.shape[-1]).to(w.dtype), ids.reshape(-1).to(w.device)
-        lse = None
+        flat, idx = x.to(w.dtype), ids.to(w.device)
+        lse = best = top = None
         for s in range(0, w.shape[0], chunk):
             lg = flat @ w[s : s + chunk].T
             if b is not None:
                 lg = lg + b[s : s + chunk]
-            c = torch.logsumexp(self._softcap(lg).float(), -1)
-            lse = c if lse is None else torch.logaddexp(lse, c)
-        tgt = self.unembed_rows(flat[:, None], idx[:, None])[:, 0, 0]  # each vector's own id
-        return (tgt.float() - lse).view(ids.shape)
+            lg = self._softcap(lg)
+            c = torch.logsumexp(lg.float(), -1)
+            mx, arg = lg.max(-1)
+            if lse is None:
+                lse, best, top = c, mx, arg
+            else:
+                lse = torch.logaddexp(lse, c)
+                better = mx > best  # strict: an earlier chunk keeps a tie, as argmax over the table
+                best, top = torch.where(better, mx, best), torch.where(better, arg + s, top)
+        tgt = self.unembed_rows(flat[:, None], idx)[:, 0]  # [N, K]: each vector's own ids
+        return tgt.float() - lse[:, None], top
 
     def logit_lens(self, x: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits of residual-stream vectors; equals the model's logits at the last layer."""
@@ -763,15 +776,23 @@ class Model:
     def prefill(self, batch: Batch, logits: bool = False) -> Prefix:
         """Keys/values of a left-padded batch at every layer, as a :class:`Prefix` (with the last
         position's logits in ``.logits`` when ``logits``). Hooks active during the call see an
-        ordinary forward of the batch."""
+        ordinary forward of the batch, which without ``logits`` stops once the last layer's
+        keys/values are computed (nothing after them can change the prefix)."""
         if not isinstance(batch, Batch):
             batch = self.encode(batch)
+        last = self._live_attn()[-1]
 
         def run():
-            out = self.hf.base_model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                use_cache=False,
-            )
+            try:
+                last._fs_halt = not logits
+                out = self.hf.base_model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                    use_cache=False,
+                )
+            except attention.Halt:
+                return None
+            finally:
+                last._fs_halt = False
             return out.last_hidden_state[:, -1].contiguous()
 
         h, k, v = self._record_kv(run)
@@ -780,20 +801,17 @@ class Model:
     def _prefix_masks(self, prefix: Prefix, suffix: Batch) -> tuple[torch.Tensor, dict]:
         """Position ids of the suffix tokens and, per attention window, the additive mask
         ``[B, 1, S, width + S]`` over the prefix's and the suffix's columns (computed from token
-        positions, so padding between the prefix and the suffix is never attended and sliding
-        windows count tokens, not columns)."""
+        positions, so columns outside a row's tokens are never attended and sliding windows count
+        tokens, not columns)."""
         dev = self.device
-        P, S = prefix.width, suffix.input_ids.shape[1]
-        pl = torch.tensor(prefix.lengths, dtype=torch.long, device=dev)
-        cols = torch.arange(P, device=dev)
-        p_off = (P - pl).unsqueeze(1)
-        p_valid = cols.unsqueeze(0) >= p_off
-        p_pos = cols.unsqueeze(0) - p_off
+        P = prefix.width
+        pl = torch.tensor(prefix.lengths, dtype=torch.long, device=dev).unsqueeze(1)
+        p_pos = torch.arange(P, device=dev).unsqueeze(0) - torch.tensor(prefix.offset, dtype=torch.long, device=dev).unsqueeze(1)
+        p_valid = (p_pos >= 0) & (p_pos < pl)
         s_valid = suffix.attention_mask.to(dev).bool()
-        s_pos = pl.unsqueeze(1) + suffix.position_ids.to(dev)
+        s_pos = pl + suffix.position_ids.to(dev)
         k_valid = torch.cat([p_valid, s_valid], 1)
-        k_pos = torch.cat([p_pos, s_pos], 1)
-        diff = s_pos.unsqueeze(2) - k_pos.unsqueeze(1)  # [B, S, P + S]
+        diff = s_pos.unsqueeze(2) - torch.cat([p_pos, s_pos], 1).unsqueeze(1)  # [B, S, P + S]
         causal = k_valid.unsqueeze(1) & (diff >= 0)
         masks = {}
         for l, a in enumerate(self._live_attn()):
@@ -826,12 +844,14 @@ class Model:
                 if a is not None:
                     a._fs_prefix = None
 
-    def forward_from(self, prefix: Prefix, suffix: Batch, last_only: bool = True, **kwargs) -> torch.Tensor:
+    def forward_from(self, prefix: Prefix, suffix: Batch, last_only: bool = True, unembed: bool = True,
+                     **kwargs) -> torch.Tensor:
         """Logits of ``suffix`` (a left-padded :class:`Batch` of continuations, one per prefix row)
         run after the prefix's cached keys/values: equal to :meth:`forward` on the joined token
         sequences, at the suffix's positions (``[B, V]`` at each row's last token when
-        ``last_only``, else ``[B, S, V]``). Positions continue from each row's prefix length;
-        padding and sliding windows are handled. Hooks see activations of the suffix columns only.
+        ``last_only``, else ``[B, S, V]``; with ``unembed=False`` the final-normed hidden states,
+        ``[B, d]`` or ``[B, S, d]``). Positions continue from each row's prefix length; padding and
+        sliding windows are handled. Hooks see activations of the suffix columns only.
         """
 
         def run(pos):
@@ -840,7 +860,8 @@ class Model:
                 use_cache=False, **kwargs,
             )
             h = out.last_hidden_state
-            return self.unembed(h[:, -1].contiguous() if last_only else h)
+            h = h[:, -1].contiguous() if last_only else h
+            return self.unembed(h) if unembed else h
 
         return self._run_from(prefix, suffix, run)
 
@@ -860,8 +881,8 @@ class Model:
         P, S = prefix.width, suffix.input_ids.shape[1]
         M = max(joined.lengths)
         src = torch.zeros(len(joined), M, dtype=torch.long)
-        for i, (a, b) in enumerate(zip(prefix.lengths, suffix.lengths)):
-            cols = list(range(P - a, P)) + list(range(P + S - b, P + S))
+        for i, (o, a, b) in enumerate(zip(prefix.offset, prefix.lengths, suffix.lengths)):
+            cols = list(range(o, o + a)) + list(range(P + S - b, P + S))
             src[i, M - len(cols) :] = torch.tensor(cols, dtype=torch.long)
         L, B, H, _, hd = k.shape
         idx = src.to(k.device).view(1, B, 1, M, 1).expand(L, B, H, M, hd)

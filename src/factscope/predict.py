@@ -47,18 +47,24 @@ def map_last(
     max_tokens: int | None = 4096,
     progress: bool | str = False,
     on_batch: Callable[[int], None] | None = None,
+    hidden: bool = False,
 ) -> list:
     """Run every prompt (text or token ids) and return ``reduce(logits[B, V], indices)`` results in
     prompt order (``reduce`` returns one item per prompt of the batch); ``on_batch(n)`` is called
-    as each batch of ``n`` prompts finishes."""
+    as each batch of ``n`` prompts finishes. With ``hidden`` ``reduce`` gets the final-normed
+    hidden states ``[B, d]`` instead of the logits (for :meth:`Model.vocab_scores`)."""
     seqs = [model.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
     results: list = [None] * len(seqs)
     batches = length_batches([len(s) for s in seqs], batch_size, max_tokens)
     bar = tqdm(total=len(seqs), desc=progress if isinstance(progress, str) else "predict", disable=not progress, unit="prompt")
     with torch.inference_mode():
         for idx in batches:
-            logits = model.forward(model.batch_from_ids([seqs[i] for i in idx]), last_only=True).float()
-            for i, r in zip(idx, reduce(logits, idx)):
+            batch = model.batch_from_ids([seqs[i] for i in idx])
+            if hidden:
+                out = model.final_hidden(batch, torch.full((len(idx), 1), batch.input_ids.shape[1] - 1))[:, 0]
+            else:
+                out = model.forward(batch, last_only=True).float()
+            for i, r in zip(idx, reduce(out, idx)):
                 results[i] = r
             bar.update(len(idx))
             if on_batch is not None:

@@ -35,26 +35,13 @@ from factscope.notebook import callable_module
 KO_SETS = ("subject", "non_subject", "last")
 
 
-class _Stop(Exception):
-    pass
-
-
 def _local_attn_out(model: Model, rep, layer: int, resid: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """Last-position attention output of ``layer`` run on the residual ``resid`` with ``block``
     applied in that layer only (nothing above it runs)."""
-    store = {}
-
-    def stop(x, l):
-        raise _Stop
-
     with hooks.start_at(model, layer, resid), hooks.knockout(model, {layer: block}), hooks.cache(model, "attn_out", [layer]) as c:
-        try:
-            with hooks.edit(model, "resid_post", layer, stop):
-                model.forward(rep, last_only=True)
-        except _Stop:
-            pass
-        store["x"] = c["attn_out", layer][:, -1]
-    return store["x"]
+        with hooks.stop_after(model, layer):
+            model.forward(rep, last_only=True)
+        return c["attn_out", layer][:, -1]
 
 
 def extraction_batch(

@@ -70,28 +70,15 @@ def ablations(how: str | dict = "paper") -> dict[str, str]:
     return out
 
 
-class _Stop(Exception):
-    pass
-
-
 def block_windows(upper: int, k: int) -> list[list[int]]:
     return [list(range(l, min(l + k, upper))) for l in range(upper)]
 
 
 def resid_at(model: Model, batch, layer: int) -> torch.Tensor:
     """``resid_post[layer]`` at every position, running no block above ``layer``."""
-    store = {}
-
-    def grab(x, l):
-        store["x"] = x
-        raise _Stop
-
-    try:
-        with hooks.edit(model, "resid_post", layer, grab):
-            model.forward(batch, last_only=True)
-    except _Stop:
-        pass
-    return store["x"]
+    with hooks.cache(model, "resid_post", [layer]) as c, hooks.stop_after(model, layer):
+        model.forward(batch, last_only=True)
+    return c["resid_post", layer]
 
 
 def sublayer_batch(model: Model, items: Sequence[FactTokens], attrs: dict[str, set[str]], *, upper: int | None = None,

@@ -28,6 +28,7 @@ from factscope.models import Model
 from factscope.predict import length_batches, map_last
 
 METRICS = ("first", "full", "full-sum")
+UNEMBED_ROWS = 128  # queries of a shared context batch unembedded together (see score_shared)
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,8 @@ def score_ids(
         raise FactscopeError("empty prompt")
     run_seqs, wants, plans = _plan([tuple(int(x) for x in s) for s in seqs], true_ids, false_ids, metric,
                                    lambda base, toks: base + toks)
-    res = map_last(model, run_seqs, _reducer(wants), batch_size=batch_size, max_tokens=max_tokens,
-                   on_batch=_fractions(len(run_seqs), on_progress))
+    res = map_last(model, run_seqs, _reducer(model, wants), batch_size=batch_size, max_tokens=max_tokens,
+                   on_batch=_fractions(len(run_seqs), on_progress), hidden=True)
     return _scores(plans, res, metric)
 
 
@@ -121,15 +122,16 @@ def _plan(bases: Sequence, true_ids, false_ids, metric: str, extend):
     return runs, wants, plans
 
 
-def _reducer(wants: list[list[int]]):
-    def reduce(lg: torch.Tensor, idx: list[int]) -> list:
-        logp = torch.log_softmax(lg, dim=-1)
-        top = lg.argmax(-1).tolist()
-        out = []
-        for row, i in enumerate(idx):
-            w = torch.tensor(wants[i], device=lg.device)
-            out.append((logp[row, w].tolist(), int(top[row])))
-        return out
+def _reducer(model: Model, wants: list[list[int]]):
+    """``reduce(h, idx)``: for final-normed hidden states ``h [B, d]`` of runs ``idx``, each run's
+    (log-probabilities of its wanted ids, top-1 id), by :meth:`Model.vocab_scores`."""
+
+    def reduce(h: torch.Tensor, idx: list[int]) -> list:
+        k = max(len(wants[i]) for i in idx)
+        ids = torch.tensor([wants[i] + wants[i][:1] * (k - len(wants[i])) for i in idx])
+        logp, top = model.vocab_scores(h, ids)
+        logp, top = logp.tolist(), top.tolist()
+        return [(logp[row][: len(wants[i])], int(top[row])) for row, i in enumerate(idx)]
 
     return reduce
 
@@ -176,14 +178,14 @@ def score_shared(
             raise FactscopeError("empty suffix: every prompt needs at least one token after its context")
         bases.append((cid[c], int(m) if m else -1, tuple(int(x) for x in suffix)))
     runs, wants, plans = _plan(bases, true_ids, false_ids, metric, lambda b, toks: (b[0], b[1], b[2] + toks))
-    reduce = _reducer(wants)
+    reduce = _reducer(model, wants)
     count = _fractions(len(runs), on_progress)
     res: list = [None] * len(runs)
     # runs without a shared context (m = 0): ordinary forwards
     whole = [j for j, (c, m, _) in enumerate(runs) if m < 0]
     if whole:
-        part = map_last(model, [runs[j][2] for j in whole], lambda lg, idx: reduce(lg, [whole[i] for i in idx]),
-                        batch_size=batch_size, max_tokens=max_tokens, on_batch=count)
+        part = map_last(model, [runs[j][2] for j in whole], lambda h, idx: reduce(h, [whole[i] for i in idx]),
+                        batch_size=batch_size, max_tokens=max_tokens, on_batch=count, hidden=True)
         for j, r in zip(whole, part):
             res[j] = r
     by_ctx: dict[int, list[int]] = {}
@@ -197,15 +199,20 @@ def score_shared(
             prefix = model.prefill(model.batch_from_ids([list(contexts[used[i]][: need[i]]) for i in cb]))
             row = {used[i]: r for r, i in enumerate(cb)}
             todo = [j for i in cb for j in by_ctx[used[i]]]
-            widths = [len(runs[j][2]) for j in todo]
-            for qb in length_batches(widths, batch_size, max_tokens):
+            qbs = length_batches([len(runs[j][2]) for j in todo], batch_size, max_tokens)
+            done, hs = [], []
+            for b, qb in enumerate(qbs):
                 js = [todo[q] for q in qb]
                 sub = prefix.take([row[runs[j][0]] for j in js], [runs[j][1] for j in js])
-                logits = model.forward_from(sub, model.batch_from_ids([runs[j][2] for j in js])).float()
-                for j, r in zip(js, reduce(logits, js)):
-                    res[j] = r
-                if count is not None:
-                    count(len(js))
+                hs.append(model.forward_from(sub, model.batch_from_ids([runs[j][2] for j in js]), unembed=False))
+                done += js
+                if len(done) >= UNEMBED_ROWS or b == len(qbs) - 1:
+                    # the vocabulary pass of many queries at once: its 262k x d matrix read once
+                    for j, r in zip(done, reduce(torch.cat(hs), done)):
+                        res[j] = r
+                    if count is not None:
+                        count(len(done))
+                    done, hs = [], []
     return _scores(plans, res, metric)
 
 
