@@ -200,6 +200,22 @@ def test_no_hf_internals_outside_the_substrate():
     assert not found, "model internals outside models.py/hooks.py/archs.py:\n" + "\n".join(found)
 
 
+def test_no_analysis_stops_a_forward_by_its_own_exception():
+    """Ending a forward early is the substrate's (``hooks.stop_after``, ``attention.Halt``): an
+    analysis that raises its own exception from a hook to stop a forward is reaching around it."""
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path.relative_to(SRC).as_posix() in SUBSTRATE:
+            continue
+        text = path.read_text()
+        for m in re.finditer(r"^class (\w+)\((?:Base)?Exception\)", text, re.M):
+            if (path.name, m.group(1)) == ("interactive.py", "Unsupported"):  # a cell it cannot convert
+                continue
+            if re.search(rf"raise {m.group(1)}\b", text) and re.search(rf"except {m.group(1)}\b", text):
+                found.append(f"{path.relative_to(SRC)}: {m.group(1)} raised and caught in one module")
+    assert not found, "\n".join(found)
+
+
 def test_no_private_imports_across_modules():
     found = []
     for path in sorted(SRC.rglob("*.py")):

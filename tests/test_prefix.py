@@ -197,7 +197,9 @@ def test_score_shared_equals_score_ids_on_the_joined_prompts(tiny, unembed_rows,
                (0, 7, q[:2]), (1, 1, q[:3])]
     t, f = [[11, 12, 13]] * len(prompts), [[21, 22]] * len(prompts)
     for metric in ("first", "full", "full-sum"):
-        got = score_shared(tiny, ctx, prompts, t, f, metric=metric, batch_size=2)
+        seen = []
+        got = score_shared(tiny, ctx, prompts, t, f, metric=metric, batch_size=2, on_progress=seen.append)
+        assert seen == sorted(seen) and seen[-1] == 1.0 and len(seen) >= 4  # per batch of 2
         want = score_ids(tiny, [ctx[c][:m] + list(s) for c, m, s in prompts], t, f, metric=metric)
         for a, b in zip(got, want):
             assert a.lp_true == pytest.approx(b.lp_true, abs=1e-4) and a.lp_false == pytest.approx(b.lp_false, abs=1e-4)

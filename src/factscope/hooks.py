@@ -691,7 +691,6 @@ def stop_after(model: "Model", layer: int):
         pass
 
 
-
 class _Skip(torch.nn.Module):
     """Stands in for a decoder layer below the start layer: returns its input unchanged."""
 

@@ -210,9 +210,9 @@ def score_shared(
                     # the vocabulary pass of many queries at once: its 262k x d matrix read once
                     for j, r in zip(done, reduce(torch.cat(hs), done)):
                         res[j] = r
-                    if count is not None:
-                        count(len(done))
                     done, hs = [], []
+                if count is not None:
+                    count(len(js))
     return _scores(plans, res, metric)
 
 
