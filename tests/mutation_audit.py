@@ -26,9 +26,9 @@ SRC = ROOT / "src" / "factscope"
 # Test files run for a mutant of each source file (the tiny-model tests of that layer).
 TESTS = {
     "hooks.py": ["test_substrate.py"],
-    "attention.py": ["test_substrate.py"],
+    "attention.py": ["test_substrate.py", "test_prefix.py"],
     "layout.py": ["test_runs.py"],
-    "models.py": ["test_substrate.py", "test_models.py"],
+    "models.py": ["test_substrate.py", "test_models.py", "test_prefix.py"],
     "predict.py": ["test_substrate.py", "test_cli.py"],
     "facts.py": ["test_facts.py"],
     "runs.py": ["test_runs.py"],
@@ -73,7 +73,7 @@ AUDIT = [
     # ---- predict.py
     ("P01", "predict.py", "if cur and (len(cur) >= batch_size or", "if cur and (len(cur) > batch_size or", "batches one too big"),
     ("P02", "predict.py", "(max_tokens and width * (len(cur) + 1) > max_tokens)", "(max_tokens and width * len(cur) > max_tokens)", "token budget off by one prompt"),
-    ("P03", "predict.py", "for i, r in zip(idx, reduce(logits, idx)):", "for i, r in zip(sorted(idx), reduce(logits, idx)):", "results in the wrong order"),
+    ("P03", "predict.py", "for i, r in zip(idx, reduce(out, idx)):", "for i, r in zip(sorted(idx), reduce(out, idx)):", "results in the wrong order"),
     ("P04", "predict.py", "return (logits > logits.gather(1, tokens.view(-1, 1))).sum(-1)", "return (logits >= logits.gather(1, tokens.view(-1, 1))).sum(-1)", "rank counts the target itself"),
     ("P05", "predict.py", "\"known\": rank < top_k,", "\"known\": rank <= top_k,", "known = within top-(k+1)"),
     ("P06", "predict.py", "p, ix = lg.softmax(-1).topk(k, dim=-1)", "p, ix = lg.topk(k, dim=-1)", "top-k reports logits as probabilities"),
@@ -112,6 +112,13 @@ AUDIT = [
     ("E08", "report.py", "f\"<figcaption>{esc(cap)}{", "f\"<figcaption>{cap}{", "figure caption not escaped"),
     ("E09", "report.py", "return '<dl class=\"kv\">' + \"\".join(f\"<dt>{esc(a)}</dt><dd>{esc(b)}</dd>\" for a, b in rows) + \"</dl>\"", "return '<dl class=\"kv\">' + \"\".join(f\"<dt>{a}</dt><dd>{b}</dd>\" for a, b in rows) + \"</dl>\"", "files block not escaped"),
     ("E10", "report.py", "f'<div class=\"v\">{esc(format_value(v))}</div></div>'", "f'<div class=\"v\">{format_value(v)}</div></div>'", "summary card values not escaped"),
+    # ---- shared prefixes and the vocabulary pass (issue 10, hijack >= 10x)
+    ("S01", "models.py", "better = mx > best", "better = mx >= best", "top-1 takes the last of tied maxima"),
+    ("S02", "models.py", "lse = torch.logaddexp(lse, c)", "lse = torch.maximum(lse, c)", "normaliser of the largest chunk only"),
+    ("S03", "models.py", "return Prefix(k, v, lengths, starts=[off[r] - lo for r in rows])", "return Prefix(k, v, lengths)", "taken rows read as left-padded"),
+    ("S04", "models.py", "cols = list(range(o, o + a)) + list(range(P + S - b, P + S))", "cols = list(range(P - a, P)) + list(range(P + S - b, P + S))", "extend assumes a left-padded prefix"),
+    ("S05", "attention.py", "        if module._fs_halt:", "        if False:", "prefill runs the whole last layer"),
+    ("S06", "hooks.py", "    def halt(x, l):\n        raise Halt\n", "    def halt(x, l):\n        return None\n", "stop_after runs the layers above"),
 ]
 
 # Written after the tests for AUDIT's survivors, and run once against them (a held-out check of
