@@ -8,6 +8,7 @@ Ctrl-C). Method and results: docs/testing.md.
     python tests/mutation_audit.py                        # every mutant, this tree's tests
     python tests/mutation_audit.py --tests /tmp/old/tests # the same mutants against other tests
     python tests/mutation_audit.py --group items [--whole-files] [--only I01,I04]
+    python tests/mutation_audit.py --group devices        # off-CPU and split-model mistakes
 """
 
 from __future__ import annotations
@@ -175,6 +176,19 @@ ITEMS = [
     ("I17", "report.py", "return sum(1 for line in f if line.endswith(b\"\\n\") and line.strip())", "return sum(1 for line in f if line.strip())", "torn checkpoint line counted", "test_runs.py", "report"),
 ]
 
+# Devices (issue 14): mistakes that only show off the CPU or on a model split over devices, each
+# against tests/test_devices.py (simulated devices, see tests/simdevice.py).
+DEVICES = [
+    ("D01", "predict.py", "tgt = torch.tensor([first[i] for i in idx], device=lg.device)", "tgt = torch.tensor([first[i] for i in idx])", "known-facts targets made on the CPU", "test_devices.py", None),
+    ("D02", "hooks.py", "return None if detach else store[key]", "return None", "gradients miss a split model's recorded copies", "test_devices.py", None),
+    ("D03", "models.py", "new = fn(x.to(model.device))", "new = fn(x)", "hooks see a split model's activations on their layer's device", "test_devices.py", None),
+    ("D04", "models.py", "masks[self.attn_window(l)].to(dev))", "masks[self.attn_window(l)])", "shared-prefix masks left on the first device", "test_devices.py", None),
+    ("D05", "circuits/roles.py", "return (frozen_final_norm(model, x_final, comps).to(W.device) @ W.T).to(x_final.device)", "return frozen_final_norm(model, x_final, comps) @ W.T", "role projections meet the unembedding on another device", "test_devices.py", None),
+    ("D06", "models.py", "dm[spec.lm_head] = str(devices[0] if tied else devices[-1])", "dm[spec.lm_head] = str(devices[-1])", "a tied unembedding placed away from its matrix", "test_devices.py", None),
+    ("D07", "hooks.py", "m = m.to(model.layer_device(l))", "m = m.to(model.device)", "knockout masks left on the first device", "test_devices.py", None),
+    ("D08", "models.py", "flat, idx = x.to(w.device, w.dtype), ids.to(w.device)", "flat, idx = x.to(w.dtype), ids.to(w.device)", "vocabulary pass on the wrong device", "test_devices.py", None),
+]
+
 
 def run_tests(test_dir: Path, files: list[str], k: str | None, timeout: int) -> tuple[str, float]:
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not realmodel"]
@@ -200,7 +214,7 @@ def run_tests(test_dir: Path, files: list[str], k: str | None, timeout: int) -> 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tests", type=Path, default=ROOT / "tests")
-    ap.add_argument("--group", choices=["audit", "holdout", "items"], default="audit")
+    ap.add_argument("--group", choices=["audit", "holdout", "items", "devices"], default="audit")
     ap.add_argument("--only", default="")
     ap.add_argument("--timeout", type=int, default=600)
     ap.add_argument("--whole-files", action="store_true", help="items: run the whole test file, not only the item's tests")
@@ -208,7 +222,7 @@ def main() -> None:
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))  # restore the file on kill
     only = set(filter(None, args.only.split(",")))
-    rows = {"audit": AUDIT, "holdout": HOLDOUT, "items": ITEMS}[args.group]
+    rows = {"audit": AUDIT, "holdout": HOLDOUT, "items": ITEMS, "devices": DEVICES}[args.group]
     killed = total = 0
     print("| id | file | mutation | result | s |\n|---|---|---|---|---|", flush=True)
     for row in rows:
@@ -220,7 +234,7 @@ def main() -> None:
         if original.count(old) != 1:
             print(f"| {mid} | {fname} | {what} | NOT APPLIED ({original.count(old)} matches) | |", flush=True)
             continue
-        files, k = (TESTS[fname], None) if args.group != "items" else ([row[5]], None if args.whole_files else row[6])
+        files, k = (TESTS[fname], None) if len(row) == 5 else ([row[5]], None if args.whole_files else row[6])
         if args.suite:
             files = sorted(p.name for p in args.tests.glob("test_*.py") if p.name != "test_report_browser.py")
         try:

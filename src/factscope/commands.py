@@ -87,9 +87,9 @@ class Common:
         can hold a new run (or ``--resume`` one); sets torch's threads."""
         names = self.options
         if "device" in names:
-            from factscope.models import check_device
+            from factscope.models import check_devices
 
-            check_device(self.device)
+            check_devices(self.device)
         if "threads" in names and self.threads:
             import torch
 
@@ -155,7 +155,7 @@ _HELP = {
     "resume": "Continue an interrupted run in --out with the same options (finished work is kept).",
     "batch_size": "Prompts per forward pass.",
     "threads": "torch CPU threads (default: torch's choice).",
-    "device": "torch device: cpu, cuda, cuda:N, mps, or auto (a GPU when there is one).",
+    "device": "torch device: cpu, cuda, cuda:N, mps, or auto (a GPU when there is one); a list such as cuda:0,cuda:1 splits the model's layers over those GPUs.",
     "dtype": "Weights and activations dtype (bfloat16 halves memory; float16 is refused for models that overflow it).",
     "no_progress": "Hide progress bars.",
     "all_facts": "Keep facts the model does not know (top-1 is not the target; e.g. random test models).",
@@ -163,7 +163,7 @@ _HELP = {
                 "loading the model once; the run directory and its numbers are the same, and a run resumes on either.",
     "workers": "Ray actors (--executor ray).",
     "ray_address": "Ray cluster to join, e.g. ray://head:10001 or auto (default: start Ray on this machine).",
-    "gpus_per_worker": "GPUs per Ray actor (e.g. 1: one actor per GPU; the model loads on cuda there).",
+    "gpus_per_worker": "GPUs per Ray actor (e.g. 1: one actor per GPU; the model loads on cuda there; 2 or more: split over them).",
 }
 EXECUTOR_OPTIONS = ("executor", "workers", "ray_address", "gpus_per_worker")
 

@@ -11,7 +11,7 @@ records; the driver receives them **in batch order** and appends them to the sam
 local loop would, so the tables are the same, resume works across executors (start local, finish on
 Ray, or the reverse) and a batch lost with a killed worker is retried (Ray restarts the actor and
 reruns its task) without a duplicate record. With ``gpus_per_worker`` each actor gets that share of
-a GPU and loads the model on ``cuda``.
+a GPU and loads the model on ``cuda`` (two or more whole GPUs: split over them).
 
 Ray is optional (``pip install 'factscope[ray]'``); without it ``--executor ray`` says how to
 install it.
@@ -55,6 +55,9 @@ class RayExecutor:
             raise FactscopeError(f"--workers must be at least 1, got {workers}")
         if gpus_per_worker < 0 or cpus_per_worker <= 0:
             raise FactscopeError("--gpus-per-worker must be >= 0 and the CPUs per worker > 0")
+        if gpus_per_worker > 1 and gpus_per_worker != int(gpus_per_worker):
+            raise FactscopeError(f"--gpus-per-worker {gpus_per_worker}: above 1 a worker takes whole GPUs "
+                                 "(its model is split over them)")
         self.workers, self.address = workers, address
         self.gpus, self.cpus, self.max_restarts = gpus_per_worker, cpus_per_worker, max_restarts
         self._actors: list = []
@@ -73,7 +76,7 @@ class RayExecutor:
             except ConnectionError as e:
                 raise FactscopeError(f"--ray-address {self.address}: cannot connect to a Ray cluster ({e})") from None
             self._started_ray = True
-        _register_model(ray, "cuda" if self.gpus else None)
+        _register_model(ray, actor_device(self.gpus))
         if not self._actors:
             actor = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=self.max_restarts,
                                max_task_retries=self.max_restarts)(_Worker)
@@ -146,6 +149,14 @@ def _load_once(spec: str, device: str, dtype: str):
 
         _LOADED[key] = load_model(spec, device=device, dtype=dtype)
     return _LOADED[key]
+
+
+def actor_device(gpus: float) -> str | None:
+    """The device an actor with ``gpus`` GPUs loads its model on: its GPU, or with several whole
+    GPUs the model split over them (Ray numbers an actor's GPUs from 0); None without a GPU."""
+    if gpus <= 0:
+        return None
+    return "cuda" if gpus <= 1 else ",".join(f"cuda:{i}" for i in range(int(gpus)))
 
 
 def _register_model(ray, device: str | None) -> None:

@@ -49,6 +49,7 @@ import torch
 from factscope.archs import POINT_SITES, site_path
 from factscope.attention import ATTN_NAME, Halt, install, register_attention  # noqa: F401 (re-exported)
 from factscope.errors import FactscopeError
+from factscope.models import at_home
 
 if TYPE_CHECKING:  # pragma: no cover
     from factscope.models import Batch, Model
@@ -128,7 +129,7 @@ class _QKVState:
         n = model.n_heads if point == "q_in" else model.n_kv_heads
         inp = x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1])
         for fn in list(self.fns[point]):
-            new = fn(inp)
+            new = at_home(model, fn, inp)
             if new is not None:
                 inp = new
         w, b = _qkv_weights(model, self.l, point[0])
@@ -241,7 +242,7 @@ def _register_edit(model: "Model", point: str, layer: int, fn: Callable[[torch.T
     def call(x: torch.Tensor) -> torch.Tensor | None:
         if site.alias:  # a view only this module consumes (see Site.alias)
             x = x.view_as(x)
-        new = fn(x.view(*x.shape[:-1], H, hd) if split else x)
+        new = at_home(model, fn, x.view(*x.shape[:-1], H, hd) if split else x)
         if new is None:
             return x if site.alias else None
         return new.reshape(x.shape) if split else new
@@ -286,13 +287,13 @@ class _HeadOutState:
     def _shares(self, mod, args, out):
         model, l = self.model, self.l
         z = args[0].view(*args[0].shape[:-1], model.n_heads, model.head_dim)
-        heads = torch.einsum("bthe,hed->bthd", z, model.W_O(l).to(z.dtype))
+        heads = torch.einsum("bthe,hed->bthd", z, model.W_O(l, z.device).to(z.dtype))
         scale = model.post_attn_scale(l, out)  # Gemma: RMSNorm factor of the whole o_proj output
         if not isinstance(scale, float):
             scale = scale.unsqueeze(-2)
         orig = cur = heads * scale
         for fn in list(self.fns["head_out"]):
-            new = fn(cur)
+            new = at_home(model, fn, cur)
             if new is not None:
                 cur = new
         self.delta = None if cur is orig else (cur - orig).sum(-2)
@@ -354,6 +355,9 @@ def cache(
 
                     def save(x, key=(p, l)):
                         store[key] = keep(x)
+                        # in the graph: the forward goes on from the recorded tensor (a model split
+                        # over devices records a copy; gradients must reach it)
+                        return None if detach else store[key]
 
                     hs.append(_register_edit(model, p, l, save))
                 else:  # attn_probs
@@ -412,7 +416,7 @@ def _record_probs(model: "Model", l: int, store: dict, keep):
     finally:
         attn._fs_record = prev
         if rec:
-            store[("attn_probs", l)] = keep(rec[-1])
+            store[("attn_probs", l)] = keep(rec[-1]).to(model.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -649,7 +653,7 @@ def knockout(
         for l, m in per_layer.items():
             if not 0 <= l < model.n_layers:
                 raise FactscopeError(f"layer {l} out of range for {model.name} ({model.n_layers} layers)")
-            m = m.to(model.device)
+            m = m.to(model.layer_device(l))
             if m.dim() == 2:
                 m = m.unsqueeze(0)
             if m.dim() == 3:

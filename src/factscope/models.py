@@ -432,6 +432,21 @@ def _get(root: torch.nn.Module, path: str) -> torch.nn.Module:
     return root
 
 
+def at_home(model: "Model", fn: Callable[[torch.Tensor], torch.Tensor | None], x: torch.Tensor) -> torch.Tensor | None:
+    """``fn(x)`` with ``x`` on the model's device and its result back on ``x``'s: what hooks see of
+    a model split over devices (a layer on another GPU) is where everything else of the analysis
+    is. One device: ``fn(x)`` itself, no copies."""
+    new = fn(x.to(model.device))
+    return None if new is None else new.to(x.device)
+
+
+def _on(module: torch.nn.Module, x: torch.Tensor, out: torch.device) -> torch.Tensor:
+    """``module(x)`` run where the module's weights are, the result on ``out`` (no copies when
+    they are all one device)."""
+    w = next(module.parameters(), None)
+    return module(x if w is None else x.to(w.device)).to(out)
+
+
 @dataclass
 class Batch:
     """Left-padded prompts. Token j of prompt i sits at column ``offset[i] + j``."""
@@ -546,7 +561,22 @@ class Model:
     # -- basic properties ---------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.unembed_weight.device
+        """Where inputs go and results come back: the device of the embedding (a model split over
+        several devices, see :func:`load_model`, has its first one here)."""
+        return _get(self.hf, self.spec.embed).weight.device
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """Every device holding part of the model, in layer order (one unless it is split)."""
+        out = [self.device]
+        for l in range(self.n_layers):
+            if self.layer_device(l) not in out:
+                out.append(self.layer_device(l))
+        return out
+
+    def layer_device(self, l: int) -> torch.device:
+        """The device of decoder layer l's weights (where its activations live during a forward)."""
+        return next(self.layer(l).parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -578,14 +608,14 @@ class Model:
         return _get(self.hf, self.spec.embed)(ids.to(self.device))
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return _get(self.hf, self.spec.final_norm)(x)
+        return _on(self.final_norm_module, x, self.device)
 
     @property
     def final_norm_module(self) -> torch.nn.Module:
         return _get(self.hf, self.spec.final_norm)
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
-        return self._softcap(_get(self.hf, self.spec.lm_head)(x))
+        return self._softcap(_on(_get(self.hf, self.spec.lm_head), x, self.device))
 
     def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         """The final-logit softcap of models that have one (Gemma 2), else the logits unchanged."""
@@ -597,10 +627,10 @@ class Model:
         (equal to ``unembed(x)`` gathered at ``ids``, without the full-vocabulary product)."""
         head = _get(self.hf, self.spec.lm_head)
         w = head.weight[ids.to(head.weight.device)]  # [N, K, d]
-        logits = torch.einsum("npd,nkd->npk", x.to(w.dtype), w)
+        logits = torch.einsum("npd,nkd->npk", x.to(w.device, w.dtype), w)
         if getattr(head, "bias", None) is not None:
             logits = logits + head.bias[ids.to(head.bias.device)].unsqueeze(1)
-        return self._softcap(logits)
+        return self._softcap(logits).to(self.device)
 
     def log_probs(self, x: torch.Tensor, ids: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """float ``[...]``: log-probabilities of ``ids [...]`` (one id per vector) under the logits of
@@ -618,7 +648,7 @@ class Model:
         1.25x (32 rows) to 1.5x (128 rows) faster per FLOP on this CPU, and no large allocations)."""
         head = _get(self.hf, self.spec.lm_head)
         w, b = head.weight, getattr(head, "bias", None)
-        flat, idx = x.to(w.dtype), ids.to(w.device)
+        flat, idx = x.to(w.device, w.dtype), ids.to(w.device)
         lse = best = top = None
         for s in range(0, w.shape[0], chunk):
             lg = flat @ w[s : s + chunk].T
@@ -634,21 +664,23 @@ class Model:
                 better = mx > best  # strict: an earlier chunk keeps a tie, as argmax over the table
                 best, top = torch.where(better, mx, best), torch.where(better, arg + s, top)
         tgt = self.unembed_rows(flat[:, None], idx)[:, 0]  # [N, K]: each vector's own ids
-        return tgt.float() - lse[:, None], top
+        return tgt.float() - lse[:, None].to(tgt.device), top.to(tgt.device)
 
     def logit_lens(self, x: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits of residual-stream vectors; equals the model's logits at the last layer."""
         return self.unembed(self.final_norm(x))
 
     # -- weights per head ---------------------------------------------------------------------
-    def W_O(self, l: int) -> torch.Tensor:
-        """[n_heads, head_dim, d_model]: head h's slice of the output projection (z_h @ W_O[h])."""
+    def W_O(self, l: int, device: torch.device | None = None) -> torch.Tensor:
+        """[n_heads, head_dim, d_model]: head h's slice of the output projection (z_h @ W_O[h]), on
+        ``device`` (default: :attr:`device`; a view of the weight when it is there)."""
         w = self.module(l, self.spec.o_proj).weight
         w = w if self.spec.conv1d else w.T  # -> [n_heads*head_dim, d_model]
-        return w.reshape(self.n_heads, self.head_dim, self.d_model)
+        return w.reshape(self.n_heads, self.head_dim, self.d_model).to(device or self.device)
 
     def W_V(self, l: int) -> torch.Tensor:
-        """[n_heads, d_model, head_dim] (key/value heads expanded for grouped-query attention)."""
+        """[n_heads, d_model, head_dim] (key/value heads expanded for grouped-query attention), on
+        :attr:`device`."""
         proj = self.module(l, self.spec.v_proj)
         if self.spec.conv1d:
             w = proj.weight[:, 2 * self.d_model : 3 * self.d_model]  # c_attn = [q | k | v]
@@ -658,7 +690,7 @@ class Model:
         else:
             w = proj.weight.T
         w = w.reshape(self.d_model, self.n_kv_heads, self.head_dim).permute(1, 0, 2)
-        return w.repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
+        return w.repeat_interleave(self.n_heads // self.n_kv_heads, dim=0).to(self.device)
 
     def b_V(self, l: int) -> torch.Tensor:
         """[n_heads, head_dim] value bias (zeros when the model has none)."""
@@ -671,10 +703,11 @@ class Model:
             b = proj.bias.reshape(self.n_kv_heads, 3, self.head_dim)[:, 2]
         else:
             b = proj.bias
-        return b.reshape(self.n_kv_heads, self.head_dim).repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
+        b = b.reshape(self.n_kv_heads, self.head_dim).repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
+        return b.to(self.device)
 
     def attn_input_norm(self, l: int, x: torch.Tensor) -> torch.Tensor:
-        return self.module(l, self.spec.attn_in_norm)(x)
+        return _on(self.module(l, self.spec.attn_in_norm), x, x.device)
 
     def post_attn_scale(self, l: int, x: torch.Tensor) -> torch.Tensor | float:
         """Per-position factor that maps o_proj's output to attn_out (Gemma's post-attention RMSNorm,
@@ -684,7 +717,7 @@ class Model:
         norm = self.module(l, self.spec.attn_out)
         eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6))
         xf = x.float()
-        w = norm.weight.float() + (1.0 if self.spec.rms_offset else 0.0)
+        w = norm.weight.to(x.device).float() + (1.0 if self.spec.rms_offset else 0.0)
         return (torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w).to(x.dtype)
 
     # -- tokenization and forward --------------------------------------------------------------
@@ -726,7 +759,7 @@ class Model:
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                 use_cache=False, **kwargs,
             )
-            return out.logits
+            return out.logits.to(self.device)
         out = self.hf.base_model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
             use_cache=False, **kwargs,
@@ -769,8 +802,8 @@ class Model:
                 a._fs_kv = None
         if any(len(r) != 1 for r in recs):
             raise FactscopeError("prefill: every layer must run its attention exactly once")
-        k = torch.stack([r[0][0] for r in recs])
-        v = torch.stack([r[0][1] for r in recs])
+        k = torch.stack([r[0][0].to(self.device) for r in recs])
+        v = torch.stack([r[0][1].to(self.device) for r in recs])
         return out, k, v
 
     def prefill(self, batch: Batch, logits: bool = False) -> Prefix:
@@ -837,7 +870,9 @@ class Model:
         try:
             for l, a in enumerate(attns):
                 if a is not None:
-                    a._fs_prefix = (prefix.keys[l].to(kd), prefix.values[l].to(kd), masks[self.attn_window(l)])
+                    dev = self.layer_device(l)
+                    a._fs_prefix = (prefix.keys[l].to(dev, kd), prefix.values[l].to(dev, kd),
+                                    masks[self.attn_window(l)].to(dev))
             return run(s_pos)
         finally:
             for a in attns:
@@ -859,7 +894,7 @@ class Model:
                 input_ids=suffix.input_ids, attention_mask=suffix.attention_mask, position_ids=pos,
                 use_cache=False, **kwargs,
             )
-            h = out.last_hidden_state
+            h = out.last_hidden_state.to(self.device)
             h = h[:, -1].contiguous() if last_only else h
             return self.unembed(h) if unembed else h
 
@@ -895,7 +930,7 @@ class Model:
         )
         h = out.last_hidden_state
         idx = positions.to(h.device).unsqueeze(-1).expand(-1, -1, h.shape[-1])
-        return torch.gather(h, 1, idx)
+        return torch.gather(h, 1, idx).to(self.device)
 
     def run(self, prompts: Sequence[str] | Batch, last_only: bool = True) -> torch.Tensor:
         batch = prompts if isinstance(prompts, Batch) else self.encode(prompts)
@@ -934,7 +969,7 @@ class Model:
     def mlp_down_output(self, l: int, fn: Callable[[torch.Tensor], torch.Tensor | None]):
         """While active, ``fn(output)`` sees layer l's down-projection output ``[B, T, d_model]`` (before
         any post-norm); a returned tensor replaces it."""
-        h = self.module(l, self.spec.mlp_down).register_forward_hook(lambda m, a, out: fn(out))
+        h = self.module(l, self.spec.mlp_down).register_forward_hook(lambda m, a, out: at_home(self, fn, out))
         try:
             yield
         finally:
@@ -1126,16 +1161,67 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def check_devices(device: str | torch.device) -> list[torch.device]:
+    """The devices of ``--device``: one (:func:`check_device`), or a comma-separated list of GPUs
+    (``cuda:0,cuda:1``) over which the model's layers are split (:func:`shard_map`)."""
+    parts = [p.strip() for p in device.split(",")] if isinstance(device, str) and "," in device else [device]
+    devs = [check_device(p) for p in parts]
+    if len(devs) > 1:
+        if len({d.type for d in devs}) > 1 and "auto" not in parts:
+            raise FactscopeError(f"--device {device}: the devices of a split model must be of one kind")
+        if "auto" in parts or len(set(devs)) < len(devs) or any(d.index is None for d in devs):
+            raise FactscopeError(f"--device {device}: a list of devices names each GPU once with its index, "
+                                 "e.g. cuda:0,cuda:1")
+    return devs
+
+
+def shard_map(hf, spec: ArchSpec, devices: Sequence[torch.device]) -> dict[str, str]:
+    """Where each part of ``hf`` goes when split over ``devices`` (an accelerate ``device_map``):
+    whole decoder layers in order, in contiguous runs of about equal weight; the embedding (and
+    everything outside the layers) on the first device, the final norm on the last, the
+    unembedding on the last unless it shares its matrix with the embedding (then on the first)."""
+    layers = _get(hf, spec.layers)
+    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    head = _get(hf, spec.lm_head)
+    tied = head.weight is _get(hf, spec.embed).weight
+    first = size(hf) - sum(size(l) for l in layers) - (0 if tied else size(head))
+    # cut the sequence [first part, layer 0, ..., layer L-1] into len(devices) runs of ~equal bytes
+    share = size(hf) / len(devices)
+    where, done, d = [], first, 0
+    for layer in layers:
+        while d < len(devices) - 1 and done + size(layer) / 2 > share * (d + 1):
+            d += 1
+        where.append(d)
+        done += size(layer)
+    dm = {}
+    owners = {name.rsplit(".", 1)[0] for name, _ in [*hf.named_parameters(), *hf.named_buffers()]}
+    prefix = spec.layers + "."
+    for owner in sorted(owners):
+        if owner.startswith(prefix):
+            i = int(owner[len(prefix):].split(".")[0])
+            dm[f"{prefix}{i}"] = str(devices[where[i]])
+        elif owner == spec.final_norm or owner.startswith(spec.final_norm + "."):
+            dm[spec.final_norm] = str(devices[-1])
+        elif owner != spec.lm_head:
+            dm[owner] = str(devices[0])
+    dm[spec.lm_head] = str(devices[0] if tied else devices[-1])  # (a tied head is listed as the embedding)
+    return dm
+
+
 def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> Model:
     """Load a causal LM by registered name, hub id, local directory or .gguf file.
 
     ``dtype``: float32, bfloat16 or float16 (default: :func:`default_dtype`, float32 unless the CLI's
     ``--dtype`` set it). A model that overflows in float16 is refused with a clear message.
+    ``device``: one device, or several (``"cuda:0,cuda:1"``) to split a model too large for one GPU
+    over them by whole layers (:func:`shard_map`; the weights pass through CPU memory once). A split
+    model's ``device`` is the first one: inputs go there, and every result the model returns
+    (logits, hidden states, hook recordings) comes back there.
     """
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[dtype_name(default_dtype() if dtype is None else dtype)]
-    device = check_device(device)
+    devices = check_devices(device)
     attention.register_attention()
     if spec in REGISTRY and REGISTRY[spec].tiny:
         hf, tok = _build_tiny(REGISTRY[spec].tiny)
@@ -1177,9 +1263,16 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dt
                 tok.pad_token = tok.eos_token
     arch_for(hf.config.model_type)
     hf.set_attn_implementation(attention.ATTN_NAME)
-    hf = hf.to(device)
+    if len(devices) == 1:
+        hf = hf.to(devices[0])
+    else:  # accelerate's hooks move each layer's input to the layer's device
+        from accelerate import dispatch_model
+
+        spec_ = arch_for(hf.config.model_type)
+        hf = dispatch_model(hf, device_map=shard_map(hf, spec_, devices))
     model = Model(hf, tok, name, weights=weights_label(spec))
-    model.origin = (spec, str(device), dtype_name(dtype))  # how to load it again (a Ray worker does)
+    # how to load it again (a Ray worker does)
+    model.origin = (spec, ",".join(str(d) for d in devices), dtype_name(dtype))
     if dtype == torch.float16:
         _check_float16(model)
     return model

@@ -83,7 +83,7 @@ def frozen_final_norm(model, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     (its scale frozen at ``x``; no bias): the contribution of ``c`` to the normed stream."""
     norm = model.final_norm_module
     xf, cf = x.float().unsqueeze(-2), c.float()
-    w = norm.weight.float() if getattr(norm, "weight", None) is not None else torch.ones(x.shape[-1], device=x.device)
+    w = norm.weight.float().to(x.device) if getattr(norm, "weight", None) is not None else torch.ones(x.shape[-1], device=x.device)
     if isinstance(norm, torch.nn.LayerNorm):
         scale = torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + norm.eps)
         cf = cf - cf.mean(-1, keepdim=True)
@@ -96,8 +96,8 @@ def frozen_final_norm(model, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 def project(model, x_final: torch.Tensor, comps: torch.Tensor) -> torch.Tensor:
     """Direct-logit projection ``[..., n, V]`` of components ``comps [..., n, d]`` at ``x_final``."""
-    W = model.unembed_weight.float()  # [V, d]
-    return frozen_final_norm(model, x_final, comps) @ W.T
+    W = model.unembed_weight.float()  # [V, d] (on the last device of a split model)
+    return (frozen_final_norm(model, x_final, comps).to(W.device) @ W.T).to(x_final.device)
 
 
 def parse_nodes(graph: Graph, nodes: Sequence[str]) -> list[tuple[str, int, int | None]]:
@@ -314,7 +314,10 @@ def plot_roles(table, title: str, top_k: int = 20):
     ax.set_ylabel("attention to the relation tokens")
     ax.set_title(f"{len(heads)} heads (larger: target ranked higher in the head's output;\n"
                  f"named: a role, or the target in its top {top_k})", fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
+    if len(heads):
+        ax.legend(fontsize=7, loc="upper right")
+    else:
+        ax.text(0.5, 0.5, "no heads in the circuit", ha="center", va="center", transform=ax.transAxes, color="#777777")
     mlps = table[table["kind"] == "mlp"]
     if len(mlps):
         colors = [ROLE_COLORS.get(r, "#bbbbbb") for r in mlps["role"]]
