@@ -3,8 +3,10 @@
 Skips with a reason (one JSON line, exit 0) when no CUDA GPU is visible. Otherwise, for the model:
 prompt tokens per second (padding included: the prompts are random token ids of one length) of the next-token forward pass (`Model.forward(..., last_only=True)`) at
 batch 32 and 64 tokens per prompt, in float32 and bfloat16, the largest difference of bfloat16's
-next-token log-probabilities from float32's, and the wall time of `factscope hijack run` on
-`--device cuda --dtype bfloat16` (prompts per second). The last line is a JSON object.
+next-token log-probabilities from float32's, with two or more GPUs the same forward split over
+two (`--device cuda:0,cuda:1`: layers per GPU, tokens per second, largest difference from one
+GPU), and the wall time of `factscope hijack run` on `--device cuda --dtype bfloat16` (prompts per
+second). The last line is a JSON object.
 
     python bench/bench_gpu.py [--model gemma-3-270m] [--json FILE]
 """
@@ -60,6 +62,17 @@ def main() -> None:
         del model
         torch.cuda.empty_cache()
     out["max_abs_logprob_diff_bf16"] = float((logprobs["float32"] - logprobs["bfloat16"]).abs().max())
+    if torch.cuda.device_count() >= 2:  # the model split over two GPUs (--device cuda:0,cuda:1)
+        model = load_model(args.model, device="cuda:0,cuda:1", dtype="bfloat16")
+        batch = model.batch_from_ids(ids)
+        out["split_layers_per_gpu"] = [sum(model.layer_device(l) == d for l in range(model.n_layers))
+                                       for d in model.devices]
+        out["tokens_per_second_bfloat16_split"] = round(tokens_per_second(model, batch))
+        with torch.inference_mode():
+            split = model.forward(batch, last_only=True).float().log_softmax(-1).cpu()
+        out["max_abs_logprob_diff_split"] = float((split - logprobs["bfloat16"]).abs().max())
+        del model
+        torch.cuda.empty_cache()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     t = time.perf_counter()
