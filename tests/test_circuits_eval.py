@@ -685,3 +685,32 @@ def test_the_report_shows_the_circuit_view_offline(tmp_path):
         assert [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"] == []
     finally:
         driver.quit()
+
+
+def test_scores_from_shards_equal_the_whole_batch():
+    """What --executor ray does with the gradient methods and exact patching: one shard of facts
+    per worker, each scored alone, combined by size. Equal to scoring the whole batch (mean
+    ablation still averages over every fact; each fact keeps its counterfactual partner), and the
+    shards really are scored separately."""
+    from factscope import executors
+    from factscope.circuits import run as R
+
+    class Shards(executors.Local):
+        workers = 3
+
+    model, data = _model(), _data(n=8)  # 5 facts: shards of 2, 1 and 2 (unequal sizes)
+    n = len(data)
+    sizes = sorted(round((i + 1) * n / 3) - round(i * n / 3) for i in range(3))
+    for method, ablation, metric in [("eap-ig", "zero", "nll"), ("eap-ig", "mean", "kl"),
+                                     ("eap", "counterfactual", "logit_diff"), ("exact", "zero", "nll")]:
+        opts = R.Options(method=method, ablation=ablation, metric=metric)
+        whole = R.discover(model, data, opts).scores
+        calls = []
+        real = R._scores
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(R, "_scores", lambda m, d, o, r: calls.append((len(d), len(r))) or real(m, d, o, r))
+            with executors.using(Shards()):
+                sharded = R.discover(model, data, opts).scores
+        assert sorted(calls) == [(k, n if ablation == "mean" else k) for k in sizes], (method, calls)
+        assert whole.abs().max() > 1e-3
+        assert torch.allclose(sharded, whole, atol=1e-5, rtol=1e-4), (method, (sharded - whole).abs().max())

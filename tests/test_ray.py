@@ -117,6 +117,21 @@ def test_facts_known_on_ray_equals_local(ray, ray_batches, tmp_path):
         _close(on_ray.load_table(n), loc.load_table(n))
 
 
+def test_circuit_discovery_on_ray_equals_local(ray, ray_batches, tmp_path):
+    """EAP-IG's edge scores: the facts in one shard per actor, combined on the driver."""
+    args = ["circuit", "discover", "--model", "tiny-llama", "--limit", "8", "--all-facts", "--method", "eap-ig",
+            "--no-progress"]
+    loc = _cli(*args, "--out", str(tmp_path / "local"))
+    on_ray = _cli(*args, "--executor", "ray", "--workers", "2", "--out", str(tmp_path / "ray"))
+    assert ray_batches[-2:] == [[0], [1]]  # two shards, one per actor (after the known-facts check)
+    for n in loc.tables():
+        a, b = on_ray.load_table(n), loc.load_table(n)
+        if "edge" in a.columns:  # (edges of equal score may swap places)
+            a, b = a.sort_values("edge").reset_index(drop=True), b.sort_values("edge").reset_index(drop=True)
+        _close(a, b, atol=1e-6)
+    assert on_ray.summary["circuit"]["n_edges"] == loc.summary["circuit"]["n_edges"]
+
+
 def _flaky_work(marker: str):
     """A batch function whose worker process dies the first time it runs (a killed worker)."""
 

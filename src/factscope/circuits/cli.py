@@ -37,7 +37,8 @@ def _common(f):
     for o in reversed(options):
         f = o(f)
     return analysis_options(
-        "circuit", without=("batch_size",), all_facts=True, dataset="lre:factual/country_capital_city", limit=40,
+        "circuit", without=("batch_size",), all_facts=True, executor=True, dataset="lre:factual/country_capital_city",
+        limit=40,
         helps={"dataset": "Facts of one relation (lre:<category>/<relation>) or a fact file.",
                "limit": "At most this many known facts (seeded sample); discover needs 2, evaluate 4."})(f)
 

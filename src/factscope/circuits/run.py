@@ -83,25 +83,61 @@ def discover(model, data, opts: Options, reference=None, progress: bool = False)
 
     ``reference``: the CircuitData whose clean batch mean-ablation averages over (default: ``data``).
     ACDC also sets the graph's circuit (its kept edges); the gradient methods and exact patching only
-    score (choose the circuit with :func:`~factscope.circuits.evaluate.top_mask`).
+    score (choose the circuit with :func:`~factscope.circuits.evaluate.top_mask`), on the current
+    executor (:func:`_shard_scores`; ACDC's greedy pruning runs here).
     """
     from factscope.circuits import Graph
 
     g = Graph.from_model(model)
-    metric = M.make(opts.metric, model, data)
-    kw = _ablation_kwargs(opts.ablation, data, reference or data)
     if opts.method == "acdc":
         from factscope.circuits.acdc import acdc, many_runner
 
-        run_many = many_runner(model, data.clean, metric, **kw)
+        metric = M.make(opts.metric, model, data)
+        run_many = many_runner(model, data.clean, metric, **_ablation_kwargs(opts.ablation, data, reference or data))
         acdc(g, run_many, badness_sign=-1.0 if metric.higher_is_better else 1.0, threshold=opts.threshold,
              progress=progress)
     else:
-        from factscope.circuits import attribute
-
-        attribute(model, g, data.clean, data.corrupted, metric, method=opts.method, steps=opts.steps,
-                  ablation=opts.ablation, reference=kw["reference"])
+        g.scores = _shard_scores(model, data, opts, reference or data)
     return g
+
+
+def _scores(model, data, opts: Options, reference) -> torch.Tensor:
+    """:func:`~factscope.circuits.attribute` of ``data``'s facts (CPU ``[n_up, n_down]``)."""
+    from factscope.circuits import Graph, attribute
+
+    kw = _ablation_kwargs(opts.ablation, data, reference)
+    return attribute(model, Graph.from_model(model), data.clean, data.corrupted, M.make(opts.metric, model, data),
+                     method=opts.method, steps=opts.steps, ablation=opts.ablation, reference=kw["reference"])
+
+
+def _shard_scores(model, data, opts: Options, reference) -> torch.Tensor:
+    """Edge scores of the gradient methods and exact patching on the current executor: the facts
+    are cut into one shard per worker (``--executor ray --workers N``; locally one shard, the whole
+    batch), each shard is scored where it runs, and since a score averages over examples the whole
+    set's scores are the shards' weighted by their sizes. A fact's counterfactual partner goes
+    with it; mean ablation averages over the whole reference in every shard."""
+    from factscope import executors
+    from factscope.circuits.data import _encode
+    from factscope.loop import resumable
+
+    n = max(1, min(len(data), getattr(executors.current(), "workers", 1)))
+    if n == 1:
+        return _scores(model, data, opts, reference)
+    bounds = [round(i * len(data) / n) for i in range(n + 1)]
+    shards = [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+    facts, partners = data.facts, data.partners
+    ref = (reference.facts, reference.partners) if opts.ablation == "mean" else None
+
+    def work(idx: list[int], report) -> list[dict]:  # runs on a worker: only facts travel, not tensors
+        out = []
+        for s in idx:
+            sub = _encode(model, [facts[i] for i in shards[s]], [partners[i] for i in shards[s]])
+            scores = _scores(model, sub, opts, _encode(model, *ref) if ref else sub)
+            out.append({"sum": scores * len(sub), "n": len(sub)})
+        return out
+
+    recs = resumable(list(range(n)), work, None, batches=1).values()
+    return sum(r["sum"] for r in recs) / sum(r["n"] for r in recs)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
