@@ -55,7 +55,7 @@ class CircuitData:
 
     def subset(self, idx: Sequence[int]) -> CircuitData:
         """The facts at ``idx`` (re-encoded, so padding is as tight as the subset allows)."""
-        return _encode(self.model, [self.facts[i] for i in idx], [self.partners[i] for i in idx])
+        return encode(self.model, [self.facts[i] for i in idx], [self.partners[i] for i in idx])
 
 
 def _prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -91,7 +91,8 @@ def pair_counterfactuals(model, facts: Sequence[Fact], seed: int = 0) -> tuple[l
     return kept, partners, dropped
 
 
-def _encode(model, facts: Sequence[Fact], partners: Sequence[Fact], dropped=()) -> CircuitData:
+def encode(model, facts: Sequence[Fact], partners: Sequence[Fact], dropped=()) -> CircuitData:
+    """Facts and their (already chosen) counterfactual partners as a :class:`CircuitData`."""
     tok = model.tokenizer
     clean_seqs, cf_seqs, answers, cf_first, plen = [], [], [], [], []
     for f, g in zip(facts, partners):
@@ -119,7 +120,7 @@ def build(model, facts: Sequence[Fact], seed: int = 0) -> CircuitData:
             f"none of the {len(facts)} facts has a counterfactual partner (same relation, same prompt "
             f"length in tokens, different answer); use more facts"
         )
-    return _encode(model, kept, partners, dropped)
+    return encode(model, kept, partners, dropped)
 
 
 def split(facts: Sequence[Fact], n_val: float = 0.5, seed: int = 0) -> tuple[list[Fact], list[Fact]]:

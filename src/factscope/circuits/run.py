@@ -117,7 +117,7 @@ def _shard_scores(model, data, opts: Options, reference) -> torch.Tensor:
     set's scores are the shards' weighted by their sizes. A fact's counterfactual partner goes
     with it; mean ablation averages over the whole reference in every shard."""
     from factscope import executors
-    from factscope.circuits.data import _encode
+    from factscope.circuits.data import encode
     from factscope.loop import resumable
 
     n = max(1, min(len(data), getattr(executors.current(), "workers", 1)))
@@ -131,8 +131,8 @@ def _shard_scores(model, data, opts: Options, reference) -> torch.Tensor:
     def work(idx: list[int], report) -> list[dict]:  # runs on a worker: only facts travel, not tensors
         out = []
         for s in idx:
-            sub = _encode(model, [facts[i] for i in shards[s]], [partners[i] for i in shards[s]])
-            scores = _scores(model, sub, opts, _encode(model, *ref) if ref else sub)
+            sub = encode(model, [facts[i] for i in shards[s]], [partners[i] for i in shards[s]])
+            scores = _scores(model, sub, opts, encode(model, *ref) if ref else sub)
             out.append({"sum": scores * len(sub), "n": len(sub)})
         return out
 
