@@ -187,6 +187,8 @@ DEVICES = [
     ("D06", "models.py", "dm[spec.lm_head] = str(devices[0] if tied else devices[-1])", "dm[spec.lm_head] = str(devices[-1])", "a tied unembedding placed away from its matrix", "test_devices.py", None),
     ("D07", "hooks.py", "m = m.to(model.layer_device(l))", "m = m.to(model.device)", "knockout masks left on the first device", "test_devices.py", None),
     ("D08", "models.py", "flat, idx = x.to(w.device, w.dtype), ids.to(w.device)", "flat, idx = x.to(w.dtype), ids.to(w.device)", "vocabulary pass on the wrong device", "test_devices.py", None),
+    ("D09", "models.py", "    if new is None and home._version != version:\n        new = home\n", "", "in-place hook edits lost on a split model's other devices", "test_devices.py", None),
+    ("D10", "models.py", "d, left, load = d + 1, left - load, 0", "d, load = d + 1, 0", "layers not balanced over the devices after a large first part", "test_devices.py", None),
 ]
 
 

@@ -5,8 +5,9 @@ CPU (every operation computes real numbers with the CPU kernels), but they repor
 are checked the way CUDA checks its tensors, so code that would fail on a GPU, or on a model split
 over two GPUs, fails here with the error CUDA gives:
 
-- the tensor arguments of an operation must all be on one device, except 0-dim CPU tensors (CUDA
-  takes them as scalars) and CPU index tensors of ``x[idx]`` indexing;
+- the tensor arguments of an operation must all be on one device, except 0-dim CPU tensors in
+  pointwise operations (CUDA takes them as scalars), CPU index tensors of ``x[idx]`` indexing (the
+  indices only) and ``dst.copy_(src)`` (which copies between devices);
 - ``.to(device)``, ``.cpu()`` and factories with ``device=`` move between devices (``torch.tensor(data,
   device=...)`` included); reading values (``.item()``, ``.tolist()``, ``int(t)``) works.
 
@@ -27,8 +28,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 KIND = "meta"
-# indexing that CUDA allows with CPU index tensors
+# indexing that CUDA allows with CPU index tensors (the ``indices`` argument only)
 _CPU_INDICES = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+# operations that take a 0-dim CPU tensor as a scalar besides the pointwise ones
+_CPU_SCALARS = {aten.where.self, aten.masked_fill.Tensor, aten.masked_fill_.Tensor, *_CPU_INDICES}
 
 
 class SimTensor(torch.Tensor):
@@ -73,12 +76,17 @@ def _run(func, args, kwargs, target: torch.device | None = None):
     if any(not _is_sim(t) and t.device.type != "cpu" for t in tensors):
         raise AssertionError(f"simdevice: a real {tensors[0].device} tensor reached {func}")
     devices = {t.device for t in tensors if _is_sim(t)}
-    if len(devices) > 1:
+    if len(devices) > 1 and func is not aten.copy_.default:
         names = " and ".join(sorted(map(str, devices)))
         raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, {names}! ({func})")
     dev = next(iter(devices)) if devices else target
-    if devices and func not in _CPU_INDICES and any(not _is_sim(t) and t.dim() > 0 for t in tensors):
-        raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, {dev} and cpu! ({func})")
+    if devices and func is not aten.copy_.default:  # (copy_ copies between devices, as on CUDA)
+        allowed = {id(t) for t in tree_flatten(args[1])[0]} if func in _CPU_INDICES else set()
+        scalars = func in _CPU_SCALARS or torch.Tag.pointwise in func.tags
+        for t in tensors:
+            if not _is_sim(t) and id(t) not in allowed and (t.dim() > 0 or not scalars):
+                raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two "
+                                   f"devices, {dev} and cpu! ({func})")
     # a device argument (factories, .to): run on the CPU, label the result with the device asked for
     args, kwargs = list(args), dict(kwargs)
     names = [a.name for a in func._schema.arguments]

@@ -714,3 +714,16 @@ def test_scores_from_shards_equal_the_whole_batch():
         assert sorted(calls) == [(k, n if ablation == "mean" else k) for k in sizes], (method, calls)
         assert whole.abs().max() > 1e-3
         assert torch.allclose(sharded, whole, atol=1e-5, rtol=1e-4), (method, (sharded - whole).abs().max())
+
+    class Many(executors.Local):
+        workers = 7
+
+    # more workers than facts: one fact a shard; one fact: the whole batch, as locally
+    opts = R.Options(method="eap-ig")
+    for d, want in [(data, [(1, 1)] * n), (data.subset([0]), [(1, 1)])]:
+        whole, calls = R.discover(model, d, opts).scores, []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(R, "_scores", lambda m, d_, o, r: calls.append((len(d_), len(r))) or real(m, d_, o, r))
+            with executors.using(Many()):
+                sharded = R.discover(model, d, opts).scores
+        assert calls == want and torch.allclose(sharded, whole, atol=1e-5, rtol=1e-4)

@@ -44,12 +44,20 @@ def test_the_simulator_checks_devices_as_cuda_does():
     with simulated():
         a = torch.arange(4.0, device="meta:0")
         assert isinstance(a, SimTensor) and a.device == torch.device("meta:0")
-        for bad in (lambda: a + torch.ones(4), lambda: a + a.to("meta:1"),
-                    lambda: a.index_select(0, torch.tensor([0])), lambda: torch.ones(4) @ a):
+        def put(x, idx, values):
+            x[idx] = values
+
+        for bad in (lambda: a + torch.ones(4), lambda: a + a.to("meta:1"), lambda: torch.ones(4) @ a,
+                    lambda: a.index_select(0, torch.tensor([0])), lambda: a.index_select(0, torch.tensor(0)),
+                    lambda: torch.stack([a[0], torch.tensor(1.0)]), lambda: torch.ones(4)[a.long()],
+                    lambda: put(a.clone(), torch.tensor([0, 1]), torch.ones(2))):
             with pytest.raises(RuntimeError, match="same device"):
                 bad()
         assert (a + torch.tensor(2.0)).tolist() == [2.0, 3.0, 4.0, 5.0]  # a 0-dim CPU tensor is a scalar
         assert a[torch.tensor([3, 0])].tolist() == [3.0, 0.0]  # CPU indices, as CUDA allows
+        c = torch.zeros(4)
+        c.copy_(a)  # copy_ copies between devices
+        assert c.tolist() == [0.0, 1.0, 2.0, 3.0]
         t = torch.tensor([1, 2], device="meta:1")
         assert isinstance(t, SimTensor) and t.device == torch.device("meta:1") and int(t.sum()) == 3
         b = a.cpu()
@@ -85,13 +93,40 @@ def test_shard_map_splits_whole_layers_in_order(name):
     assert dm[m.spec.embed] == "cuda:0" and dm[m.spec.final_norm] == "cuda:1"
     tied = m.unembed_weight is M._get(m.hf, m.spec.embed).weight
     assert dm[m.spec.lm_head] == ("cuda:0" if tied else "cuda:1")
-    # about equal bytes: moving the boundary one layer either way is no better balanced
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3", "tiny-gpt2", "gemma-3-270m"])
+@pytest.mark.parametrize("n_dev", [2, 3, 4])
+def test_shard_map_balances_the_bytes(name, n_dev, request):
+    """The largest device load is within one layer of the best contiguous split (found by trying
+    every split), the parts outside the layers pinned to the first and last devices. (Gemma 3
+    270M's tied embedding is 62% of its bytes: the layers go evenly to the other devices.)"""
+    import itertools
+
+    m = request.getfixturevalue("gemma") if name == "gemma-3-270m" else M.load_model(name)
+    devs = [torch.device(f"cuda:{i}") for i in range(n_dev)]
+    dm = M.shard_map(m.hf, m.spec, devs)
     size = lambda mod: sum(p.numel() * p.element_size() for p in mod.parameters())  # noqa: E731
-    total, layers = size(m.hf), [size(l) for l in m.layers]
-    first = total - sum(layers) - (0 if tied else size(M._get(m.hf, m.spec.lm_head)))
-    cut = layer_devs.index("cuda:1")
-    imbalance = lambda c: abs(first + sum(layers[:c]) - (total - first - sum(layers[:c])))  # noqa: E731
-    assert imbalance(cut) <= min(imbalance(c) for c in (cut - 1, cut + 1) if 0 <= c <= m.n_layers)
+    layers = [size(l) for l in m.layers]
+    tied = m.unembed_weight is M._get(m.hf, m.spec.embed).weight
+    first = size(m.hf) - sum(layers) - (0 if tied else size(M._get(m.hf, m.spec.lm_head)))
+    rest = size(m.hf) - first - sum(layers)
+
+    def loads(cuts):  # cuts: the first layer index of devices 1..n-1
+        b = [0, *cuts, len(layers)]
+        out = [sum(layers[b[d]:b[d + 1]]) for d in range(n_dev)]
+        out[0] += first
+        out[-1] += rest
+        return out
+
+    where = [int(dm[f"{m.spec.layers}.{i}"].split(":")[1]) for i in range(m.n_layers)]
+    assert where == sorted(where)
+    got = loads([sum(w < d for w in where) for d in range(1, n_dev)])
+    best = min(max(loads(c)) for c in itertools.combinations_with_replacement(range(len(layers) + 1), n_dev - 1))
+    assert max(got) <= best + max(layers), (where, got, best)
+    if name == "gemma-3-270m":
+        counts = [where.count(d) for d in range(1, n_dev)]
+        assert where.count(0) == 0 and max(counts) - min(counts) <= 1, counts
 
 
 def test_a_device_list_is_checked_before_loading(sim_devices):
@@ -138,6 +173,11 @@ def test_a_split_model_gives_the_one_device_numbers(name, sim_devices):
                 out["patched"] = m.forward(b)
             with hooks.ablate(m, "head", [L - 1], heads=[0], how="zero"):
                 out["ablated"] = m.forward(b)
+            def halve(x, l):  # an edit in place that returns None
+                x.mul_(0.5)
+
+            with hooks.edit(m, "resid_post", L - 2, halve):
+                out["in_place"] = m.forward(b)
         with hooks.grads(m, ["resid_pre", "head_out"], [0, L - 1]) as g:
             m.forward(b).float().logsumexp(-1).sum().backward()
         out.update({f"grad_{p}{l}": g[p, l] for p, l in g})
@@ -175,6 +215,16 @@ COMMANDS = {  # name -> (model, arguments)
     "circuit discover eap-ig": ("tiny-gemma3", ["circuit", "discover", "--limit", "3", "--all-facts", "--method", "eap-ig"]),
     # (tiny-gemma3's ACDC keeps an edge more or less at float noise: 29 or 28 edges)
     "circuit discover acdc": ("tiny-llama", ["circuit", "discover", "--limit", "2", "--all-facts", "--method", "acdc"]),
+    # other methods, ablations and metrics; GPT-2's Conv1D weights
+    "circuit discover exact mean kl": ("tiny-llama", ["circuit", "discover", "--limit", "3", "--all-facts", "--method",
+                                                      "exact", "--ablation", "mean", "--metric", "kl"]),
+    "circuit discover eap-ig-act counterfactual": ("tiny-gpt2", ["circuit", "discover", "--limit", "6", "--all-facts",
+                                                                "--method", "eap-ig-act", "--ablation", "counterfactual",
+                                                                "--metric", "logit_diff"]),
+    # parallel attention and MLP (GPT-NeoX); biases everywhere (Qwen2)
+    "flow all (neox)": ("tiny-neox", ["flow", "all", "--limit", "2", "--all-facts"]),
+    "hijack run (qwen2)": ("tiny-qwen2", ["hijack", "run", "--dataset", "counterfact-sample", "--limit", "3",
+                                          "--all-facts", "--max-prepends", "2", "--bootstrap", "20"]),
     "circuit evaluate": ("tiny-llama", ["circuit", "evaluate", "--limit", "8", "--all-facts", "--random-seeds", "2",
                                         "--no-curve", "--method", "eap"]),
     "circuit lens": ("tiny-gemma3", ["circuit", "lens", "--limit", "3", "--all-facts"]),
@@ -196,7 +246,9 @@ def _run(args: list[str], model: str, device: str, out: Path) -> dict:
 
 
 def _close(a, b, where: str = "") -> list[str]:
-    """Where two summaries differ beyond float noise (1e-3)."""
+    """Where two summaries differ beyond float noise: 1e-3 relative, 3e-4 absolute (measured: the
+    split runs' floats differ from the CPU's by up to 2e-4 relative, and tiny-gemma3's knockout
+    intervals of values near 0 by 1.2e-4 absolute)."""
     if isinstance(a, dict) and isinstance(b, dict):
         if a.keys() != b.keys():
             return [f"{where}: keys {sorted(a.keys() ^ b.keys())}"]
@@ -206,7 +258,7 @@ def _close(a, b, where: str = "") -> list[str]:
             return [f"{where}: {len(a)} vs {len(b)} items"]
         return [d for i, (x, y) in enumerate(zip(a, b)) for d in _close(x, y, f"{where}[{i}]")]
     if isinstance(a, float) and isinstance(b, (int, float)):
-        ok = math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-3) or (math.isnan(a) and math.isnan(b))
+        ok = math.isclose(a, b, rel_tol=1e-3, abs_tol=3e-4) or (math.isnan(a) and math.isnan(b))
         return [] if ok else [f"{where}: {a} vs {b}"]
     return [] if a == b else [f"{where}: {a!r} vs {b!r}"]
 
@@ -223,11 +275,14 @@ def _tables(out: Path) -> dict[str, pd.DataFrame]:
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_every_analysis_runs_split_over_two_devices_with_the_cpu_numbers(command, tmp_path, sim_devices):
+def test_every_analysis_runs_split_over_two_devices_with_the_cpu_numbers(command, tmp_path, sim_devices, monkeypatch):
     """(Split over two devices covers one device too: what the analysis makes lives on the first,
-    so a CPU tensor mixed in fails there as well.)"""
+    so a CPU tensor mixed in fails there as well. Each run has a cache of its own, so that the
+    split run computes what the CPU run cached, e.g. ROME's covariance.)"""
     model, args = COMMANDS[command]
+    monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path / "cache-cpu"))
     ref = _run(args, model, "cpu", tmp_path / "cpu")
+    monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path / "cache-two"))
     with simulated():
         two = _run(args, model, TWO, tmp_path / "two")
     assert not _close(ref, two), _close(ref, two)
@@ -237,7 +292,7 @@ def test_every_analysis_runs_split_over_two_devices_with_the_cpu_numbers(command
         u = got[name]
         assert list(u.columns) == list(t.columns) and u.shape == t.shape, name
         num = t.select_dtypes("number").columns
-        pd.testing.assert_frame_equal(u[num], t[num], check_exact=False, rtol=1e-3, atol=1e-3, obj=name)
+        pd.testing.assert_frame_equal(u[num], t[num], check_exact=False, rtol=1e-3, atol=3e-4, obj=name)
         rest = [c for c in t.columns if c not in num]
         pd.testing.assert_frame_equal(u[rest], t[rest], obj=name)
 

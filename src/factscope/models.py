@@ -435,8 +435,15 @@ def _get(root: torch.nn.Module, path: str) -> torch.nn.Module:
 def at_home(model: "Model", fn: Callable[[torch.Tensor], torch.Tensor | None], x: torch.Tensor) -> torch.Tensor | None:
     """``fn(x)`` with ``x`` on the model's device and its result back on ``x``'s: what hooks see of
     a model split over devices (a layer on another GPU) is where everything else of the analysis
-    is. One device: ``fn(x)`` itself, no copies."""
-    new = fn(x.to(model.device))
+    is. One device: ``fn(x)`` itself, no copies. An edit made in place on the copy (``fn`` writes
+    into it and returns None) comes back as well."""
+    home = x.to(model.device)
+    if home is x:
+        return fn(x)
+    version = home._version
+    new = fn(home)
+    if new is None and home._version != version:
+        new = home
     return None if new is None else new.to(x.device)
 
 
@@ -1185,14 +1192,16 @@ def shard_map(hf, spec: ArchSpec, devices: Sequence[torch.device]) -> dict[str, 
     head = _get(hf, spec.lm_head)
     tied = head.weight is _get(hf, spec.embed).weight
     first = size(hf) - sum(size(l) for l in layers) - (0 if tied else size(head))
-    # cut the sequence [first part, layer 0, ..., layer L-1] into len(devices) runs of ~equal bytes
-    share = size(hf) / len(devices)
-    where, done, d = [], first, 0
+    # cut [first part, layer 0, ..., layer L-1, the rest] into contiguous runs: each device takes
+    # layers up to its fair share of the bytes not yet placed (a first part larger than its share,
+    # e.g. a big tied embedding, leaves the layers to the others, evenly)
+    D, left = len(devices), size(hf)
+    where, load, d = [], first, 0
     for layer in layers:
-        while d < len(devices) - 1 and done + size(layer) / 2 > share * (d + 1):
-            d += 1
+        while d < D - 1 and load + size(layer) / 2 > left / (D - d):
+            d, left, load = d + 1, left - load, 0
         where.append(d)
-        done += size(layer)
+        load += size(layer)
     dm = {}
     owners = {name.rsplit(".", 1)[0] for name, _ in [*hf.named_parameters(), *hf.named_buffers()]}
     prefix = spec.layers + "."
