@@ -1184,9 +1184,11 @@ def check_devices(device: str | torch.device) -> list[torch.device]:
 
 def shard_map(hf, spec: ArchSpec, devices: Sequence[torch.device]) -> dict[str, str]:
     """Where each part of ``hf`` goes when split over ``devices`` (an accelerate ``device_map``):
-    whole decoder layers in order, in contiguous runs of about equal weight; the embedding (and
-    everything outside the layers) on the first device, the final norm on the last, the
-    unembedding on the last unless it shares its matrix with the embedding (then on the first)."""
+    whole decoder layers in order, in contiguous runs, each device filled up to its fair share of
+    the bytes not placed yet (about equal loads; an embedding larger than its share leaves the
+    layers to the other devices, evenly); the embedding (and everything outside the layers) on the
+    first device, the final norm on the last, the unembedding on the last unless it shares its
+    matrix with the embedding (then on the first)."""
     layers = _get(hf, spec.layers)
     size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
     head = _get(hf, spec.lm_head)
