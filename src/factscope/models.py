@@ -575,11 +575,8 @@ class Model:
     @property
     def devices(self) -> list[torch.device]:
         """Every device holding part of the model, in layer order (one unless it is split)."""
-        out = [self.device]
-        for l in range(self.n_layers):
-            if self.layer_device(l) not in out:
-                out.append(self.layer_device(l))
-        return out
+        layers = [self.layer_device(l) for l in range(self.n_layers)]
+        return list(dict.fromkeys([self.device, *layers]))
 
     def layer_device(self, l: int) -> torch.device:
         """The device of decoder layer l's weights (where its activations live during a forward)."""
@@ -1189,21 +1186,19 @@ def shard_map(hf, spec: ArchSpec, devices: Sequence[torch.device]) -> dict[str, 
     layers to the other devices, evenly); the embedding (and everything outside the layers) on the
     first device, the final norm on the last, the unembedding on the last unless it shares its
     matrix with the embedding (then on the first)."""
-    layers = _get(hf, spec.layers)
     size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    layers = [size(l) for l in _get(hf, spec.layers)]
     head = _get(hf, spec.lm_head)
     tied = head.weight is _get(hf, spec.embed).weight
-    first = size(hf) - sum(size(l) for l in layers) - (0 if tied else size(head))
-    # cut [first part, layer 0, ..., layer L-1, the rest] into contiguous runs: each device takes
-    # layers up to its fair share of the bytes not yet placed (a first part larger than its share,
-    # e.g. a big tied embedding, leaves the layers to the others, evenly)
-    D, left = len(devices), size(hf)
-    where, load, d = [], first, 0
-    for layer in layers:
-        while d < D - 1 and load + size(layer) / 2 > left / (D - d):
+    D, left = len(devices), size(hf)  # (bytes not yet placed)
+    load = left - sum(layers) - (0 if tied else size(head))  # the first device's part outside the layers
+    # contiguous runs of layers: each device takes layers up to its fair share of what is left
+    where, d = [], 0
+    for n in layers:
+        while d < D - 1 and load + n / 2 > left / (D - d):
             d, left, load = d + 1, left - load, 0
         where.append(d)
-        load += size(layer)
+        load += n
     dm = {}
     owners = {name.rsplit(".", 1)[0] for name, _ in [*hf.named_parameters(), *hf.named_buffers()]}
     prefix = spec.layers + "."
@@ -1272,15 +1267,14 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dt
             tok.padding_side = "left"
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
-    arch_for(hf.config.model_type)
+    arch = arch_for(hf.config.model_type)
     hf.set_attn_implementation(attention.ATTN_NAME)
     if len(devices) == 1:
         hf = hf.to(devices[0])
     else:  # accelerate's hooks move each layer's input to the layer's device
         from accelerate import dispatch_model
 
-        spec_ = arch_for(hf.config.model_type)
-        hf = dispatch_model(hf, device_map=shard_map(hf, spec_, devices))
+        hf = dispatch_model(hf, device_map=shard_map(hf, arch, devices))
     model = Model(hf, tok, name, weights=weights_label(spec))
     # how to load it again (a Ray worker does)
     model.origin = (spec, ",".join(str(d) for d in devices), dtype_name(dtype))
